@@ -1,0 +1,232 @@
+"""Open a checkpoint: a local directory, a bundled name, or a hub id.
+
+Reads `config.json` (NVIDIA's style or transformers 5's, plain NemotronH or the Omni wrapper), the
+safetensors headers (names, dtypes, shapes; no tensor is loaded), the declared quantization, and checks
+that the tensors are the ones the config describes. Pickled weights are refused unless asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from omniq.errors import OmniqError
+from omniq.model import omni
+from omniq.model.arch import Arch, from_config
+
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# safetensors dtype name -> bytes per element
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1,
+               "I16": 2, "I32": 4, "I64": 8, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+QUANTIZED_DTYPES = {"F8_E4M3", "F8_E5M2", "U8", "I8"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES.get(self.dtype, 1)
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict
+    arch: Arch
+    is_omni: bool
+    weight_files: list[Path]
+    headers: dict[str, TensorInfo]
+    quantization: dict | None = None
+    source: str = ""                          # what the user typed
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def llm_config(self) -> dict:
+        return omni.llm_config(self.config) if self.is_omni else self.config
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quantization is not None or any(t.dtype in QUANTIZED_DTYPES for t in self.headers.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.headers.values())
+
+    def read(self, names=None) -> dict:
+        """Load tensors (all, or the given names) with safetensors; never pickle."""
+        from safetensors import safe_open
+
+        wanted = set(self.headers) if names is None else set(names)
+        missing = wanted - set(self.headers)
+        if missing:
+            raise OmniqError(f"{self.path}: tensor {sorted(missing)[0]!r} is not in the checkpoint")
+        by_file: dict[Path, list[str]] = {}
+        for n in wanted:
+            by_file.setdefault(self.headers[n].file, []).append(n)
+        out = {}
+        for f, names_in_file in by_file.items():
+            with safe_open(str(f), framework="pt") as sf:
+                for n in names_in_file:
+                    out[n] = sf.get_tensor(n)
+        return out
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.path))
+        except Exception as e:  # noqa: BLE001 - turn any loader failure into a user-facing message
+            raise OmniqError(f"{self.path}: cannot load the tokenizer ({type(e).__name__}: {e}); "
+                             "the checkpoint directory needs tokenizer.json / tokenizer_config.json") from None
+
+
+def bundled_names() -> list[str]:
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve(name_or_path: str, revision: str | None = None) -> Path:
+    """A local directory, a bundled name (`tiny`), or a hub id (`org/name`, downloaded with huggingface_hub)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    if name_or_path in bundled_names():
+        return BUNDLED_DIR / name_or_path
+    if p.exists():
+        raise OmniqError(f"{name_or_path}: is a file, not a checkpoint directory; pass the directory holding "
+                         "config.json and the *.safetensors files")
+    looks_like_hub = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not looks_like_hub:
+        names = ", ".join(bundled_names()) or "none"
+        raise OmniqError(f"{name_or_path}: no such directory, bundled model ({names}) or hub id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.py", "*.txt", "*.model",
+                                                      "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # noqa: BLE001 - network / auth / not found: all fixable by the user
+        raise OmniqError(f"{name_or_path}: could not download from the hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); check the id, your network and "
+                         "HF_TOKEN, or pass a local directory") from None
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of one safetensors file, without loading tensors."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", raw)
+            if n <= 0 or n > 100_000_000:
+                raise ValueError(f"implausible header length {n}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return header
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise OmniqError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise OmniqError(f"{index}: unreadable index ({e}); re-download the checkpoint") from None
+        files = [path / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise OmniqError(f"{path}: shard {missing[0]} listed in model.safetensors.index.json is missing")
+        return files
+    return sorted(path.glob("*.safetensors"))
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise OmniqError(f"{path}: no config.json; pass a Hugging Face style checkpoint directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OmniqError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise OmniqError(f"{cfg_path}: expected a JSON object")
+    return cfg
+
+
+def read_quantization(path: Path, cfg: dict) -> dict | None:
+    hq = path / "hf_quant_config.json"
+    if hq.is_file():
+        try:
+            return json.loads(hq.read_text())
+        except ValueError as e:
+            raise OmniqError(f"{hq}: not valid JSON ({e})") from None
+    qc = cfg.get("quantization_config")
+    if not qc and omni.is_omni(cfg):
+        qc = omni.llm_config(cfg).get("quantization_config")
+    return qc or None
+
+
+def arch_of(cfg: dict) -> tuple[Arch, bool]:
+    if omni.is_omni(cfg):
+        return from_config(omni.llm_config(cfg), prefix=omni.LLM_PREFIX), True
+    return from_config(cfg), False
+
+
+def open_checkpoint(name_or_path: str, *, allow_pickle: bool = False, revision: str | None = None,
+                    check_shapes: bool = True) -> Checkpoint:
+    path = resolve(str(name_or_path), revision)
+    cfg = read_config(path)
+    arch, is_omni = arch_of(cfg)
+    files = _weight_files(path)
+    if not files:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles and not allow_pickle:
+            raise OmniqError(f"{path}: only pickled weights ({pickles[0]}); pickles can run code when loaded. "
+                             "Convert to safetensors, or pass --allow-pickle if you trust the file")
+        if not pickles:
+            raise OmniqError(f"{path}: no *.safetensors weights found")
+        raise OmniqError(f"{path}: pickled checkpoints are not supported yet even with --allow-pickle; "
+                         "convert them with `safetensors.torch.save_file`")
+    headers: dict[str, TensorInfo] = {}
+    for f in files:
+        for name, meta in read_safetensors_header(f).items():
+            if name == "__metadata__":
+                continue
+            try:
+                headers[name] = TensorInfo(meta["dtype"], tuple(meta["shape"]), f)
+            except (KeyError, TypeError):
+                raise OmniqError(f"{f}: malformed header entry for tensor {name!r}") from None
+    ckpt = Checkpoint(path=path, config=cfg, arch=arch, is_omni=is_omni, weight_files=files, headers=headers,
+                      quantization=read_quantization(path, cfg), source=str(name_or_path))
+    if check_shapes and not ckpt.is_quantized:
+        check_tensors_match_config(ckpt)
+    return ckpt
+
+
+def check_tensors_match_config(ckpt: Checkpoint) -> None:
+    """Every tensor the config implies is present with its shape (language model only)."""
+    for t in ckpt.arch.tensors:
+        info = ckpt.headers.get(t.name)
+        if info is None:
+            raise OmniqError(f"{ckpt.path}: tensor {t.name} implied by config.json is missing; "
+                             "config and weights do not match")
+        if info.shape != t.shape:
+            raise OmniqError(f"{ckpt.path}: tensor {t.name} has shape {list(info.shape)} but config.json "
+                             f"implies {list(t.shape)}; config and weights do not match")

@@ -1,0 +1,174 @@
+"""Recipes are data: a YAML file that says which linear layers of NemotronH get which format.
+
+    name: nano3-nvfp4
+    description: ...
+    kv_cache: fp8            # none | fp8
+    default: nvfp4           # format of every linear layer no rule matches
+    rules:                   # first match wins
+      - select: [lm_head, attention, mamba_feeding_attention]
+        format: bf16
+      - modules: ["backbone.layers.1.mixer.experts.*"]   # glob on hub-layout names (user recipes)
+        format: fp8
+
+Selectors name parts of the model, derived from the architecture (never layer indices), so one recipe fits
+every NemotronH layout. The router, Mamba conv1d, norms and embeddings are not linear layers of the plan
+and are never quantized; `lm_head` is always kept in BF16.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omniq.errors import OmniqError
+from omniq.model.arch import ROLES, Arch, Linear
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+FORMATS = ("bf16", "fp8", "nvfp4")
+KV_CACHE = ("none", "fp8")
+GROUPS = {
+    "mamba": {"mamba_in", "mamba_out"},
+    "attention": {"attn_q", "attn_k", "attn_v", "attn_o"},
+    "attn_qkv": {"attn_q", "attn_k", "attn_v"},
+    "routed_experts": {"expert_up", "expert_down"},
+    "shared_experts": {"shared_up", "shared_down"},
+    "experts": {"expert_up", "expert_down", "shared_up", "shared_down"},
+    "mlp": {"mlp_up", "mlp_down"},
+}
+QUALIFIERS = ("mamba_feeding_attention",)
+SELECTORS = tuple(ROLES) + tuple(GROUPS) + QUALIFIERS
+_RECIPE_KEYS = {"name", "description", "kv_cache", "default", "rules", "notes", "reference"}
+_RULE_KEYS = {"select", "modules", "format"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    format: str
+    select: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+
+    def matches(self, lin: Linear, arch: Arch) -> bool:
+        for s in self.select:
+            if s == lin.role or lin.role in GROUPS.get(s, ()):
+                return True
+            if s == "mamba_feeding_attention" and lin.role in GROUPS["mamba"] \
+                    and lin.layer in arch.mamba_feeding_attention:
+                return True
+        local = lin.name[len(arch.prefix):] if arch.prefix else lin.name
+        return any(fnmatch.fnmatchcase(local, pat) or fnmatch.fnmatchcase(lin.name, pat) for pat in self.modules)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    default: str
+    kv_cache: str = "none"
+    rules: tuple[Rule, ...] = ()
+    description: str = ""
+    source: str = ""                   # file it came from
+    raw: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def with_kv_cache(self, kv: str | None) -> "Recipe":
+        if kv is None:
+            return self
+        if kv not in KV_CACHE:
+            raise OmniqError(f"--kv-cache {kv!r}: expected one of {', '.join(KV_CACHE)}")
+        from dataclasses import replace
+        raw = dict(self.raw, kv_cache=kv)
+        return replace(self, kv_cache=kv, raw=raw)
+
+    def format_of(self, lin: Linear, arch: Arch) -> str:
+        if lin.role == "lm_head":
+            return "bf16"
+        for rule in self.rules:
+            if rule.matches(lin, arch):
+                return rule.format
+        return self.default
+
+    def check_against(self, arch: Arch) -> None:
+        """Module patterns must match at least one linear layer of this model."""
+        for i, rule in enumerate(self.rules):
+            for pat in rule.modules:
+                if not any(Rule("bf16", modules=(pat,)).matches(lin, arch) for lin in arch.linears):
+                    raise OmniqError(f"recipe {self.name}: rules[{i}] pattern {pat!r} matches no linear layer "
+                                     f"of this model (names look like {arch.linears[0].name})")
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "kv_cache": self.kv_cache,
+                "default": self.default,
+                "rules": [{k: v for k, v in (("select", list(r.select)), ("modules", list(r.modules)),
+                                             ("format", r.format)) if v} for r in self.rules]}
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def _fail(where: str, msg: str):
+    raise OmniqError(f"recipe {where}: {msg}")
+
+
+def parse(data, where: str) -> Recipe:
+    if not isinstance(data, dict):
+        _fail(where, "expected a mapping at the top level")
+    unknown = set(data) - _RECIPE_KEYS
+    if unknown:
+        _fail(where, f"unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(_RECIPE_KEYS))}")
+    for key in ("name", "default"):
+        if key not in data:
+            _fail(where, f"missing required key {key!r}")
+    default = data["default"]
+    if default not in FORMATS:
+        _fail(where, f"default format {default!r} is unknown; expected one of {', '.join(FORMATS)}")
+    kv = data.get("kv_cache", "none")
+    if kv is None or kv is False:
+        kv = "none"
+    if kv not in KV_CACHE:
+        _fail(where, f"kv_cache {kv!r} is unknown; expected one of {', '.join(KV_CACHE)}")
+    rules = []
+    raw_rules = data.get("rules") or []
+    if not isinstance(raw_rules, list):
+        _fail(where, "rules must be a list")
+    for i, r in enumerate(raw_rules):
+        if not isinstance(r, dict):
+            _fail(where, f"rules[{i}] must be a mapping with select/modules and format")
+        unknown = set(r) - _RULE_KEYS
+        if unknown:
+            _fail(where, f"rules[{i}] has unknown key {sorted(unknown)[0]!r}; allowed: select, modules, format")
+        fmt = r.get("format")
+        if fmt not in FORMATS:
+            _fail(where, f"rules[{i}] format {fmt!r} is unknown; expected one of {', '.join(FORMATS)}")
+        select = r.get("select") or []
+        modules = r.get("modules") or []
+        select = [select] if isinstance(select, str) else select
+        modules = [modules] if isinstance(modules, str) else modules
+        if not select and not modules:
+            _fail(where, f"rules[{i}] selects nothing: give select (parts of the model) or modules (name globs)")
+        for s in select:
+            if s not in SELECTORS:
+                _fail(where, f"rules[{i}] selector {s!r} is unknown; expected one of {', '.join(SELECTORS)}")
+        if "lm_head" in select and fmt != "bf16":
+            _fail(where, f"rules[{i}] quantizes lm_head; omniq always keeps lm_head in BF16")
+        rules.append(Rule(fmt, tuple(select), tuple(str(m) for m in modules)))
+    return Recipe(name=str(data["name"]), default=default, kv_cache=kv, rules=tuple(rules),
+                  description=str(data.get("description", "")).strip(), source=where, raw=data)
+
+
+def load(name_or_path: str) -> Recipe:
+    """A built-in recipe name (`fp8`, `nvfp4`, ...) or a path to a user's YAML file."""
+    import yaml
+
+    p = Path(name_or_path)
+    if not (p.suffix in (".yaml", ".yml") or p.exists()):
+        p = RECIPES_DIR / f"{name_or_path}.yaml"
+        if not p.is_file():
+            raise OmniqError(f"unknown recipe {name_or_path!r}; built-in recipes: {', '.join(builtin_recipes())}, "
+                             "or pass a path to a YAML file")
+    if not p.is_file():
+        raise OmniqError(f"recipe file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise OmniqError(f"recipe {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse(data, str(p) if p.parent != RECIPES_DIR else p.stem)
