@@ -1,0 +1,257 @@
+"""What a quantized artifact directory is, whether its files are the ones it was written with, and whether it
+may ship: the one place `omniq publish` (OCI and hub), the model card and the pipeline read an artifact from.
+
+An artifact directory (from `omniq quantize`) holds the checkpoint files and `omniq.json`, omniq's manifest,
+whose `files` maps every other file's relative path to its sha256 (a bare hex string, or an object with a
+`sha256` key). Three sidecar files may be added after quantization and are shipped with it, hashed as they
+are (`omniq.json` cannot list them):
+
+    validation.json   the report of `omniq validate REFERENCE ARTIFACT --report ARTIFACT/validation.json`
+                      (`passed`, `kl_mean`, `kl_p95`, `top1_agreement`, `ppl_ratio`, `gates`, `failures`, ...)
+    lint.json         the findings of `omniq lint ARTIFACT` (`findings`: [{"severity", "message"}...] and/or
+                      `passed`); an artifact passes lint when no finding has severity "error"
+    README.md         the model card (`omniq publish hf://...` writes one if absent)
+
+Any other file that `omniq.json` does not list is refused (hidden files, such as a report being written, are
+ignored and never shipped): what ships is exactly what was written and checked.
+An artifact may ship only when validation.json says `passed` and lint.json has no error; `--allow-failed`
+overrides that (the failure still goes into the published metadata).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omniq.errors import GateFailed, OmniqError
+
+MANIFEST = "omniq.json"
+VALIDATION = "validation.json"
+LINT = "lint.json"
+CARD = "README.md"
+SIDECARS = (VALIDATION, LINT, CARD)
+DELTA_KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate", "ppl_ratio", "tokens")
+LINT_FAILING = ("error", "fatal", "critical")
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise OmniqError(f"{path}: cannot read {what} as JSON ({str(e).splitlines()[0]}); "
+                         "rewrite it or re-run the step that writes it") from None
+    if not isinstance(data, dict):
+        raise OmniqError(f"{path}: {what} is not a JSON object; re-run the step that writes it")
+    return data
+
+
+def listed_files(manifest: dict, where: str) -> dict[str, str]:
+    """omniq.json `files`: relative path -> sha256 hex."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise OmniqError(f"{where}: has no `files` map of relative path -> sha256; it was not written by "
+                         "`omniq quantize` (re-export the artifact)")
+    out = {}
+    for rel, v in files.items():
+        digest = v.get("sha256") if isinstance(v, dict) else v
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise OmniqError(f"{where}: files[{rel!r}] has no sha256; re-export the artifact")
+        p = Path(rel)
+        if p.is_absolute() or ".." in p.parts or rel in (MANIFEST, *SIDECARS):
+            raise OmniqError(f"{where}: files lists {rel!r}, which cannot be an artifact file; re-export it")
+        out[p.as_posix()] = digest.lower().removeprefix("sha256:")
+    return out
+
+
+@dataclass
+class Release:
+    path: Path
+    manifest: dict                          # omniq.json
+    listed: dict[str, str]                  # relative path -> sha256, from omniq.json
+    sidecars: list[str] = field(default_factory=list)
+    validation: dict | None = None
+    lint: dict | None = None
+
+    @property
+    def files(self) -> list[str]:
+        """Every file that ships, as relative POSIX paths: the listed ones, omniq.json and the sidecars."""
+        return sorted([*self.listed, MANIFEST, *self.sidecars])
+
+    @property
+    def size(self) -> int:
+        return sum((self.path / f).stat().st_size for f in self.files)
+
+
+def open_release(path: str | os.PathLike) -> Release:
+    """Read an artifact directory; refuses missing files and files omniq.json does not know."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise OmniqError(f"{root}: no such artifact directory; pass the output directory of `omniq quantize`")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise OmniqError(f"{root}: no {MANIFEST}; only artifacts written by `omniq quantize` can be published")
+    manifest = _read_json(mpath, MANIFEST)
+    listed = listed_files(manifest, str(mpath))
+    missing = [f for f in listed if not (root / f).is_file()]
+    if missing:
+        raise OmniqError(f"{root}: {len(missing)} file(s) listed in {MANIFEST} are missing "
+                         f"({', '.join(missing[:3])}); the artifact is incomplete, re-export it")
+    present = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                     if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    unknown = [f for f in present if f not in listed and f != MANIFEST and f not in SIDECARS]
+    if unknown:
+        raise OmniqError(f"{root}: {len(unknown)} file(s) not listed in {MANIFEST} ({', '.join(unknown[:3])}); "
+                         "remove them: only the files the artifact was written with (and "
+                         f"{', '.join(SIDECARS)}) are published")
+    sidecars = [s for s in SIDECARS if (root / s).is_file()]
+    validation = _read_json(root / VALIDATION, "the validation report") if VALIDATION in sidecars else None
+    lint = _read_json(root / LINT, "the lint report") if LINT in sidecars else None
+    return Release(root, manifest, listed, sidecars, validation, lint)
+
+
+def digests(release: Release) -> dict[str, str]:
+    """sha256 of every shipped file, checked against omniq.json; raises (exit 2) on any mismatch."""
+    out = {}
+    bad = []
+    for rel in release.files:
+        digest = sha256_file(release.path / rel)
+        want = release.listed.get(rel)
+        if want is not None and digest != want:
+            bad.append(rel)
+        out[rel] = digest
+    if bad:
+        raise OmniqError(f"{release.path}: {len(bad)} file(s) differ from the sha256 in {MANIFEST} "
+                         f"({', '.join(bad[:3])}); the artifact was modified or damaged, re-export it")
+    return out
+
+
+def lint_errors(lint: dict) -> list[str]:
+    findings = lint.get("findings") or []
+    errors = [f for f in findings if isinstance(f, dict) and str(f.get("severity", "")).lower() in LINT_FAILING]
+    msgs = [str(f.get("message") or f.get("code") or f) for f in errors]
+    if not msgs and lint.get("passed") is False:
+        msgs = ["lint.json says passed: false"]
+    return msgs
+
+
+def gate_problems(release: Release) -> list[str]:
+    """Why the artifact may not ship (empty when it passed lint and its gates)."""
+    problems = []
+    v = release.validation
+    if v is None:
+        problems.append(f"no {VALIDATION} (run `omniq validate REFERENCE {release.path} "
+                        f"--report {release.path / VALIDATION}`)")
+    elif v.get("passed") is not True:
+        failures = v.get("failures") or ["passed is not true"]
+        problems.append(f"validation gates failed: {'; '.join(map(str, failures))}")
+    if release.lint is None:
+        problems.append(f"no {LINT} (run `omniq lint {release.path} --report {release.path / LINT}`)")
+    else:
+        errors = lint_errors(release.lint)
+        if errors:
+            problems.append(f"lint found {len(errors)} error(s): {'; '.join(errors[:3])}")
+    return problems
+
+
+def check_publishable(release: Release, allow_failed: bool) -> list[str]:
+    """Raise unless the artifact passed lint and its gates; returns the problems waved through by
+    `--allow-failed` (empty when there were none)."""
+    problems = gate_problems(release)
+    if problems and not allow_failed:
+        msg = f"{release.path} may not be published: {' / '.join(problems)}; pass --allow-failed to publish anyway"
+        if any(p.startswith("no ") for p in problems):
+            raise OmniqError(msg)
+        raise GateFailed(msg)
+    return problems
+
+
+# ----- what the artifact says about itself ------------------------------------------------------------------
+def module_formats(manifest: dict) -> dict[str, str]:
+    """module -> format from omniq.json (`formats`, `layer_formats` or `modules`: name -> format or
+    name -> {"format": ...}); empty when the manifest has none."""
+    for key in ("formats", "layer_formats", "modules", "layers"):
+        v = manifest.get(key)
+        if isinstance(v, dict) and v and all(isinstance(x, (str, dict)) for x in v.values()):
+            out = {}
+            for name, fmt in v.items():
+                fmt = fmt.get("format") if isinstance(fmt, dict) else fmt
+                if isinstance(fmt, str):
+                    out[name] = fmt
+            if out:
+                return out
+    return {}
+
+
+def format_counts(release: Release) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for fmt in module_formats(release.manifest).values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    if not counts and release.validation and isinstance(release.validation.get("layer_formats"), dict):
+        counts = {str(k): int(v) for k, v in release.validation["layer_formats"].items()}
+    return dict(sorted(counts.items()))
+
+
+def recipe(release: Release) -> dict:
+    r = release.manifest.get("recipe")
+    return r if isinstance(r, dict) else {}
+
+
+def recipe_name(release: Release) -> str:
+    return str(recipe(release).get("name") or "unknown")
+
+
+def deltas(release: Release) -> dict:
+    v = release.validation or {}
+    return {k: v[k] for k in DELTA_KEYS if k in v}
+
+
+def source(release: Release) -> dict:
+    s = release.manifest.get("source")
+    return s if isinstance(s, dict) else {}
+
+
+def source_hashes(release: Release) -> dict[str, str]:
+    s = source(release)
+    files = s.get("files") or s.get("sha256") or {}
+    if not isinstance(files, dict):
+        return {}
+    return {k: (v.get("sha256") if isinstance(v, dict) else v) for k, v in files.items()}
+
+
+def _calibration(cal):
+    """The calibration identity without the per-row hashes (those stay in omniq.json, which ships)."""
+    if not isinstance(cal, dict):
+        return cal
+    out = {k: v for k, v in cal.items() if k != "sample_sha256"}
+    if isinstance(cal.get("sample_sha256"), list):
+        out["rows_hashed"] = len(cal["sample_sha256"])
+    return out
+
+
+def metadata(release: Release) -> dict:
+    """What a published artifact says about itself (OCI annotations, model card, pipeline summary)."""
+    v = release.validation or {}
+    return {
+        "recipe": recipe(release),
+        "formats": format_counts(release),
+        "kv_cache": recipe(release).get("kv_cache") or v.get("kv_cache"),
+        "deltas": deltas(release),
+        "gates": {"passed": not gate_problems(release), "problems": gate_problems(release),
+                  "thresholds": v.get("gates"), "eval": v.get("eval")},
+        "source": {k: val for k, val in source(release).items() if k not in ("files", "sha256")},
+        "source_hashes": source_hashes(release),
+        "calibration": _calibration(release.manifest.get("calibration")),
+        "versions": release.manifest.get("versions"),
+    }
