@@ -23,3 +23,75 @@ def tiny_dir() -> Path:
 def real_config() -> dict:
     """The published config.json of the Nemotron 3 Nano 30B-A3B text backbone (no weights)."""
     return json.loads((DATA / "nemotron-3-nano-30b-a3b.config.json").read_text())
+
+
+def omni_config(llm: dict) -> dict:
+    """A top-level Nemotron 3 Nano Omni config.json around a language-model config, as
+    shared/reference/omni-layout.md describes it (llm_config with eos 11; tower sub-configs as stubs)."""
+    llm = {k: v for k, v in llm.items() if k != "_comment"}
+    llm["eos_token_id"] = 11
+    return {
+        "architectures": ["NemotronH_Nano_Omni_Reasoning_V3"],
+        "model_type": "NemotronH_Nano_Omni_Reasoning_V3",
+        "llm_config": llm,
+        "vision_config": {"hidden_size": 1280, "num_hidden_layers": 32, "patch_size": 16},
+        "sound_config": {"model_type": "parakeet", "num_hidden_layers": 24, "hidden_size": 1024,
+                         "num_mel_bins": 128, "projection_hidden_size": 4096},
+        "max_sequence_length": 131072, "force_image_size": 512, "patch_size": 16, "downsample_ratio": 0.5,
+        "ps_version": "v2", "vit_hidden_size": 1280, "projector_hidden_size": 20480,
+        "img_context_token_id": 18, "sound_context_token_id": 27,
+    }
+
+
+@pytest.fixture(scope="session")
+def omni_config_dir(tmp_path_factory, real_config) -> Path:
+    """A config-only Omni directory (no weights) built from the published text-backbone config."""
+    d = tmp_path_factory.mktemp("omni-config")
+    (d / "config.json").write_text(json.dumps(omni_config(real_config)))
+    return d
+
+
+# ----- omniq quantize artifacts of the bundled model (tests/export/test_quantize_e2e.py, tests/test_cli.py) -----
+MIXED_RECIPE = """name: mixed-e2e
+description: routed experts NVFP4, attention q/k/v BF16, everything else FP8 (a user recipe file)
+kv_cache: fp8
+default: fp8
+rules:
+  - select: [routed_experts]
+    format: nvfp4
+  - select: [attn_qkv]
+    format: bf16
+"""
+QUANTIZE_CALIB = ["--calib-samples", "16", "--calib-seq-len", "128"]
+
+
+@pytest.fixture(scope="session")
+def quantized(tmp_path_factory) -> dict:
+    """`omniq quantize tiny` through the CLI for fp8, nvfp4 and a mixed user recipe with --kv-cache fp8, in one
+    separate process (ModelOpt patches torch process-wide; the test process never imports it).
+    Returns {name: {"path", "rc", "stdout", "stderr", "recipe"}}."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("quantized")
+    (root / "mixed.yaml").write_text(MIXED_RECIPE)
+    runs = {"fp8": ["--recipe", "fp8"], "nvfp4": ["--recipe", "nvfp4"],
+            "mixed-kv": ["--recipe", str(root / "mixed.yaml"), "--kv-cache", "fp8"]}
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from omniq.cli import main\n"
+        "runs = json.loads(sys.argv[1]); res = {}\n"
+        "for name, args in runs.items():\n"
+        "    out, err = io.StringIO(), io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        "        rc = main(['quantize', 'tiny', *args])\n"
+        "    res[name] = {'rc': rc, 'stdout': out.getvalue(), 'stderr': err.getvalue()}\n"
+        "print(json.dumps(res))\n")
+    argv = {name: [*args, "--out", str(root / name), *QUANTIZE_CALIB] for name, args in runs.items()}
+    p = subprocess.run([sys.executable, "-c", script, json.dumps(argv)], capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    recipes = {"fp8": "fp8", "nvfp4": "nvfp4", "mixed-kv": str(root / "mixed.yaml")}
+    return {name: dict(r, path=root / name, recipe=recipes[name], kv="fp8" if name.endswith("-kv") else None)
+            for name, r in res.items()}

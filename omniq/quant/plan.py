@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from omniq.errors import OmniqError
+from omniq.model import omni
 from omniq.model.arch import ATTENTION, MAMBA, Arch, Linear
 from omniq.quant.recipe import FORMATS, Recipe
 
@@ -62,6 +64,32 @@ class LayerPlan:
     def counts(self) -> dict[str, int]:
         return {f: len(self.linears(f)) for f in FORMATS}
 
+    @cached_property
+    def decided_by(self) -> dict[str, int | None]:
+        """Every linear layer -> index of the recipe rule that set its format (None: the default, or
+        lm_head, which is always BF16)."""
+        return {lin.name: self.recipe.decided_by(lin, self.arch) for lin in self.arch.linears}
+
+    @cached_property
+    def rule_counts(self) -> list[int]:
+        """How many layers each recipe rule decides (first match wins, so a later rule can get none)."""
+        counts = [0] * len(self.recipe.rules)
+        for i in self.decided_by.values():
+            if i is not None:
+                counts[i] += 1
+        return counts
+
+    @property
+    def warnings(self) -> list[str]:
+        """Things the user probably did not mean, that are not errors (a recipe fits every layout)."""
+        out = []
+        for i, (rule, n) in enumerate(zip(self.recipe.rules, self.rule_counts)):
+            if n == 0:
+                what = ", ".join(list(rule.select) + list(rule.modules))
+                out.append(f"recipe {self.recipe.name}: rules[{i}] ({what} -> {rule.format}) decides no layer "
+                           f"of this model (nothing matches, or an earlier rule takes them)")
+        return out
+
     @property
     def quant_formats(self) -> list[str]:
         return sorted({self.formats[lin.name] for lin in self.quantized})
@@ -87,11 +115,20 @@ class LayerPlan:
             out += [f"{p}.k_proj.k_scale", f"{p}.v_proj.v_scale"]
         return out
 
+    @property
+    def tower_modules(self) -> list[str]:
+        """Inside an Omni checkpoint: the vision/audio towers and projectors, as prefix wildcards (the form
+        ModelOpt's own export summarises excluded subtrees into, matched with fnmatch by TensorRT-LLM)."""
+        if self.arch.prefix != omni.LLM_PREFIX:
+            return []
+        return [f"{prefix}*" for prefix in omni.TOWER_PREFIXES.values()]
+
     def exclude_modules(self) -> list[str]:
         """Modules left unquantized, named as NVIDIA's checkpoints name them: every BF16 linear layer and
-        every Mamba conv1d (the router is not a linear module in the checkpoint's code and is not listed)."""
+        every Mamba conv1d (the router is not a linear module in the checkpoint's code and is not listed);
+        in an Omni checkpoint also the towers and projectors (`vision_model.*`, ...)."""
         names = [lin.name for lin in self.arch.linears if self.formats[lin.name] == "bf16"]
-        return names + self.conv1d_modules
+        return names + self.conv1d_modules + self.tower_modules
 
     def quantized_layers(self) -> dict[str, dict]:
         """Per-layer formats for MIXED_PRECISION exports, as TensorRT-LLM and vLLM read them."""
@@ -136,6 +173,11 @@ class LayerPlan:
         return sum(self.bytes_by_format.values())
 
     @property
+    def original_bytes(self) -> int:
+        """Bytes of the same language model unquantized (BF16, the router's fp32 tensors fp32)."""
+        return sum(tensor_bytes(t.dtype, t.numel) for t in self.arch.tensors)
+
+    @property
     def params(self) -> int:
         return self.arch.num_params
 
@@ -144,6 +186,24 @@ class LayerPlan:
         return 8 * self.total_bytes / self.params
 
 
+def check_experts_share_formats(plan: LayerPlan) -> None:
+    """All routed experts of one layer get one format per projection: ModelOpt quantizes transformers' fused
+    experts with a single input quantizer per projection and layer (`omniq.quant.modelopt_config`), so
+    `quantize` could not make anything else; refusing it here keeps `plan` from promising it."""
+    by_proj: dict[tuple[int | None, str], set[str]] = {}
+    for lin in plan.arch.linears:
+        if lin.expert is not None:
+            by_proj.setdefault((lin.layer, lin.role), set()).add(plan.formats[lin.name])
+    for (layer, role), fmts in by_proj.items():
+        if len(fmts) > 1:
+            raise OmniqError(f"recipe {plan.recipe.name}: the routed experts of layer {layer} get different "
+                             f"formats for {role} ({', '.join(sorted(fmts))}); all experts of a layer must "
+                             "share a format per projection (one ModelOpt input quantizer serves them all)")
+
+
 def make_plan(arch: Arch, recipe: Recipe) -> LayerPlan:
+    """The one decision of what is quantized: the recipe checked against the model, then applied."""
     recipe.check_against(arch)
-    return LayerPlan(arch, recipe)
+    plan = LayerPlan(arch, recipe)
+    check_experts_share_formats(plan)
+    return plan

@@ -11,8 +11,20 @@
         format: fp8
 
 Selectors name parts of the model, derived from the architecture (never layer indices), so one recipe fits
-every NemotronH layout. The router, Mamba conv1d, norms and embeddings are not linear layers of the plan
-and are never quantized; `lm_head` is always kept in BF16.
+every NemotronH layout: a role (`mamba_in`, `mamba_out`, `attn_q`, `attn_k`, `attn_v`, `attn_o`,
+`expert_up`, `expert_down`, `shared_up`, `shared_down`, `mlp_up`, `mlp_down`, `lm_head`), a group of roles
+(`mamba`, `attention`, `attn_qkv`, `routed_experts`, `shared_experts`, `experts`, `mlp`), or
+`mamba_feeding_attention` (in_proj/out_proj of the Mamba layer directly before each attention layer, from
+the layer pattern). A selector may match nothing on a given layout (no `-` layers, no shared experts);
+a `modules` glob that matches nothing is an error.
+
+Validation on load (`OmniqError`, exit 2): unknown keys, unknown formats or kv_cache, unknown selectors,
+rules without a format or without anything to select, and a rule that quantizes `lm_head`; against the
+model (`check_against`, called by `make_plan`): module globs that match no linear layer, or that name only
+`lm_head` in a quantizing rule.
+
+The router, Mamba conv1d, norms and embeddings are not linear layers of the plan and are never quantized;
+`lm_head` is always kept in BF16.
 """
 
 from __future__ import annotations
@@ -87,12 +99,30 @@ class Recipe:
         return self.default
 
     def check_against(self, arch: Arch) -> None:
-        """Module patterns must match at least one linear layer of this model."""
+        """Module patterns must match at least one linear layer of this model, and a rule that quantizes
+        must not name only `lm_head` (omniq keeps it BF16; a broad glob that also covers it is fine).
+
+        Selectors are not checked here: they name parts of NemotronH that a given layout may lack (a
+        model without shared experts, or without `-` MLP layers), so one recipe fits every layout."""
         for i, rule in enumerate(self.rules):
             for pat in rule.modules:
-                if not any(Rule("bf16", modules=(pat,)).matches(lin, arch) for lin in arch.linears):
+                hits = [lin for lin in arch.linears if Rule("bf16", modules=(pat,)).matches(lin, arch)]
+                if not hits:
                     raise OmniqError(f"recipe {self.name}: rules[{i}] pattern {pat!r} matches no linear layer "
                                      f"of this model (names look like {arch.linears[0].name})")
+                if rule.format != "bf16" and all(lin.role == "lm_head" for lin in hits):
+                    raise OmniqError(f"recipe {self.name}: rules[{i}] quantizes lm_head ({pat!r} -> "
+                                     f"{rule.format}); omniq always keeps lm_head in BF16")
+
+    def decided_by(self, lin: Linear, arch: Arch) -> int | None:
+        """Index of the rule that decides this layer's format; None for the default (and for lm_head,
+        which is always BF16)."""
+        if lin.role == "lm_head":
+            return None
+        for i, rule in enumerate(self.rules):
+            if rule.matches(lin, arch):
+                return i
+        return None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "kv_cache": self.kv_cache,
@@ -118,6 +148,8 @@ def parse(data, where: str) -> Recipe:
     for key in ("name", "default"):
         if key not in data:
             _fail(where, f"missing required key {key!r}")
+    if not isinstance(data["name"], str) or not data["name"].strip():
+        _fail(where, f"name must be a non-empty string, not {data['name']!r}")
     default = data["default"]
     if default not in FORMATS:
         _fail(where, f"default format {default!r} is unknown; expected one of {', '.join(FORMATS)}")
@@ -136,6 +168,8 @@ def parse(data, where: str) -> Recipe:
         unknown = set(r) - _RULE_KEYS
         if unknown:
             _fail(where, f"rules[{i}] has unknown key {sorted(unknown)[0]!r}; allowed: select, modules, format")
+        if "format" not in r:
+            _fail(where, f"rules[{i}] has no format; expected one of {', '.join(FORMATS)}")
         fmt = r.get("format")
         if fmt not in FORMATS:
             _fail(where, f"rules[{i}] format {fmt!r} is unknown; expected one of {', '.join(FORMATS)}")
@@ -145,8 +179,11 @@ def parse(data, where: str) -> Recipe:
         modules = [modules] if isinstance(modules, str) else modules
         if not select and not modules:
             _fail(where, f"rules[{i}] selects nothing: give select (parts of the model) or modules (name globs)")
+        if not isinstance(select, list) or not isinstance(modules, list) \
+                or not all(isinstance(m, str) and m for m in modules):
+            _fail(where, f"rules[{i}] select and modules must be a name or a list of names")
         for s in select:
-            if s not in SELECTORS:
+            if not isinstance(s, str) or s not in SELECTORS:
                 _fail(where, f"rules[{i}] selector {s!r} is unknown; expected one of {', '.join(SELECTORS)}")
         if "lm_head" in select and fmt != "bf16":
             _fail(where, f"rules[{i}] quantizes lm_head; omniq always keeps lm_head in BF16")

@@ -1,0 +1,229 @@
+"""How much memory calibrating a model takes, predicted from its architecture alone.
+
+At its peak, calibration holds the sum of:
+
+weights
+    every tensor of the language model as loaded for calibration (BF16 by default, the router's fp32
+    tensors stay fp32), plus the towers and projectors of an Omni checkpoint when their size is known
+    (they are loaded with the model even though they are never quantized).
+quantizer state
+    ModelOpt's `max` calibration keeps one fp32 `amax` per enabled quantizer (a weight and an input
+    quantizer per quantized linear layer, one per expert for fused experts; k/v quantizers per attention
+    layer with an FP8 KV cache): a few kilobytes. While a weight quantizer calibrates it reduces
+    `|weight|`, a temporary the size of the largest quantized weight, counted here too.
+activations
+    one forward pass of `batch x seq_len` tokens with no gradients, freed layer by layer, so the peak is
+    the residual stream plus the largest transient of any single layer, or the logits at the end:
+    - hidden states: the residual stream and the layer output in the activation dtype, plus the fp32
+      RMSNorm temporary;
+    - Mamba: the `in_proj` output and the chunked SSD scan in fp32 as `omniq.model.mamba2.ssd_chunked`
+      computes it (conv output, B/C repeated per head, the (heads, chunk, chunk) decay and score blocks,
+      per-chunk states). This is an upper bound for the CUDA kernels, which fuse most of it;
+    - MoE: fp32 router scores, the fp32 accumulator transformers' expert loop uses, the int64 expert mask,
+      and one expert's up/down activations for every token (the worst case, and the case of calibration
+      that routes every token to every expert);
+    - attention: q/k/v, k/v repeated to every query head, and the output; scores are not materialised
+      (scaled-dot-product attention, causal without a mask: calibration rows are packed, never padded, and
+      ModelOpt's KV-cache quantizers leave the attention kernel alone);
+    - logits: `vocab x tokens` from `lm_head` in the activation dtype and their fp32 copy (transformers'
+      `.float()`), where tokens are the positions whose logits are computed: calibration asks for the last
+      position of each row only (`logits_to_keep=1` in `omniq.quant.calibrate`), `logits_positions=None`
+      counts every position.
+
+The runtime itself (Python and its libraries on CPU; CUDA context and allocator slack on a GPU) is a fixed
+allowance, `overhead`. Not modelled: the towers' own activations for image/audio calibration batches (small
+next to the language model's).
+
+The device is `cpu` (this machine's RAM), a GPU name from the one GPU table, `omniq.export.gpus` (h100,
+h200, b200, ...: marketed capacity in GiB; the driver shows a little less, which the overhead allowance
+covers), or an explicit `--device-memory`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omniq.errors import OmniqError
+from omniq.model.arch import ATTENTION, MAMBA, MLP, MOE, Arch
+from omniq.quant.plan import LayerPlan
+
+GiB = 1024 ** 3
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# The runtime itself. CPU: Python + torch + transformers + ModelOpt measured 0.65 GiB RSS besides the
+# bundled model's own bytes (`quantize` of `tiny`: 0.73 GiB peak), rounded up. GPU: CUDA context,
+# cuBLAS workspaces and allocator slack, an allowance (not measured here).
+OVERHEAD = {"gpu": 2 * GiB, "cpu": 1 * GiB}
+_AMAX = 4                       # one fp32 amax per quantizer
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    device: str
+    device_bytes: int | None          # capacity; None if unknown
+    weights: int
+    quantizer_state: int
+    activations: int                  # peak of the activation parts below
+    activation_parts: dict[str, int] = field(default_factory=dict)
+    overhead: int = 0
+    batch: int = 4
+    seq_len: int = 256
+    dtype: str = "bf16"
+    towers_included: bool = True      # False: an Omni model whose tower size is unknown (not counted)
+    available_bytes: int | None = None  # cpu only: memory available right now
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.quantizer_state + self.activations + self.overhead
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_bytes is None else self.total <= self.device_bytes
+
+    @property
+    def headroom(self) -> int | None:
+        return None if self.device_bytes is None else self.device_bytes - self.total
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device, "device_bytes": self.device_bytes,
+            "available_bytes": self.available_bytes,
+            "batch": self.batch, "seq_len": self.seq_len, "dtype": self.dtype,
+            "weights_bytes": self.weights, "quantizer_state_bytes": self.quantizer_state,
+            "activations_bytes": self.activations, "activation_parts_bytes": dict(self.activation_parts),
+            "overhead_bytes": self.overhead, "peak_bytes": self.total,
+            "peak_gib": round(self.total / GiB, 3),
+            "towers_included": self.towers_included,
+            "fits": self.fits, "headroom_bytes": self.headroom,
+        }
+
+
+# ----- devices -----------------------------------------------------------------------------------------
+def parse_size(text: str) -> int:
+    """'80', '80GiB', '141 GB', '2.7G', '512MiB', '123456789B' -> bytes. A bare number means GiB."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise OmniqError(f"size {text!r}: expected a number with an optional unit, like 80GiB, 141GB or 2.7G")
+    value, unit = float(m.group(1)), (m.group(2) or "GiB").upper()
+    if unit == "B":
+        return int(value)
+    powers = {"K": 1, "M": 2, "G": 3, "T": 4}
+    binary = unit.endswith("IB") or len(unit) == 1          # "G" alone is taken as GiB
+    base = 1024 if binary else 1000
+    return int(value * base ** powers[unit[0]])
+
+
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes of this machine's RAM."""
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return int(vm.total), int(vm.available)
+    except ImportError:
+        pass
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        info[key] = int(rest.split()[0]) * 1024
+    return info["MemTotal"], info.get("MemAvailable", info["MemTotal"])
+
+
+def device_capacity(device: str, device_memory: str | None = None) -> tuple[str, int | None, int | None]:
+    """(device label, capacity bytes, available bytes or None) for a device name or an explicit size."""
+    name = device.strip().lower()
+    if device_memory is not None:
+        return name, parse_size(device_memory), None
+    if name == "cpu":
+        total, available = host_memory()
+        return name, total, available
+    from omniq.export.gpus import ALIASES, GPUS, resolve_gpu
+
+    try:
+        gpu = resolve_gpu(name)
+    except OmniqError:
+        raise OmniqError(f"--device {device!r}: unknown device; expected cpu, "
+                         f"{', '.join(sorted(set(GPUS) | set(ALIASES)))}, "
+                         "or give its size with --device-memory (e.g. 96GiB)") from None
+    return gpu.name, gpu.memory_bytes, None
+
+
+# ----- the estimate ------------------------------------------------------------------------------------
+def weight_bytes(arch: Arch, dtype: str = "bf16") -> int:
+    """The language model's weights as loaded for calibration (fp32 tensors, the router, stay fp32)."""
+    size = DTYPE_BYTES[dtype]
+    return sum(t.numel * max(size, 4 if t.dtype == "F32" else 2) for t in arch.tensors)
+
+
+def quantizer_state_bytes(plan: LayerPlan, dtype: str = "bf16") -> int:
+    """fp32 amax of every enabled quantizer, plus the |weight| temporary of the largest quantized weight."""
+    n_quantizers = 2 * len(plan.quantized) + (2 * len(plan.arch.attention_layers) if plan.kv_cache else 0)
+    largest = max((lin.params for lin in plan.quantized), default=0)
+    return _AMAX * n_quantizers + largest * DTYPE_BYTES[dtype]
+
+
+def activation_parts(arch: Arch, batch: int, seq_len: int, dtype: str = "bf16",
+                     logits_positions: int | None = 1) -> dict[str, int]:
+    """Bytes of each transient of one calibration forward (see the module docstring)."""
+    a = DTYPE_BYTES[dtype]
+    f = 4
+    T = batch * seq_len
+    h = arch.hidden_size
+    parts = {"hidden_states": T * h * (2 * a + f)}
+    if MAMBA in arch.kinds:
+        Q = arch.chunk_size
+        padded = batch * math.ceil(seq_len / Q) * Q
+        heads, p, n = arch.mamba_num_heads, arch.mamba_head_dim, arch.ssm_state_size
+        per_token = (arch.in_proj_out * (a + f)      # in_proj output and its fp32 copy
+                     + 2 * arch.conv_dim * f         # conv output, silu
+                     + 2 * heads * n * f             # B and C repeated per head
+                     + 3 * heads * p * f             # x, x*dt, y
+                     + 3 * heads * Q * f             # log-decay differences, decay, scores
+                     + 2 * arch.mamba_inner * f)     # gated RMSNorm
+        chunk_states = 2 * (padded // Q) * heads * p * n * f   # per-chunk states and states entering chunks
+        parts["mamba"] = padded * per_token + chunk_states
+    if MOE in arch.kinds:
+        E, k, inter = arch.n_routed_experts, arch.num_experts_per_tok, arch.moe_intermediate_size
+        router = T * (h * f + 3 * E * f)                       # fp32 input, logits, scores, choice
+        mask = T * k * E * 8                                   # one-hot expert mask (int64)
+        accumulator = T * h * f                                # fp32 sum of expert outputs
+        expert = T * (2 * h + 2 * inter) * a                   # one expert's input, up, act, down for all tokens
+        shared = T * 2 * arch.moe_shared_expert_intermediate_size * a if arch.n_shared_experts else 0
+        parts["moe"] = router + mask + accumulator + max(expert, shared)
+    if MLP in arch.kinds:
+        parts["mlp"] = T * 2 * arch.intermediate_size * a
+    if ATTENTION in arch.kinds:
+        q = arch.num_attention_heads * arch.head_dim
+        kv = arch.num_key_value_heads * arch.head_dim
+        parts["attention"] = T * (q + 2 * kv + 2 * q + q) * a      # q, k, v, k/v repeated, output
+    positions = seq_len if logits_positions is None else min(logits_positions, seq_len)
+    parts["logits"] = batch * positions * arch.vocab_size * (a + f)
+    return parts
+
+
+def estimate(plan: LayerPlan, *, batch: int = 4, seq_len: int = 256, device: str = "cpu",
+             device_memory: str | None = None, dtype: str = "bf16", extra_weight_bytes: int | None = 0,
+             logits_positions: int | None = 1) -> MemoryEstimate:
+    """Predicted peak memory of calibrating `plan` with `batch x seq_len` token batches on `device`.
+
+    extra_weight_bytes: weights loaded besides the language model (an Omni checkpoint's towers);
+    None when they exist but their size is unknown (then they are left out and flagged).
+    """
+    if batch < 1 or seq_len < 1:
+        raise OmniqError(f"--batch and --seq-len must be positive (got {batch} x {seq_len})")
+    if dtype not in DTYPE_BYTES:
+        raise OmniqError(f"calibration dtype {dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
+    label, capacity, available = device_capacity(device, device_memory)
+    parts = activation_parts(plan.arch, batch, seq_len, dtype, logits_positions)
+    layer_peak = max((v for k, v in parts.items() if k not in ("hidden_states", "logits")), default=0)
+    activations = parts["hidden_states"] + max(layer_peak, parts["logits"])
+    return MemoryEstimate(
+        device=label, device_bytes=capacity, available_bytes=available,
+        weights=weight_bytes(plan.arch, dtype) + (extra_weight_bytes or 0),
+        quantizer_state=quantizer_state_bytes(plan, dtype),
+        activations=activations, activation_parts=parts,
+        overhead=OVERHEAD["cpu" if label == "cpu" else "gpu"],
+        batch=batch, seq_len=seq_len, dtype=dtype, towers_included=extra_weight_bytes is not None,
+    )
