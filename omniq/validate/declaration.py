@@ -1,0 +1,255 @@
+"""What a ModelOpt-style checkpoint declares about its quantization, and which module each declared name means.
+
+A checkpoint declares in one or both of two places, which engines read in different orders (TensorRT-LLM
+prefers `hf_quant_config.json`, vLLM and SGLang `config.json` -> `quantization_config`):
+
+    hf_quant_config.json   nested: {"producer", "quantization": {quant_algo, kv_cache_quant_algo, group_size,
+                           exclude_modules, quantized_layers (MIXED_PRECISION)}}
+    config.json            flat (ModelOpt 1.0, compressed-tensors-like): {quant_method: "modelopt", quant_algo,
+                           ignore, kv_cache_scheme, quantized_layers, config_groups}
+
+`parse` turns either shape into one `Declaration`. Names in it may be spelled as the hub names modules
+(`backbone.`), as TensorRT-LLM does (`model.`, it rewrites backbone -> model), with or without an Omni
+checkpoint's `language_model.` prefix, and with fnmatch wildcards (`*.mixer.conv1d`, `vision_model*`).
+`Names` resolves them against the modules that really exist in the safetensors headers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from omniq.model import omni
+
+HF_QUANT_CONFIG = "hf_quant_config.json"
+CONFIG_QUANT = "config.json quantization_config"
+
+# Declared algorithm -> (weight format, whether activations are quantized with a stored input_scale).
+ALGO_FORMATS = {
+    "FP8": ("fp8", True),
+    "NVFP4": ("nvfp4", True),
+    "W4A8_NVFP4_FP8": ("nvfp4", True),
+    "W4A16_NVFP4": ("nvfp4", False),
+}
+MIXED = "MIXED_PRECISION"
+
+
+@dataclass(frozen=True)
+class Declaration:
+    source: str                                  # HF_QUANT_CONFIG or CONFIG_QUANT
+    quant_algo: str | None
+    kv_cache_quant_algo: str | None
+    group_size: int | None
+    exclude_modules: tuple[str, ...]
+    quantized_layers: dict = field(default_factory=dict, compare=False, hash=False)   # name -> {quant_algo, ...}
+    raw: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.quant_algo == MIXED
+
+    def layer_algo(self, entry) -> str | None:
+        """The algorithm of one `quantized_layers` entry (a dict, or a bare algorithm string)."""
+        if isinstance(entry, dict):
+            algo = entry.get("quant_algo")
+        else:
+            algo = entry
+        return str(algo).upper() if algo else None
+
+    def layer_group_size(self, entry) -> int | None:
+        if isinstance(entry, dict) and entry.get("group_size") is not None:
+            return _int(entry["group_size"])
+        return self.group_size
+
+
+def _int(v) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _upper(v) -> str | None:
+    return str(v).upper() if v else None
+
+
+def _kv_from_scheme(scheme) -> str | None:
+    """`kv_cache_scheme` of the flat shape: {"type": "float", "num_bits": 8} -> FP8, 4 -> NVFP4, or a string."""
+    if isinstance(scheme, dict):
+        bits, kind = scheme.get("num_bits"), scheme.get("type")
+        if kind == "float" and bits == 8:
+            return "FP8"
+        if kind == "float" and bits == 4:
+            return "NVFP4"
+        if kind == "int" and bits == 8:
+            return "INT8"
+        return f"{kind}{bits}".upper() if kind or bits else None
+    return _upper(scheme)
+
+
+def _group_size_of_groups(groups) -> int | None:
+    if not isinstance(groups, dict):
+        return None
+    for g in groups.values():
+        w = g.get("weights") if isinstance(g, dict) else None
+        if isinstance(w, dict) and w.get("group_size") is not None:
+            return _int(w["group_size"])
+    return None
+
+
+def parse(raw: dict, source: str) -> Declaration:
+    """Either declaration shape -> a `Declaration`."""
+    if isinstance(raw.get("quantization"), dict):
+        q = raw["quantization"]
+        return Declaration(
+            source=source,
+            quant_algo=_upper(q.get("quant_algo")),
+            kv_cache_quant_algo=_upper(q.get("kv_cache_quant_algo")),
+            group_size=_int(q.get("group_size")),
+            exclude_modules=tuple(q.get("exclude_modules") or ()),
+            quantized_layers=dict(q.get("quantized_layers") or {}),
+            raw=raw,
+        )
+    kv = raw.get("kv_cache_quant_algo")
+    kv = _upper(kv) if kv else _kv_from_scheme(raw.get("kv_cache_scheme"))
+    group = raw.get("group_size")
+    return Declaration(
+        source=source,
+        quant_algo=_upper(raw.get("quant_algo")),
+        kv_cache_quant_algo=kv,
+        group_size=_int(group) if group is not None else _group_size_of_groups(raw.get("config_groups")),
+        exclude_modules=tuple(raw.get("ignore") or raw.get("exclude_modules") or ()),
+        quantized_layers=dict(raw.get("quantized_layers") or {}),
+        raw=raw,
+    )
+
+
+def read(path: Path, cfg: dict) -> list[Declaration]:
+    """Every declaration the checkpoint carries, `hf_quant_config.json` first (it is what TensorRT-LLM reads).
+    A file that is not valid JSON raises `ValueError` with the file's name."""
+    out = []
+    hq = Path(path) / HF_QUANT_CONFIG
+    if hq.is_file():
+        try:
+            raw = json.loads(hq.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{hq}: not valid JSON ({e})") from None
+        if isinstance(raw, dict):
+            out.append(parse(raw, HF_QUANT_CONFIG))
+    qc = cfg.get("quantization_config")
+    if not qc and omni.is_omni(cfg) and isinstance(cfg.get("llm_config"), dict):
+        qc = cfg["llm_config"].get("quantization_config")
+    if isinstance(qc, dict) and qc:
+        out.append(parse(qc, CONFIG_QUANT))
+    return out
+
+
+# ----- names -------------------------------------------------------------------------------------------
+_WILDCARD = re.compile(r"[*?\[]")
+
+
+def is_corrupted(name: str) -> bool:
+    """ModelOpt 0.47's export rewrites its own sentinel (`"lm_head.\\u0000backbone.pt_name_sentinel"`)."""
+    return "\x00" in name or "pt_name_sentinel" in name
+
+
+def variants(name: str, is_omni: bool) -> list[str]:
+    """The spellings of a declared name in the hub layout: `model.` -> `backbone.` (TensorRT-LLM's rewrite),
+    and inside an Omni checkpoint the language model's names with and without `language_model.`."""
+    out = [name]
+    for a, b in (("model.", "backbone."), (omni.LLM_PREFIX + "model.", omni.LLM_PREFIX + "backbone.")):
+        if name.startswith(a):
+            out.append(b + name[len(a):])
+    if is_omni:
+        for v in list(out):
+            if not v.startswith(omni.LLM_PREFIX) and omni.component_of(v) == "other" and not v.startswith("*"):
+                out.append(omni.LLM_PREFIX + v)
+    return out
+
+
+@dataclass
+class Names:
+    """The modules and tensors of a checkpoint, for resolving declared names (exact or wildcard)."""
+
+    tensors: list[str]
+    is_omni: bool
+
+    @cached_property
+    def modules(self) -> set[str]:
+        """Every module path: each tensor's owner and all of its ancestors."""
+        out: set[str] = set()
+        for t in self.tensors:
+            parts = t.split(".")
+            for k in range(1, len(parts)):
+                out.add(".".join(parts[:k]))
+        return out
+
+    @cached_property
+    def _everything(self) -> set[str]:
+        return self.modules | set(self.tensors)
+
+    @cached_property
+    def _universe(self) -> list[str]:
+        return sorted(self._everything)
+
+    def resolve(self, name: str) -> str | None:
+        """The real module or tensor a declared name means (the first one a wildcard matches), or None."""
+        if is_corrupted(name):
+            return None
+        for v in variants(name, self.is_omni):
+            if not _WILDCARD.search(v):
+                if v in self._everything:
+                    return v
+                continue
+            rx = re.compile(fnmatch.translate(v))
+            for n in self._universe:
+                if rx.match(n):
+                    return n
+        return None
+
+    def matcher(self, patterns) -> "Matcher":
+        return Matcher([p for p in patterns if isinstance(p, str) and not is_corrupted(p)], self.is_omni)
+
+
+@dataclass
+class Matcher:
+    """Does a module fall under any of the declared patterns (exclude_modules / ignore)? A pattern covers a
+    module when it names the module or one of its ancestors, or fnmatches the module's name (as TensorRT-LLM,
+    vLLM and SGLang all do)."""
+
+    patterns: list[str]
+    is_omni: bool
+
+    @cached_property
+    def _exact(self) -> dict[str, str]:
+        out = {}
+        for p in self.patterns:
+            for v in variants(p, self.is_omni):
+                if not _WILDCARD.search(v):
+                    out.setdefault(v, p)
+        return out
+
+    @cached_property
+    def _wild(self) -> list[tuple[re.Pattern, str]]:
+        out = []
+        for p in self.patterns:
+            for v in variants(p, self.is_omni):
+                if _WILDCARD.search(v):
+                    out.append((re.compile(fnmatch.translate(v)), p))
+        return out
+
+    def match(self, module: str) -> str | None:
+        """The declared pattern that covers `module`, or None."""
+        parts = module.split(".")
+        for k in range(len(parts), 0, -1):
+            hit = self._exact.get(".".join(parts[:k]))
+            if hit is not None:
+                return hit
+        for rx, p in self._wild:
+            if rx.match(module):
+                return p
+        return None
