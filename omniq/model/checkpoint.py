@@ -86,7 +86,8 @@ class Checkpoint:
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(str(self.path))
+            # Never the checkpoint's own code: an Omni config's auto_map would make transformers ask on stdin.
+            return AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - turn any loader failure into a user-facing message
             raise OmniqError(f"{self.path}: cannot load the tokenizer ({type(e).__name__}: {e}); "
                              "the checkpoint directory needs tokenizer.json / tokenizer_config.json") from None

@@ -1,0 +1,375 @@
+"""The towers and projectors of an Omni checkpoint, as plain torch functions over its tensors.
+
+omniq never runs a checkpoint's own modeling code to get image or audio embeddings: calibration and
+validation call these functions on the tensors read from the safetensors files (float32 arithmetic, BF16
+weights upcast). They mirror the layout of Nemotron 3 Nano Omni at any width:
+
+- vision tower (`vision_model.radio_model.`): a RADIO-style ViT. Input conditioner (mean / std), linear patch
+  embedder over `(c, y, x)`-ordered patches, learned position embedding for the one tile size
+  (`force_image_size`; RADIO interpolates its position table for other sizes, omniq resizes images to the
+  tile instead), class tokens, pre-norm blocks (LayerNorm, fused `qkv` attention, GELU MLP), no final norm;
+  the class tokens are dropped.
+- vision projector (`mlp1.`): pixel shuffle (`downsample_ratio` 0.5, `ps_version` v2, as vLLM's
+  `NemotronH_Nano_VL_V2.pixel_shuffle`), then `mlp1.0` RMSNorm, `mlp1.1` linear, ReLU^2, `mlp1.3` linear.
+- audio encoder (`sound_encoder.encoder.`): Parakeet-style conformer over log-mel features. Conv2d
+  subsampling (stride-2 stages: a full conv, then depthwise + pointwise pairs) and a linear to the width;
+  blocks of half-step feed-forward, self-attention, convolution module (pointwise, GLU, depthwise,
+  batch norm with stored running statistics, SiLU, pointwise), half-step feed-forward, LayerNorm.
+  Simplification against Parakeet: attention has no relative position encoding (the subsampling and the
+  depthwise convolutions carry position); recorded in the checkpoint's config as `"position_encoding": "none"`.
+- audio projector (`sound_projection.`): RMSNorm, linear, ReLU^2, linear (vLLM maps it to
+  `sound_encoder.projection`).
+
+`tower_tensors(cfg)` lists every tensor these functions read, with its shape, so the bundled checkpoint's
+builder and the layout checks share one description. Scope: this is the layout of omniq's bundled
+tiny-omni. The real C-RADIOv4-H (register tokens, a position table interpolated from a larger grid, a video
+embedder) and Parakeet (relative-position attention with `relative_k_proj`, `bias_u`, `bias_v`; per-feature
+normalised mel) need more; `check_supported` and the spec functions refuse such a checkpoint with an
+OmniqError rather than computing wrong embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+VISION = "vision_model.radio_model."
+VIT = VISION + "model."
+PROJECTOR = "mlp1."
+SOUND = "sound_encoder.encoder."
+SOUND_PROJECTOR = "sound_projection."
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    image_size: int             # one tile, square (force_image_size)
+    patch_size: int
+    width: int                  # vit_hidden_size
+    layers: int
+    heads: int
+    mlp_width: int
+    cls_tokens: int
+    eps: float
+    downsample_ratio: float
+    ps_version: str
+    projector_width: int        # projector_hidden_size
+    llm_hidden: int
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def shuffle(self) -> int:
+        return int(round(1 / self.downsample_ratio))
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return (self.grid // self.shuffle) ** 2
+
+
+@dataclass(frozen=True)
+class SoundSpec:
+    mel_bins: int
+    width: int
+    layers: int
+    heads: int
+    ff_width: int
+    conv_kernel: int
+    subsampling_factor: int
+    subsampling_channels: int
+    projector_width: int
+    projection_bias: bool
+    llm_hidden: int
+    sampling_rate: int
+    n_fft: int
+    win_length: int
+    hop_length: int
+    clip_samples: int           # audio is cut into clips of this many samples (the last one zero-padded)
+    eps: float = 1e-5
+
+    @property
+    def stages(self) -> int:
+        return int(math.log2(self.subsampling_factor))
+
+    def frames(self, samples: int) -> int:
+        """Feature frames of a clip (centred STFT)."""
+        return 1 + samples // self.hop_length
+
+    def tokens(self, frames: int) -> int:
+        """Encoder outputs for `frames` feature frames (each stride-2 stage: kernel 3, padding 1)."""
+        for _ in range(self.stages):
+            frames = (frames - 1) // 2 + 1
+        return frames
+
+    @property
+    def tokens_per_clip(self) -> int:
+        return self.tokens(self.frames(self.clip_samples))
+
+
+def _unsupported(part: str, detail: str):
+    from omniq.errors import OmniqError
+
+    return OmniqError(f"{part}: {detail}; omniq's own tower functions cover the RADIO-style ViT and conformer "
+                      "layout of its bundled tiny-omni, not this checkpoint's, so its image / audio embeddings "
+                      "cannot be computed here; calibrate on text only (--calib-mix text:1)")
+
+
+def vision_spec(cfg: dict) -> VisionSpec:
+    try:
+        return _vision_spec(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise _unsupported("vision_config", f"no usable {e}") from None
+
+
+def sound_spec(cfg: dict) -> SoundSpec:
+    try:
+        return _sound_spec(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise _unsupported("sound_config", f"no usable {e}") from None
+
+
+def check_supported(cfg: dict, names) -> None:
+    """The checkpoint's tower and projector tensors are exactly the ones these functions read."""
+    want = tower_tensors(cfg)
+    have = {n for n in names if n.startswith((VISION, PROJECTOR, "sound_encoder.", SOUND_PROJECTOR))}
+    extra, missing = sorted(have - set(want)), sorted(set(want) - have)
+    if extra or missing:
+        name = extra[0] if extra else missing[0]
+        raise _unsupported("towers", f"tensor {name} is {'not expected' if extra else 'missing'}")
+
+
+def _vision_spec(cfg: dict) -> VisionSpec:
+    v = cfg["vision_config"]
+    return VisionSpec(
+        image_size=int(cfg.get("force_image_size") or v["image_size"]),
+        patch_size=int(cfg.get("patch_size") or v["patch_size"]),
+        width=int(cfg.get("vit_hidden_size") or v["hidden_size"]),
+        layers=int(v["num_hidden_layers"]), heads=int(v["num_attention_heads"]),
+        mlp_width=int(v["intermediate_size"]), cls_tokens=int(v.get("num_cls_tokens", 1)),
+        eps=float(v.get("layer_norm_eps", 1e-6)), downsample_ratio=float(cfg.get("downsample_ratio", 0.5)),
+        ps_version=str(cfg.get("ps_version", "v2")), projector_width=int(cfg["projector_hidden_size"]),
+        llm_hidden=int(cfg["llm_config"]["hidden_size"]))
+
+
+def _sound_spec(cfg: dict) -> SoundSpec:
+    s = cfg["sound_config"]
+    return SoundSpec(
+        mel_bins=int(s["num_mel_bins"]), width=int(s["hidden_size"]), layers=int(s["num_hidden_layers"]),
+        heads=int(s["num_attention_heads"]), ff_width=int(s["intermediate_size"]),
+        conv_kernel=int(s["conv_kernel_size"]), subsampling_factor=int(s["subsampling_factor"]),
+        subsampling_channels=int(s["subsampling_conv_channels"]),
+        projector_width=int(s["projection_hidden_size"]), projection_bias=bool(s.get("projection_bias", True)),
+        llm_hidden=int(cfg["llm_config"]["hidden_size"]), sampling_rate=int(s["sampling_rate"]),
+        n_fft=int(s["n_fft"]), win_length=int(s["win_length"]), hop_length=int(s["hop_length"]),
+        clip_samples=int(round(float(s["clip_duration_s"]) * int(s["sampling_rate"]))))
+
+
+# ----- tensor inventory ---------------------------------------------------------------------------------
+def vision_tensors(v: VisionSpec) -> dict[str, tuple[int, ...]]:
+    c, p = v.width, v.patch_size
+    t = {f"{VISION}input_conditioner.norm_mean": (3, 1, 1), f"{VISION}input_conditioner.norm_std": (3, 1, 1),
+         f"{VIT}patch_generator.embedder.weight": (c, 3 * p * p),
+         f"{VIT}patch_generator.pos_embed": (1, v.grid * v.grid, c),
+         f"{VIT}patch_generator.cls_token.token": (v.cls_tokens, c)}
+    for i in range(v.layers):
+        b = f"{VIT}blocks.{i}."
+        t.update({f"{b}norm1.weight": (c,), f"{b}norm1.bias": (c,),
+                  f"{b}attn.qkv.weight": (3 * c, c), f"{b}attn.qkv.bias": (3 * c,),
+                  f"{b}attn.proj.weight": (c, c), f"{b}attn.proj.bias": (c,),
+                  f"{b}norm2.weight": (c,), f"{b}norm2.bias": (c,),
+                  f"{b}mlp.fc1.weight": (v.mlp_width, c), f"{b}mlp.fc1.bias": (v.mlp_width,),
+                  f"{b}mlp.fc2.weight": (c, v.mlp_width), f"{b}mlp.fc2.bias": (c,)})
+    shuffled = c * v.shuffle ** 2
+    t.update({f"{PROJECTOR}0.weight": (shuffled,), f"{PROJECTOR}1.weight": (v.projector_width, shuffled),
+              f"{PROJECTOR}3.weight": (v.llm_hidden, v.projector_width)})
+    return t
+
+
+def sound_tensors(s: SoundSpec) -> dict[str, tuple[int, ...]]:
+    c, ch = s.width, s.subsampling_channels
+    t = {f"{SOUND}subsampling.layers.0.weight": (ch, 1, 3, 3), f"{SOUND}subsampling.layers.0.bias": (ch,)}
+    for k in range(1, s.stages):
+        dw, pw = 3 * k - 1, 3 * k          # layers: conv, relu, [dw, pw, relu] * (stages - 1)
+        t.update({f"{SOUND}subsampling.layers.{dw}.weight": (ch, 1, 3, 3), f"{SOUND}subsampling.layers.{dw}.bias": (ch,),
+                  f"{SOUND}subsampling.layers.{pw}.weight": (ch, ch, 1, 1), f"{SOUND}subsampling.layers.{pw}.bias": (ch,)})
+    freq = s.mel_bins
+    for _ in range(s.stages):
+        freq = (freq - 1) // 2 + 1
+    t.update({f"{SOUND}subsampling.linear.weight": (c, ch * freq), f"{SOUND}subsampling.linear.bias": (c,)})
+    for i in range(s.layers):
+        b = f"{SOUND}layers.{i}."
+        for ff in ("feed_forward1", "feed_forward2"):
+            t.update({f"{b}{ff}.linear1.weight": (s.ff_width, c), f"{b}{ff}.linear1.bias": (s.ff_width,),
+                      f"{b}{ff}.linear2.weight": (c, s.ff_width), f"{b}{ff}.linear2.bias": (c,)})
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            t.update({f"{b}self_attn.{proj}.weight": (c, c), f"{b}self_attn.{proj}.bias": (c,)})
+        t.update({f"{b}conv.pointwise_conv1.weight": (2 * c, c, 1), f"{b}conv.pointwise_conv1.bias": (2 * c,),
+                  f"{b}conv.depthwise_conv.weight": (c, 1, s.conv_kernel), f"{b}conv.depthwise_conv.bias": (c,),
+                  f"{b}conv.norm.weight": (c,), f"{b}conv.norm.bias": (c,),
+                  f"{b}conv.norm.running_mean": (c,), f"{b}conv.norm.running_var": (c,),
+                  f"{b}conv.pointwise_conv2.weight": (c, c, 1), f"{b}conv.pointwise_conv2.bias": (c,)})
+        for norm in ("norm_feed_forward1", "norm_self_att", "norm_conv", "norm_feed_forward2", "norm_out"):
+            t.update({f"{b}{norm}.weight": (c,), f"{b}{norm}.bias": (c,)})
+    t[f"{SOUND_PROJECTOR}norm.weight"] = (c,)
+    t[f"{SOUND_PROJECTOR}linear1.weight"] = (s.projector_width, c)
+    t[f"{SOUND_PROJECTOR}linear2.weight"] = (s.llm_hidden, s.projector_width)
+    if s.projection_bias:
+        t[f"{SOUND_PROJECTOR}linear1.bias"] = (s.projector_width,)
+        t[f"{SOUND_PROJECTOR}linear2.bias"] = (s.llm_hidden,)
+    return t
+
+
+def tower_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every tower and projector tensor of an Omni config (this module's layout), name -> shape."""
+    out = {}
+    if cfg.get("vision_config"):
+        out.update(vision_tensors(vision_spec(cfg)))
+    if cfg.get("sound_config"):
+        out.update(sound_tensors(sound_spec(cfg)))
+    return out
+
+
+# ----- shared pieces ------------------------------------------------------------------------------------
+def _f(w: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    return w[name].float()
+
+
+def _linear(w, name, x, bias=True):
+    return F.linear(x, _f(w, f"{name}.weight"), _f(w, f"{name}.bias") if bias else None)
+
+
+def _layer_norm(w, name, x, eps):
+    return F.layer_norm(x, (x.shape[-1],), _f(w, f"{name}.weight"), _f(w, f"{name}.bias"), eps)
+
+
+def _rms_norm(w, name, x, eps):
+    return _f(w, f"{name}.weight") * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _attention(q, k, v, heads):
+    b, L, c = q.shape
+    q, k, v = (t.reshape(b, L, heads, c // heads).transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v, scale=(c // heads) ** -0.5)
+    return o.transpose(1, 2).reshape(b, L, c)
+
+
+def relu2(x):
+    return torch.relu(x).square()
+
+
+# ----- vision -------------------------------------------------------------------------------------------
+def patchify(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """(n, 3, H, W) -> (n, H/p * W/p, 3 * p * p), patches in row-major order, each flattened as (c, y, x)."""
+    n, c, H, W = pixels.shape
+    x = pixels.reshape(n, c, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(n, (H // patch) * (W // patch), c * patch * patch)
+
+
+def vision_tower(v: VisionSpec, w, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1], (n, 3, S, S) with S = image_size -> patch features (n, grid^2, width)."""
+    if pixels.shape[-2:] != (v.image_size, v.image_size):
+        raise ValueError(f"vision tower expects {v.image_size}x{v.image_size} tiles, got {tuple(pixels.shape[-2:])}")
+    x = (pixels.float() - _f(w, f"{VISION}input_conditioner.norm_mean")) / _f(w, f"{VISION}input_conditioner.norm_std")
+    x = F.linear(patchify(x, v.patch_size), _f(w, f"{VIT}patch_generator.embedder.weight"))
+    x = x + _f(w, f"{VIT}patch_generator.pos_embed")
+    cls = _f(w, f"{VIT}patch_generator.cls_token.token").expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    for i in range(v.layers):
+        b = f"{VIT}blocks.{i}"
+        q, k, val = _linear(w, f"{b}.attn.qkv", _layer_norm(w, f"{b}.norm1", x, v.eps)).chunk(3, dim=-1)
+        x = x + _linear(w, f"{b}.attn.proj", _attention(q, k, val, v.heads))
+        h = _layer_norm(w, f"{b}.norm2", x, v.eps)
+        x = x + _linear(w, f"{b}.mlp.fc2", F.gelu(_linear(w, f"{b}.mlp.fc1", h)))
+    return x[:, v.cls_tokens:]
+
+
+def pixel_shuffle(x: torch.Tensor, scale: float, ps_version: str) -> torch.Tensor:
+    """(n, w, h, c) -> (n, h*scale, w*scale, c/scale^2), as InternVL / Nemotron VL do it."""
+    n, w, h, c = x.shape
+    x = x.reshape(n, w, int(h * scale), int(c / scale)).permute(0, 2, 1, 3)
+    x = x.reshape(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    if ps_version != "v1":
+        x = x.permute(0, 2, 1, 3)
+    return x.contiguous()
+
+
+def vision_projector(v: VisionSpec, w, features: torch.Tensor) -> torch.Tensor:
+    """Tower features (n, grid^2, width) -> language-model embeddings (n, tokens_per_tile, llm_hidden)."""
+    n = features.shape[0]
+    x = pixel_shuffle(features.reshape(n, v.grid, v.grid, -1), v.downsample_ratio, v.ps_version)
+    x = x.reshape(n, -1, x.shape[-1])
+    x = _rms_norm(w, f"{PROJECTOR}0", x, 1e-5)
+    x = relu2(F.linear(x, _f(w, f"{PROJECTOR}1.weight")))
+    return F.linear(x, _f(w, f"{PROJECTOR}3.weight"))
+
+
+def image_embeds(v: VisionSpec, w, pixels: torch.Tensor) -> torch.Tensor:
+    """(n, 3, S, S) tiles -> (n, tokens_per_tile, llm_hidden): what replaces the image context tokens."""
+    return vision_projector(v, w, vision_tower(v, w, pixels))
+
+
+# ----- audio --------------------------------------------------------------------------------------------
+def _batch_norm(w, name, x, eps):
+    """Eval-mode batch norm over channels of (n, c, t), from the stored running statistics."""
+    mean, var = _f(w, f"{name}.running_mean"), _f(w, f"{name}.running_var")
+    scale = _f(w, f"{name}.weight") * torch.rsqrt(var + eps)
+    return (x - mean[:, None]) * scale[:, None] + _f(w, f"{name}.bias")[:, None]
+
+
+def sound_subsampling(s: SoundSpec, w, features: torch.Tensor) -> torch.Tensor:
+    """Log-mel (n, frames, mel_bins) -> (n, tokens, width)."""
+    p = f"{SOUND}subsampling.layers"
+    x = features.float().unsqueeze(1)
+    x = torch.relu(F.conv2d(x, _f(w, f"{p}.0.weight"), _f(w, f"{p}.0.bias"), stride=2, padding=1))
+    for k in range(1, s.stages):
+        x = F.conv2d(x, _f(w, f"{p}.{3 * k - 1}.weight"), _f(w, f"{p}.{3 * k - 1}.bias"), stride=2, padding=1,
+                     groups=x.shape[1])
+        x = torch.relu(F.conv2d(x, _f(w, f"{p}.{3 * k}.weight"), _f(w, f"{p}.{3 * k}.bias")))
+    n, ch, t, f = x.shape
+    return _linear(w, f"{SOUND}subsampling.linear", x.transpose(1, 2).reshape(n, t, ch * f))
+
+
+def conformer_block(s: SoundSpec, w, i: int, x: torch.Tensor) -> torch.Tensor:
+    b = f"{SOUND}layers.{i}"
+
+    def ff(name, h):
+        return _linear(w, f"{b}.{name}.linear2", F.silu(_linear(w, f"{b}.{name}.linear1", h)))
+
+    x = x + 0.5 * ff("feed_forward1", _layer_norm(w, f"{b}.norm_feed_forward1", x, s.eps))
+    h = _layer_norm(w, f"{b}.norm_self_att", x, s.eps)
+    a = _attention(_linear(w, f"{b}.self_attn.q_proj", h), _linear(w, f"{b}.self_attn.k_proj", h),
+                   _linear(w, f"{b}.self_attn.v_proj", h), s.heads)
+    x = x + _linear(w, f"{b}.self_attn.o_proj", a)
+    h = _layer_norm(w, f"{b}.norm_conv", x, s.eps).transpose(1, 2)            # (n, c, t)
+    h = F.glu(F.conv1d(h, _f(w, f"{b}.conv.pointwise_conv1.weight"), _f(w, f"{b}.conv.pointwise_conv1.bias")), dim=1)
+    h = F.conv1d(h, _f(w, f"{b}.conv.depthwise_conv.weight"), _f(w, f"{b}.conv.depthwise_conv.bias"),
+                 padding=(s.conv_kernel - 1) // 2, groups=h.shape[1])
+    h = F.silu(_batch_norm(w, f"{b}.conv.norm", h, s.eps))
+    h = F.conv1d(h, _f(w, f"{b}.conv.pointwise_conv2.weight"), _f(w, f"{b}.conv.pointwise_conv2.bias"))
+    x = x + h.transpose(1, 2)
+    x = x + 0.5 * ff("feed_forward2", _layer_norm(w, f"{b}.norm_feed_forward2", x, s.eps))
+    return _layer_norm(w, f"{b}.norm_out", x, s.eps)
+
+
+def sound_tower(s: SoundSpec, w, features: torch.Tensor) -> torch.Tensor:
+    """Log-mel features (n, frames, mel_bins) -> encoder states (n, tokens, width)."""
+    x = sound_subsampling(s, w, features)
+    for i in range(s.layers):
+        x = conformer_block(s, w, i, x)
+    return x
+
+
+def sound_projector(s: SoundSpec, w, states: torch.Tensor) -> torch.Tensor:
+    x = _rms_norm(w, f"{SOUND_PROJECTOR}norm", states, 1e-5)
+    x = relu2(_linear(w, f"{SOUND_PROJECTOR}linear1", x, s.projection_bias))
+    return _linear(w, f"{SOUND_PROJECTOR}linear2", x, s.projection_bias)
+
+
+def audio_embeds(s: SoundSpec, w, features: torch.Tensor) -> torch.Tensor:
+    """(n_clips, frames, mel_bins) -> (n_clips, tokens, llm_hidden): what replaces the sound context tokens."""
+    return sound_projector(s, w, sound_tower(s, w, features))
