@@ -38,6 +38,308 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
+@app.command()
+def validate(
+    reference: str = typer.Argument(..., help="The BF16 checkpoint the candidate was made from (directory or bundled name)."),
+    candidate: str = typer.Argument(..., help="The quantized checkpoint directory, read from its files."),
+    eval_set: Optional[str] = typer.Option(None, "--eval", help="Evaluation text: bundled 'eval' / 'eval2', or a .txt / .jsonl file. [default: eval]"),
+    samples: int = typer.Option(64, "--samples", min=1, help="Rows of evaluation text."),
+    seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per row."),
+    max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Gate: highest mean KL(reference || candidate) per token. [default: per format]"),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Gate: lowest top-1 agreement, 0-1. [default: per format]"),
+    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Gate: highest perplexity ratio candidate / reference. [default: per format]"),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the machine-readable JSON report here."),
+    positions: bool = typer.Option(False, "--positions", help="Also break KL and top-1 down by position in the row."),
+    media_samples: Optional[int] = typer.Option(None, "--media-samples", min=0, help="Omni checkpoints: image+text and audio+text evaluation samples per modality (bundled eval split; 0 skips them). [default: 32]"),
+):
+    """Compare a quantized artifact with its BF16 reference from the files; exit 1 when a gate fails."""
+    from rich.console import Console
+
+    from omniq.errors import GateFailed
+    from omniq.validate.run import summary_table, terminal_progress, validate as run_validate
+
+    with terminal_progress(sys.stderr.isatty()) as progress:
+        result = run_validate(reference, candidate, eval_set=eval_set, samples=samples, seq_len=seq_len,
+                              max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio,
+                              report_path=report, positions=positions, progress=progress,
+                              media_samples=media_samples)
+    console = Console()
+    console.print(summary_table(result))
+    for w in result["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    if report is not None:
+        console.print(f"report: {report}")
+    if not result["passed"]:
+        raise GateFailed("validate: " + "; ".join(result["failures"]))
+    console.print("[green]passed[/green]")
+
+
+@app.command()
+def lint(
+    artifact: str = typer.Argument(..., help="A quantized checkpoint directory (omniq's, or any ModelOpt unified HF checkpoint)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Also check what this engine loads: trtllm, vllm or sglang."),
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON report here (ARTIFACT/lint.json is what `omniq publish` reads)."),
+):
+    """Check a quantized checkpoint from its files (headers, scales, declaration, checksums); exit 1 on errors."""
+    import json
+
+    from omniq.errors import GateFailed
+    from omniq.validate import findings as fnd
+    from omniq.validate.lint import lint as run_lint
+
+    found = run_lint(artifact, engine)
+    doc = fnd.as_json(found, path=str(artifact), engine=engine)
+    if report is not None:
+        report.write_text(json.dumps(doc, indent=1) + "\n")
+    n = fnd.counts(found)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=1))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        if found:
+            console.print(fnd.table(found, title=f"omniq lint {artifact}" + (f" (engine {engine})" if engine else "")))
+        console.print(f"{n['error']} errors, {n['warning']} warnings, {n['info']} notes")
+    if n["error"]:
+        raise GateFailed(f"lint: {n['error']} errors in {artifact}")
+
+
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help="A config.json file, a directory with only config.json, a checkpoint directory, or a bundled name (tiny)."),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="A built-in recipe (fp8, nvfp4, nano3-nvfp4, omni-fp8, omni-nvfp4, nvfp4-experts, ...) or a YAML file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full plan as JSON (every module name)."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="Override the recipe's KV cache: fp8 or none."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Calibration rows per forward pass, for the memory estimate. Default: as quantize."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Calibration tokens per row, for the memory estimate. Default: as quantize."),
+    device: str = typer.Option("cpu", "--device", help="Where calibration runs: cpu (this machine's RAM), h100, h200, b200, a100, ..."),
+    device_memory: Optional[str] = typer.Option(None, "--device-memory", help="The device's memory instead of the table's, e.g. 96GiB."),
+    tower_bytes: Optional[str] = typer.Option(None, "--tower-bytes", help="Omni, config only: size of the towers and projectors (e.g. 2.7GiB); read from the headers for a checkpoint."),
+    load_dtype: str = typer.Option("bf16", "--load-dtype", help="Dtype the weights are loaded in for calibration: bf16 or fp32."),
+):
+    """What a recipe quantizes on a model, the checkpoint size and the calibration memory, without weights."""
+    import json
+
+    from omniq.quant import plan_report
+
+    source = plan_report.open_source(model)
+    _, summary = plan_report.make(source, recipe, kv_cache=kv_cache, batch=batch, seq_len=seq_len, device=device,
+                                  device_memory=device_memory, tower_bytes=tower_bytes, dtype=load_dtype)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    from rich.console import Console
+
+    console = Console()
+    for part in plan_report.render(summary):
+        console.print(part)
+
+
+@app.command()
+def build(
+    checkpoint: str = typer.Argument(..., help="The quantized checkpoint directory (omniq quantize output, or any ModelOpt unified HF checkpoint)."),
+    gpu: str = typer.Option(..., "--gpu", help="Target: hopper, blackwell, sm90, sm100, sm103, sm120, sm121, or a GPU (h100, h200, b200, gb200, b300, rtx-pro-6000, ...)."),
+    out: Path = typer.Option(..., "--out", help="Bundle directory to create (never overwritten without --force)."),
+    tp: int = typer.Option(1, "--tp", help="Tensor parallel size: 1, 2, 4 or 8."),
+    ep: Optional[int] = typer.Option(None, "--ep", help="Expert parallel size, dividing --tp and the routed experts (default: --tp; 1 on sm120 / sm121)."),
+    max_batch: int = typer.Option(64, "--max-batch", help="Largest batch served; CUDA graphs are captured up to it."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest sequence, prompt + output (default: 32768, or the model's limit if lower)."),
+    trtllm_version: Optional[str] = typer.Option(None, "--trtllm-version", help="TensorRT-LLM release the bundle targets (default: 1.3.0rc27; with --execute: the installed one)."),
+    execute: bool = typer.Option(False, "--execute", help="On a host with tensorrt_llm and the target GPU: load the bundle, smoke-generate, measure throughput."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+):
+    """A TensorRT-LLM deployment bundle (PyTorch backend) of a quantized checkpoint for one GPU target."""
+    from omniq.export.bundle import build as build_bundle
+
+    result = build_bundle(checkpoint, gpu, out, tp=tp, ep=ep, max_batch=max_batch, max_seq_len=max_seq_len,
+                          trtllm_version=trtllm_version, execute=execute, force=force)
+    dep = result.deployment
+    typer.echo(f"wrote {result.path}: {dep.quant_algo} on {dep.gpu.label} (sm{dep.gpu.sm}), MoE backend "
+               f"{dep.moe_backend}, tp {dep.tp} ep {dep.ep}, KV cache {dep.kv_cache_dtype}, TensorRT-LLM "
+               f"{dep.version_range}; {dep.memory.as_dict()['gib']['total']} of {dep.memory.as_dict()['gib']['capacity']} "
+               f"GiB per GPU at batch {dep.max_batch} x {dep.max_seq_len} tokens")
+    for w in result.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    if result.manifest.get("execution"):
+        t = result.manifest["execution"]["throughput"]
+        typer.echo(f"executed: {t['output_tokens_per_s']} output tokens/s over {t['requests']} requests")
+
+
+def _file_progress(verb: str):
+    """Per-file progress on stderr for long transfers, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda i, n, name: typer.echo(f"[{i + 1}/{n}] {verb} {name}", err=True)
+
+
+@app.command()
+def publish(
+    artifact: Path = typer.Argument(..., help="The artifact directory (omniq quantize output, with omniq.json)."),
+    ref: str = typer.Argument(..., help="oci://HOST[:PORT]/REPO:TAG or hf://ORG/NAME[@REVISION]."),
+    force: bool = typer.Option(False, "--force", help="Move an existing tag / commit over an existing omniq artifact."),
+    allow_failed: bool = typer.Option(False, "--allow-failed", help="Publish even if lint or the validation gates did not pass (or never ran)."),
+    plain_http: bool = typer.Option(False, "--plain-http", help="OCI over plain HTTP (always on for 127.0.0.1 / localhost)."),
+):
+    """Publish a validated artifact to an OCI registry (through oras) or the Hugging Face Hub."""
+    from omniq.export.publish import publish as do_publish
+
+    result = do_publish(artifact, ref, force=force, allow_failed=allow_failed, plain_http=plain_http,
+                        progress=_file_progress("uploading"))
+    for w in result.get("waived") or []:
+        typer.echo(f"warning: published with --allow-failed: {w}", err=True)
+    if result.get("unchanged"):
+        typer.echo(f"{result['ref']} already holds this artifact ({result['digest']}); nothing pushed")
+    elif "digest" in result:
+        typer.echo(f"published {result['ref']} ({result['digest']}): {result['layers']} files, "
+                   f"{result['bytes_uploaded']:,} bytes uploaded, {result['blobs_skipped']} already there; "
+                   "every layer verified against omniq.json")
+    else:
+        typer.echo(f"published {result['ref']}: {len(result['files'])} files in commit {result.get('commit_url')}")
+
+
+@app.command()
+def pull(
+    ref: str = typer.Argument(..., help="oci://HOST[:PORT]/REPO:TAG (or @sha256:DIGEST)."),
+    dest: Path = typer.Argument(..., help="Directory to create."),
+    force: bool = typer.Option(False, "--force", help="Replace DEST if it exists."),
+    plain_http: bool = typer.Option(False, "--plain-http", help="Plain HTTP (always on for 127.0.0.1 / localhost)."),
+):
+    """Fetch a published artifact; every file is checked against its digest and omniq.json before DEST appears."""
+    from omniq.export.publish import pull as do_pull
+
+    result = do_pull(ref, dest, force=force, plain_http=plain_http, progress=_file_progress("downloading"))
+    typer.echo(f"pulled {result['ref']} ({result['digest']}) into {result['path']}: {result['files']} files, "
+               f"{result['bytes']:,} bytes, all verified")
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="A local checkpoint directory, a bundled name (tiny) or a hub id (org/name)."),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="A built-in recipe (fp8, nvfp4, nano3-nvfp4, nvfp4-experts, ...) or a YAML file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to create (never overwritten without --force)."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="Override the recipe's KV cache: fp8 or none."),
+    calib: str = typer.Option("tiny-calib", "--calib", help="Calibration text: tiny-calib (bundled), a .txt / .jsonl / .json / .parquet file, or a hub dataset NAME[:CONFIG]."),
+    calib_column: str = typer.Option("text", "--calib-column", help="Text column of a .jsonl / .json / .parquet file or hub dataset."),
+    calib_split: str = typer.Option("train", "--calib-split", help="Split of a hub dataset."),
+    calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration rows."),
+    calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="Tokens per calibration row."),
+    calib_mix: Optional[str] = typer.Option(None, "--calib-mix", help="Shares of calibration tokens per modality, e.g. text:0.5,image:0.25,audio:0.25. Default: that mix for Omni checkpoints (modalities it has towers for), text:1 for text-only models."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept a checkpoint whose weights are only pickled (.bin / .pt)."),
+    device: str = typer.Option("cpu", "--device", help="Where calibration runs: cpu, or cuda (ModelOpt's CUDA kernels then pack the export)."),
+    expert_calibration: str = typer.Option("all", "--expert-calibration", help="all: every routed expert also processes calibration tokens for statistics until it has --min-expert-tokens (outputs still use the real top-k routing); routed: real routing only."),
+    min_expert_tokens: int = typer.Option(64, "--min-expert-tokens", help="Calibration tokens each routed expert must process to count as calibrated."),
+    expert_fill: str = typer.Option("none", "--expert-fill", help="For experts still below --min-expert-tokens: none (fail), or layer-max (export them with the layer's shared input scales, the max over its observed experts; recorded in omniq.json)."),
+    allow_uncalibrated_experts: bool = typer.Option(False, "--allow-uncalibrated-experts", help="Proceed although experts stay below --min-expert-tokens (recorded in omniq.json)."),
+):
+    """Quantize a NemotronH checkpoint with ModelOpt into a checked unified HF checkpoint (+ omniq.json)."""
+    from omniq.calib.experts import ExpertPolicy
+    from omniq.quant.quantize import quantize as run_quantize
+
+    policy = ExpertPolicy(expert_calibration, min_expert_tokens, expert_fill, allow_uncalibrated_experts)
+    with _stage_progress() as progress:
+        result = run_quantize(model, recipe, out, kv_cache=kv_cache, calib=calib, calib_column=calib_column,
+                              calib_split=calib_split, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                              force=force, allow_pickle=allow_pickle, progress=progress, device=device,
+                              calib_mix=calib_mix, expert_policy=policy)
+    plan = result.plan
+    counts = ", ".join(f"{n} {fmt}" for fmt, n in sorted(result.counts.items(), key=lambda kv: -kv[1]) if n)
+    sec = result.seconds
+    typer.echo(f"wrote {result.out}: {plan.quant_algo or 'BF16'}"
+               f"{' + FP8 KV cache' if plan.kv_cache else ''}; linear layers: {counts}; "
+               f"{result.output_bytes / 2**20:.1f} MiB in {len(result.files)} files (estimated "
+               f"{plan.total_bytes / 2**20:.1f} MiB); {sec['total']:.1f} s (load {sec['load']:.1f}, calibrate "
+               f"{sec['calibrate']:.1f}, export {sec['export']:.1f})")
+    if result.modality_tokens:
+        mt = result.modality_tokens
+        total = ", ".join(f"{m} {n}" for m, n in mt["total"].items() if n)
+        s = mt["summary"]
+        least = ", ".join(f"{m} {s['min'][m]}-{s['max'][m]}" for m in s["min"])
+        typer.echo(f"calibration tokens: {total}; per quantized layer ({s['layers']}): {least}; per-layer counts "
+                   "in omniq.json (calibration.modality_tokens)")
+        for m, n in s["layers_without"].items():
+            if n:
+                typer.echo(f"note: {n} quantized layers (routed experts) saw no {m} tokens", err=True)
+    if result.experts:
+        typer.echo(f"routed experts (--expert-calibration {policy.mode}, tokens per expert; counts in omniq.json):")
+        for line in result.experts:
+            typer.echo(f"  {line}")
+    if result.lint:
+        typer.echo(f"lint: {result.lint.get('error', 0)} errors, {result.lint.get('warning', 0)} warnings "
+                   "(lint.json)")
+    for name in result.restored:
+        typer.echo(f"warning: ModelOpt left {name} patched; restored it", err=True)
+    if result.dropped:
+        typer.echo(f"warning: {len(result.dropped)} source tensors are not part of the NemotronH language model "
+                   f"and were not exported (e.g. {result.dropped[0]}); listed in omniq.json", err=True)
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="A checkpoint directory, a config.json file, or a bundled name (tiny)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Also show which modules a recipe quantizes to which format, and the estimated size."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="Override the recipe's KV cache: fp8 or none."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Architecture summary (layer pattern, parameters by component); with --recipe, the formats and size."""
+    import json
+
+    from omniq.model.summary import inspect_model, render
+
+    summary = inspect_model(model, recipe, kv_cache)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    from rich.console import Console
+
+    console = Console()
+    for part in render(summary):
+        console.print(part)
+
+
+def _stage_progress():
+    """A context manager yielding a `progress(stage, done, total)` callback drawing rich bars on stderr."""
+    import contextlib
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    labels = {"load": "load", "calibrate": "calibrate", "export": "export", "verify": "verify"}
+
+    @contextlib.contextmanager
+    def cm():
+        bars = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(labels.get(stage, stage), total=max(total, 1))
+            bars.update(tasks[stage], completed=done, total=max(total, 1))
+
+        with bars:
+            yield progress
+
+    return cm()
+
+
+@app.command()
+def pipeline(
+    file: Path = typer.Argument(..., help="The pipeline file (YAML): source, recipes x targets, data, gates, publish targets."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run one stage only: quantize, lint, validate, build or publish (its inputs must be cached)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show each stage output's key and whether it is cached; run nothing."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Stage outputs and summary here instead of the file's workdir."),
+):
+    """Quantize, lint, validate, build and publish a matrix of recipes x GPU targets, cached and resumable."""
+    from omniq.export.pipeline import run as run_pipeline
+
+    outcome = run_pipeline(file, only=only, dry_run=dry_run, workdir=workdir)
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         app(args=argv, standalone_mode=False)

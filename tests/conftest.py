@@ -65,33 +65,82 @@ rules:
 QUANTIZE_CALIB = ["--calib-samples", "16", "--calib-seq-len", "128"]
 
 
-@pytest.fixture(scope="session")
-def quantized(tmp_path_factory) -> dict:
-    """`omniq quantize tiny` through the CLI for fp8, nvfp4 and a mixed user recipe with --kv-cache fp8, in one
-    separate process (ModelOpt patches torch process-wide; the test process never imports it).
-    Returns {name: {"path", "rc", "stdout", "stderr", "recipe"}}."""
-    import subprocess
-    import sys
+class _Quantized:
+    """`omniq quantize tiny` artifacts, each made through the CLI (`omniq.cli.main`) on first use, in its own
+    process: ModelOpt patches torch process-wide, so the test process never imports it."""
 
-    root = tmp_path_factory.mktemp("quantized")
-    (root / "mixed.yaml").write_text(MIXED_RECIPE)
-    runs = {"fp8": ["--recipe", "fp8"], "nvfp4": ["--recipe", "nvfp4"],
-            "mixed-kv": ["--recipe", str(root / "mixed.yaml"), "--kv-cache", "fp8"]}
-    script = (
-        "import contextlib, io, json, sys\n"
-        "from omniq.cli import main\n"
-        "runs = json.loads(sys.argv[1]); res = {}\n"
-        "for name, args in runs.items():\n"
-        "    out, err = io.StringIO(), io.StringIO()\n"
-        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
-        "        rc = main(['quantize', 'tiny', *args])\n"
-        "    res[name] = {'rc': rc, 'stdout': out.getvalue(), 'stderr': err.getvalue()}\n"
-        "print(json.dumps(res))\n")
-    argv = {name: [*args, "--out", str(root / name), *QUANTIZE_CALIB] for name, args in runs.items()}
-    p = subprocess.run([sys.executable, "-c", script, json.dumps(argv)], capture_output=True, text=True,
-                       timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    recipes = {"fp8": "fp8", "nvfp4": "nvfp4", "mixed-kv": str(root / "mixed.yaml")}
-    return {name: dict(r, path=root / name, recipe=recipes[name], kv="fp8" if name.endswith("-kv") else None)
-            for name, r in res.items()}
+    RUNS = {"fp8": ["--recipe", "fp8"], "nvfp4": ["--recipe", "nvfp4"],
+            "mixed-kv": ["--recipe", "MIXED", "--kv-cache", "fp8"]}
+
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "mixed.yaml").write_text(MIXED_RECIPE)
+        self.made: dict[str, dict] = {}
+
+    def __getitem__(self, name: str) -> dict:
+        if name not in self.made:
+            self.made[name] = self._make(name)
+        return self.made[name]
+
+    def _make(self, name: str) -> dict:
+        import subprocess
+        import sys
+
+        recipe = str(self.root / "mixed.yaml") if name == "mixed-kv" else name
+        args = ["quantize", "tiny", *[recipe if a == "MIXED" else a for a in self.RUNS[name]],
+                "--out", str(self.root / name), *QUANTIZE_CALIB]
+        code = ("import contextlib, io, json, sys\n"
+                "from omniq.cli import main\n"
+                "out, err = io.StringIO(), io.StringIO()\n"
+                "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+                "    rc = main(json.loads(sys.argv[1]))\n"
+                "print(json.dumps({'rc': rc, 'stdout': out.getvalue(), 'stderr': err.getvalue()}))\n")
+        p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                           timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        return dict(res, path=self.root / name, recipe=recipe, kv="fp8" if name.endswith("-kv") else None)
+
+
+@pytest.fixture(scope="session")
+def quantized(tmp_path_factory) -> _Quantized:
+    """`quantized["fp8" | "nvfp4" | "mixed-kv"]` -> {"path", "rc", "stdout", "stderr", "recipe", "kv"}; the
+    mixed one is a user recipe file (routed experts NVFP4, attention q/k/v BF16, the rest FP8) with
+    --kv-cache fp8, so it covers MIXED_PRECISION, the KV cache and --recipe PATH.yaml."""
+    return _Quantized(tmp_path_factory.mktemp("quantized"))
+
+
+class _OmniQuantized(_Quantized):
+    """`omniq quantize tiny-omni --recipe omni-nvfp4` artifacts: "mm" with the default multimodal calibration
+    mix, "text" with `--calib-mix text:1` (for the text-only vs multimodal calibration comparison)."""
+
+    MIXES = {"mm": [], "text": ["--calib-mix", "text:1"]}
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.made: dict[str, dict] = {}
+
+    def _make(self, name: str) -> dict:
+        import subprocess
+        import sys
+
+        args = ["quantize", "tiny-omni", "--recipe", "omni-nvfp4", "--out", str(self.root / name),
+                *QUANTIZE_CALIB, *self.MIXES[name]]
+        code = ("import contextlib, io, json, sys, torch\n"
+                "torch.set_num_threads(1)\n"
+                "from omniq.cli import main\n"
+                "out, err = io.StringIO(), io.StringIO()\n"
+                "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+                "    rc = main(json.loads(sys.argv[1]))\n"
+                "print(json.dumps({'rc': rc, 'stdout': out.getvalue(), 'stderr': err.getvalue()}))\n")
+        p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                           timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        return dict(res, path=self.root / name, recipe="omni-nvfp4", kv="fp8")
+
+
+@pytest.fixture(scope="session")
+def omni_quantized(tmp_path_factory) -> _OmniQuantized:
+    """`omni_quantized["mm" | "text"]` -> {"path", "rc", "stdout", "stderr", "recipe", "kv"}, made on first use."""
+    return _OmniQuantized(tmp_path_factory.mktemp("omni-quantized"))

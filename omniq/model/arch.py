@@ -283,6 +283,11 @@ def is_nemotron_h(cfg: dict) -> bool:
     return cfg.get("model_type") in NEMOTRON_H_TYPES or bool(NEMOTRON_H_ARCHS & set(cfg.get("architectures") or []))
 
 
+def _float(v) -> float:
+    """A config number; transformers 5 writes infinity as {"__float__": "Infinity"}."""
+    return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
+
+
 def from_config(cfg: dict, prefix: str = "") -> Arch:
     """Build the architecture description from a NemotronH config dict (either style)."""
     if not is_nemotron_h(cfg):
@@ -327,7 +332,7 @@ def from_config(cfg: dict, prefix: str = "") -> Arch:
             mlp_bias=cfg.get("mlp_bias", False),
             attention_bias=cfg.get("attention_bias", False),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            time_step_limit=(float(limit[0]), float(limit[1])),
+            time_step_limit=(_float(limit[0]), _float(limit[1])),
             prefix=prefix,
         )
     except KeyError as e:

@@ -1,0 +1,234 @@
+"""Calibration data: where the text comes from, and how it becomes token batches.
+
+`--calib` takes one of
+    tiny-calib                   the bundled set: the `calib` split of the standard library's docstrings
+                                 (`omniq.calib.docstrings`), disjoint from the bundled model's training text
+    PATH.txt                     plain text; a sample is a paragraph (blank-line separated); a file without
+                                 blank lines gives one sample per non-empty line
+    PATH.jsonl / .json / .parquet  one sample per row, text in `--calib-column` (default "text")
+    NAME[:CONFIG]                a hub dataset read with `datasets.load_dataset(NAME, CONFIG,
+                                 split=--calib-split, streaming=True)`, text in `--calib-column`
+
+Texts are tokenized with the checkpoint's own tokenizer (no special tokens added, the EOS token after each
+text), concatenated in order and cut into `samples` rows of exactly `seq_len` tokens. Packing means no row is
+padded: the calibration forward never needs an attention mask, and every token is real text. Too little text
+for `samples x seq_len` tokens is an error rather than a silently smaller calibration.
+
+The identity (source, kind, split, column, counts, file hash) and the sha256 of every row's token ids go into
+the artifact's `omniq.json`, so a calibration can be recognised and repeated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from omniq.errors import OmniqError
+
+BUNDLED = {"tiny-calib": "calib"}
+DEFAULT = "tiny-calib"
+FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class CalibSet:
+    """Calibration rows and what identifies them."""
+
+    rows: "torch.Tensor"          # int64 (samples, seq_len)  # noqa: F821 - torch imported lazily
+    identity: dict
+    sample_sha256: tuple[str, ...] = field(default=())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.rows.numel())
+
+    def batches(self, batch_size: int) -> list:
+        return [self.rows[i:i + batch_size] for i in range(0, self.rows.shape[0], batch_size)]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _paragraphs(text: str) -> list[str]:
+    lines = text.splitlines()
+    if not any(not line.strip() for line in lines):
+        return [line.strip() for line in lines if line.strip()]
+    out, current = [], []
+    for line in lines:
+        if line.strip():
+            current.append(line)
+        elif current:
+            out.append("\n".join(current).strip())
+            current = []
+    if current:
+        out.append("\n".join(current).strip())
+    return out
+
+
+def _column_texts(rows: Iterable[dict], column: str, where: str) -> Iterator[str]:
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise OmniqError(f"calibration data {where}: row {i} is not an object with a {column!r} field")
+        if column not in row:
+            cols = ", ".join(sorted(map(str, row))) or "none"
+            raise OmniqError(f"calibration data {where}: no column {column!r} (columns: {cols}); "
+                             "choose one with --calib-column")
+        value = row[column]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise OmniqError(f"calibration data {where}: column {column!r} holds {type(value).__name__}, "
+                             "not text; choose a text column with --calib-column")
+        if value.strip():
+            yield value
+
+
+def _read_file(path: Path, column: str) -> Iterator[str]:
+    kind = FILE_KINDS[path.suffix.lower()]
+    if kind == "text":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise OmniqError(f"calibration data {path}: cannot read it as UTF-8 text ({e})") from None
+        yield from _paragraphs(text)
+        return
+    if kind == "json" and path.suffix.lower() == ".json":
+        # A JSON array of objects (or of strings) is read directly; datasets' "json" builder wants JSON lines
+        # or a dict of columns.
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise OmniqError(f"calibration data {path}: not valid JSON ({e})") from None
+        if isinstance(data, dict) and isinstance(data.get(column), list):
+            data = [{column: v} for v in data[column]]
+        if isinstance(data, list) and all(isinstance(v, str) for v in data):
+            data = [{column: v} for v in data]
+        if not isinstance(data, list):
+            raise OmniqError(f"calibration data {path}: expected a JSON array of objects with a {column!r} "
+                             "field, or JSON lines (.jsonl)")
+        yield from _column_texts(data, column, str(path))
+        return
+    try:
+        from datasets import load_dataset
+
+        with _quiet_datasets():
+            ds = load_dataset(kind, data_files=str(path), split="train", streaming=True)
+            yield from _column_texts(iter(ds), column, str(path))
+    except OmniqError:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed files fail inside datasets with many error types
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise OmniqError(f"calibration data {path}: cannot read it as {path.suffix} ({type(e).__name__}: "
+                         f"{first})") from None
+
+
+def _read_hub(name: str, split: str, column: str) -> Iterator[str]:
+    dataset, _, config = name.partition(":")
+    try:
+        from datasets import load_dataset
+
+        with _quiet_datasets():
+            ds = load_dataset(dataset, config or None, split=split, streaming=True)
+            yield from _column_texts(iter(ds), column, name)
+    except OmniqError:
+        raise
+    except Exception as e:  # noqa: BLE001 - network, auth, unknown dataset or split
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise OmniqError(f"calibration data {name!r}: cannot load it from the hub ({type(e).__name__}: "
+                         f"{first}); check the name, --calib-split and your network, or pass a local file") \
+            from None
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets logs its own ERROR lines for files it cannot read; omniq reports them in one line instead."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def source_texts(calib: str, *, column: str = "text", split: str = "train") -> tuple[Iterator[str], dict]:
+    """The texts of a calibration source (lazily) and its identity."""
+    if calib in BUNDLED:
+        from omniq.calib import docstrings
+
+        part = BUNDLED[calib]
+        return iter(docstrings.texts(part)), {"source": calib, "kind": "bundled", "split": part,
+                                              "text": docstrings.identity()}
+    path = Path(calib).expanduser()
+    if path.is_dir():
+        raise OmniqError(f"--calib {calib}: is a directory; pass a .txt, .jsonl, .json or .parquet file, "
+                         f"a hub dataset name or {DEFAULT}")
+    if path.suffix.lower() in FILE_KINDS:
+        if not path.is_file():
+            raise OmniqError(f"--calib {calib}: no such file")
+        ident = {"source": str(path.resolve()), "kind": FILE_KINDS[path.suffix.lower()],
+                 "file_sha256": _file_sha256(path)}
+        if ident["kind"] != "text":
+            ident["column"] = column
+        return _read_file(path, column), ident
+    if path.exists():
+        raise OmniqError(f"--calib {calib}: unsupported file type {path.suffix or '(none)'}; "
+                         f"use {', '.join(FILE_KINDS)}")
+    if calib.startswith((".", "/", "~")) or not calib.strip():
+        raise OmniqError(f"--calib {calib}: no such file")
+    return _read_hub(calib, split, column), {"source": calib, "kind": "hub", "split": split, "column": column}
+
+
+def _row_sha256(row) -> str:
+    import numpy as np
+
+    return hashlib.sha256(np.asarray(row, dtype="<i8").tobytes()).hexdigest()
+
+
+def pack(texts: Iterable[str], tokenizer, samples: int, seq_len: int, where: str) -> tuple[list[int], int]:
+    """Tokenize texts in order until `samples * seq_len` tokens; return the tokens and the texts used."""
+    need = samples * seq_len
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    used = 0
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            ids.append(eos)
+        used += 1
+        if len(ids) >= need:
+            break
+    if used == 0:
+        raise OmniqError(f"calibration data {where}: no text found (empty file, empty column or no rows)")
+    if len(ids) < need:
+        raise OmniqError(f"calibration data {where}: {used} texts give {len(ids)} tokens but "
+                         f"--calib-samples {samples} x --calib-seq-len {seq_len} needs {need}; "
+                         "lower them or give more text")
+    return ids[:need], used
+
+
+def load(calib: str, tokenizer, *, samples: int, seq_len: int, column: str = "text",
+         split: str = "train") -> CalibSet:
+    """Calibration rows (samples, seq_len) from a source, tokenized with the checkpoint's tokenizer."""
+    import torch
+
+    if samples < 1:
+        raise OmniqError(f"--calib-samples {samples}: must be at least 1")
+    if seq_len < 2:
+        raise OmniqError(f"--calib-seq-len {seq_len}: must be at least 2")
+    texts, identity = source_texts(calib, column=column, split=split)
+    ids, used = pack(texts, tokenizer, samples, seq_len, identity["source"])
+    rows = torch.tensor(ids, dtype=torch.int64).view(samples, seq_len)
+    identity = dict(identity, samples=samples, seq_len=seq_len, texts_used=used, tokens=samples * seq_len,
+                    packing="texts joined with EOS, cut into rows of seq_len tokens")
+    return CalibSet(rows=rows, identity=identity, sample_sha256=tuple(_row_sha256(r.tolist()) for r in rows))

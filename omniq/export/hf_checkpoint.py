@@ -1,0 +1,478 @@
+"""The unified HF checkpoint: ModelOpt's export, then the fixes, checks and manifest, written atomically.
+
+`staged_output` owns the output directory's life: it refuses an existing `--out` without `force`, stages
+everything in a hidden temporary sibling (`.NAME.omniq-XXXX`, same file system), moves the finished
+artifact into place with one rename at the end, and on any failure removes the stage (and any parent
+directories it created), so nothing is ever left at `--out`.
+
+Inside the stage:
+1. `modelopt_export`: `modelopt.torch.export.export_hf_checkpoint` into `stage/modelopt` (bf16 for
+   unquantized tensors, 5 GB shards), under `modelopt_isolation`.
+2. `write_tensors`: every ModelOpt shard is rewritten into `stage/final` in NVIDIA's hub layout. ModelOpt
+   0.47 reverses transformers' load-time conversion itself (`backbone.*`, one tensor per expert) except one
+   name: transformers' reverse rename writes `backbone.embedding.weight` where NVIDIA's checkpoints have
+   `backbone.embeddings.weight`. `hub_names` also covers the fallbacks ModelOpt takes when its reverse
+   conversion fails (native `model.*` names, fused 3-D expert tensors).
+3. `verify_tensors`: the tensors are exactly what the plan says, or the export fails (GateFailed, exit 1):
+   every plan-quantized layer has its quantized weight and scales with the right dtypes and shapes, and
+   dequantizes close to its own source weight on sampled rows (a swapped or garbled expert fails); every BF16 layer and
+   every other tensor is the source's, bit for bit (router in F32); scales are finite and positive; no stray
+   or missing tensor.
+4. `write_configs`: `hf_quant_config.json` from `plan.hf_quant_config` (ModelOpt's own exclude list is
+   corrupted for NemotronH: `"lm_head.\\u0000backbone.pt_name_sentinel"`), and `config.json` = the source's
+   config.json (its own style, `hybrid_override_pattern` or `layers_block_type`) plus `quantization_config`
+   converted from the same dict with ModelOpt's `convert_hf_quant_config_format` (MIXED_PRECISION keeps
+   `quantized_layers` in both files).
+5. tokenizer and other side files copied from the source; `omniq.json` written last with the sha256 of every
+   other output file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from omniq.errors import GateFailed, OmniqError
+from omniq.model.arch import Arch
+from omniq.model.checkpoint import Checkpoint, read_safetensors_header
+from omniq.quant.plan import NVFP4_GROUP, LayerPlan
+
+Progress = Callable[[str, int, int], None]
+SHARD_SIZE = "5GB"
+MANIFEST = "omniq.json"
+# Files of the source checkpoint that travel with the artifact (weights and configs are written anew).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "generation_config.json", "chat_template.json", "chat_template.jinja", "vocab.json", "merges.txt",
+              "tokenizer.model", "preprocessor_config.json", "processor_config.json")
+SIDE_PATTERNS = ("*.py", "*.jinja", "*.tiktoken", "LICENSE*", "NOTICE*")
+# Largest relative RMS error of a dequantized weight against its source before the export is refused.
+MAX_WEIGHT_ERROR = {"fp8": 0.15, "nvfp4": 0.35}
+CHECK_ROWS = 32
+
+
+# ----- the output directory ----------------------------------------------------------------------------
+@dataclass
+class Stage:
+    out: Path
+    root: Path                       # the hidden temporary sibling of `out`
+    force: bool
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "modelopt"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+
+def check_out(out: str | Path, *, force: bool, protect: tuple[Path, ...] = ()) -> Path:
+    """The resolved output path, refused when it exists (without force) or would replace a protected path."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not force:
+        raise OmniqError(f"--out {out} already exists; choose another directory or pass --force to replace it")
+    for p in protect:
+        p = Path(p).resolve()
+        o = out.resolve()
+        if o == p or o in p.parents:
+            raise OmniqError(f"--out {out} would replace the source checkpoint {p}; choose another directory")
+    return out
+
+
+@contextlib.contextmanager
+def staged_output(out: str | Path, *, force: bool = False, protect: tuple[Path, ...] = ()):
+    """Stage an artifact beside `out` and move it into place only if the block succeeds."""
+    out = check_out(out, force=force, protect=protect)
+    created: list[Path] = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    for p in reversed(created):
+        p.mkdir()
+    stage = None
+    try:
+        stage = Stage(out=out, root=Path(tempfile.mkdtemp(prefix=f".{out.name}.omniq-", dir=out.parent)),
+                      force=force)
+        stage.final.mkdir()
+        yield stage
+        _move_into_place(stage)
+    except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage.root, ignore_errors=True)
+        for p in created:                      # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+    else:
+        shutil.rmtree(stage.root, ignore_errors=True)
+
+
+def _move_into_place(stage: Stage) -> None:
+    out = stage.out
+    old = None
+    if out.exists() or out.is_symlink():
+        if not stage.force:   # appeared while we worked
+            raise OmniqError(f"--out {out} appeared while quantizing; pass --force to replace it")
+        old = stage.root / "previous"
+        os.replace(out, old)
+    try:
+        os.replace(stage.final, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+
+
+# ----- 1. ModelOpt's export ------------------------------------------------------------------------------
+def modelopt_export(model, stage: Stage) -> dict:
+    """`export_hf_checkpoint` into the stage; returns ModelOpt's own hf_quant_config (for cross-checks)."""
+    import torch
+    from modelopt.torch.export import export_hf_checkpoint
+
+    from omniq.quant.calibrate import modelopt_isolation
+
+    from transformers.utils import logging as hf_logging
+
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        with modelopt_isolation(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=stage.raw, max_shard_size=SHARD_SIZE)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
+    hq = stage.raw / "hf_quant_config.json"
+    return json.loads(hq.read_text()) if hq.is_file() else {}
+
+
+# ----- 2. tensors in the hub layout ----------------------------------------------------------------------
+_FUSED_EXPERT = re.compile(r"^(?P<base>.*\.mixer\.experts)\.(?P<proj>up_proj|down_proj)(?:\.weight)?$")
+
+
+def hub_names(name: str, tensor, arch: Arch) -> list[tuple[str, object]]:
+    """One exported tensor -> [(hub-layout name, tensor)]: `model.` -> `backbone.`, `embedding` ->
+    `embeddings`, and a fused 3-D expert tensor split into one tensor per expert."""
+    local = name[len(arch.prefix):] if arch.prefix and name.startswith(arch.prefix) else name
+    if local.startswith("model."):
+        local = "backbone." + local[len("model."):]
+    if local == "backbone.embedding.weight":
+        local = "backbone.embeddings.weight"
+    m = _FUSED_EXPERT.match(local)
+    if m and getattr(tensor, "dim", lambda: 0)() == 3:
+        return [(f"{arch.prefix}{m['base']}.{e}.{m['proj']}.weight", tensor[e].contiguous())
+                for e in range(tensor.shape[0])]
+    return [(arch.prefix + local, tensor)]
+
+
+def _raw_shards(raw: Path) -> list[Path]:
+    shards = sorted(raw.glob("*.safetensors"))
+    if not shards:
+        raise RuntimeError(f"ModelOpt's export wrote no safetensors into {raw}")
+    return shards
+
+
+def write_tensors(stage: Stage, arch: Arch, progress: Progress | None = None,
+                  ckpt: Checkpoint | None = None) -> list[str]:
+    """Rewrite ModelOpt's shards into the final directory in hub-layout names; returns the file names.
+    With an Omni `ckpt`, its tower and projector tensors go into one more shard, copied byte for byte."""
+    from safetensors.torch import load_file, save_file
+
+    shards = _raw_shards(stage.raw)
+    towers = tower_tensors(ckpt) if ckpt is not None else {}
+    n = len(shards) + (1 if towers else 0)
+    names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, (src, dst) in enumerate(zip(shards, names)):
+        out: dict = {}
+        for name, t in load_file(str(src)).items():
+            for hub, tensor in hub_names(name, t, arch):
+                if hub in weight_map or hub in out:
+                    raise RuntimeError(f"export wrote tensor {hub} twice")
+                out[hub] = tensor
+        save_file(dict(sorted(out.items())), str(stage.final / dst), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in out.values())
+        weight_map.update({hub: dst for hub in out})
+        del out
+        src.unlink()
+        if progress:
+            progress("export", k + 1, n)
+    if towers:
+        total += copy_raw_tensors(ckpt, sorted(towers), stage.final / names[-1])
+        weight_map.update({name: names[-1] for name in towers})
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (stage.final / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+# ----- 3. the tensors are the plan ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Expected:
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str                  # passthrough | weight | scale | kv_scale
+    fmt: str = "bf16"
+
+
+def tower_tensors(ckpt: Checkpoint | None) -> dict[str, Expected]:
+    """An Omni checkpoint's vision / audio tower and projector tensors: passed through in their own dtype."""
+    from omniq.model import omni
+
+    if ckpt is None or not ckpt.is_omni:
+        return {}
+    return {n: Expected(t.dtype, t.shape, "passthrough") for n, t in sorted(ckpt.headers.items())
+            if omni.component_of(n) in omni.TOWER_PREFIXES}
+
+
+def copy_raw_tensors(ckpt: Checkpoint, names: list[str], dst: Path) -> int:
+    """Write `names` into a new safetensors file whose data are the source files' bytes of those tensors,
+    copied as stored (never through torch, so no dtype or layout can change); returns the data bytes."""
+    import struct
+
+    header: dict = {"__metadata__": {"format": "pt"}}
+    parts: list[tuple[Path, int, int]] = []
+    offset = 0
+    src_headers: dict[Path, tuple[int, dict]] = {}
+    for name in names:
+        f = ckpt.headers[name].file
+        if f not in src_headers:
+            with open(f, "rb") as fh:
+                (hlen,) = struct.unpack("<Q", fh.read(8))
+            src_headers[f] = (8 + hlen, read_safetensors_header(f))
+        base, meta = src_headers[f]
+        start, end = meta[name]["data_offsets"]
+        header[name] = {"dtype": meta[name]["dtype"], "shape": meta[name]["shape"],
+                        "data_offsets": [offset, offset + end - start]}
+        parts.append((f, base + start, end - start))
+        offset += end - start
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(dst, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for f, pos, size in parts:
+            with open(f, "rb") as fh:
+                fh.seek(pos)
+                data = fh.read(size)
+            if len(data) != size:
+                raise OmniqError(f"{f}: truncated safetensors file (tensor data ends early)")
+            out.write(data)
+    return offset
+
+
+def expected_tensors(plan: LayerPlan, towers: dict[str, Expected] | None = None) -> dict[str, Expected]:
+    """Every tensor the artifact of a plan must hold, with its dtype and shape (plus an Omni checkpoint's
+    `towers`, passed through)."""
+    arch = plan.arch
+    out: dict[str, Expected] = dict(towers or {})
+    quantized_weights = {f"{lin.name}.weight": lin for lin in plan.quantized}
+    for t in arch.tensors:
+        if t.name in quantized_weights:
+            continue
+        out[t.name] = Expected("F32" if t.dtype == "F32" else "BF16", t.shape, "passthrough")
+    for w, lin in quantized_weights.items():
+        fmt = plan.formats[lin.name]
+        o, i = lin.out_features, lin.in_features
+        if fmt == "fp8":
+            out[w] = Expected("F8_E4M3", (o, i), "weight", fmt)
+            out[f"{lin.name}.weight_scale"] = Expected("F32", (), "scale", fmt)
+        elif fmt == "nvfp4":
+            out[w] = Expected("U8", (o, i // 2), "weight", fmt)
+            out[f"{lin.name}.weight_scale"] = Expected("F8_E4M3", (o, i // NVFP4_GROUP), "scale", fmt)
+            out[f"{lin.name}.weight_scale_2"] = Expected("F32", (), "scale", fmt)
+        out[f"{lin.name}.input_scale"] = Expected("F32", (), "scale", fmt)
+    for name in plan.kv_scale_tensors:
+        out[name] = Expected("F32", (), "kv_scale", plan.kv_cache)
+    return out
+
+
+def _headers(final: Path) -> dict[str, tuple[str, tuple[int, ...], Path]]:
+    out = {}
+    for f in sorted(final.glob("*.safetensors")):
+        for name, meta in read_safetensors_header(f).items():
+            if name != "__metadata__":
+                out[name] = (meta["dtype"], tuple(meta["shape"]), f)
+    return out
+
+
+def _fail(problems: list[str]) -> None:
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    raise GateFailed(f"exported checkpoint does not match the layer plan: {'; '.join(problems[:3])}{more}")
+
+
+def _relative_error(deq, ref) -> float:
+    ref = ref.float()
+    denom = float(ref.norm())
+    diff = float((deq.float() - ref).norm())
+    return diff / denom if denom > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Progress | None = None) -> dict:
+    """Check the written tensors against the plan and the source; returns per-format counts."""
+    import torch
+    from safetensors import safe_open
+
+    from omniq.quant import formats
+
+    expected = expected_tensors(plan, tower_tensors(ckpt))
+    found = _headers(final)
+    problems = []
+    for name in sorted(set(expected) - set(found)):
+        problems.append(f"missing {name}")
+    for name in sorted(set(found) - set(expected)):
+        problems.append(f"unexpected tensor {name} ({found[name][0]})")
+    for name in sorted(set(expected) & set(found)):
+        e, (dtype, shape, _) = expected[name], found[name]
+        if dtype != e.dtype or shape != e.shape:
+            problems.append(f"{name} is {dtype} {list(shape)}, expected {e.dtype} {list(e.shape)}")
+    if problems:
+        _fail(problems)
+
+    handles = {f: safe_open(str(f), framework="pt") for f in {v[2] for v in found.values()}}
+
+    def get(name):
+        return handles[found[name][2]].get_tensor(name)
+
+    # Scales: finite and positive (engines reject zero or non-finite scales).
+    for name, e in expected.items():
+        if e.kind in ("scale", "kv_scale"):
+            v = get(name).float()
+            if not bool(v.isfinite().all()) or not bool((v > 0).all()):
+                problems.append(f"{name} has non-finite or non-positive values")
+    # Passthrough tensors: the source's, bit for bit, in the exported dtype.
+    passthrough = [n for n, e in expected.items() if e.kind == "passthrough"]
+    for name, src in ckpt.read(passthrough).items():
+        out = get(name)
+        if not torch.equal(out, src.to(out.dtype)):
+            problems.append(f"{name} differs from the source checkpoint")
+    if problems:
+        _fail(problems)
+    # Quantized weights: close to their own source weight once dequantized (on CHECK_ROWS evenly spaced rows,
+    # enough to catch a swapped, shifted or garbled weight at a small fraction of a full dequantization).
+    weights = [n for n, e in expected.items() if e.kind == "weight"]
+    for k, name in enumerate(weights):
+        fmt = expected[name].fmt
+        module = name[: -len(".weight")]
+        src = ckpt.read([name])[name]
+        rows = torch.linspace(0, src.shape[0] - 1, min(src.shape[0], CHECK_ROWS)).round().long().unique()
+        if fmt == "fp8":
+            deq = formats.fp8_dequantize(get(name)[rows], get(f"{module}.weight_scale"))
+        else:
+            deq = formats.nvfp4_dequantize(get(name)[rows], get(f"{module}.weight_scale")[rows],
+                                           get(f"{module}.weight_scale_2"), src.shape[-1])
+        err = _relative_error(deq, src[rows])
+        if not err <= MAX_WEIGHT_ERROR[fmt]:
+            problems.append(f"{name} ({fmt}) dequantizes to relative error {err:.3f} against its source weight")
+        if progress and ((k + 1) % 64 == 0 or k + 1 == len(weights)):
+            progress("verify", k + 1, len(weights))
+    if problems:
+        _fail(problems)
+    counts: dict[str, int] = {}
+    for fmt in plan.formats.values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return counts
+
+
+# ----- 4. configs ---------------------------------------------------------------------------------------
+def producer() -> dict:
+    import modelopt
+
+    return {"name": "modelopt", "version": modelopt.__version__}
+
+
+def write_configs(final: Path, plan: LayerPlan, ckpt: Checkpoint, modelopt_quant_config: dict) -> dict:
+    """hf_quant_config.json and config.json's quantization_config, both from the plan."""
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    hq = plan.hf_quant_config(producer())
+    theirs = (modelopt_quant_config or {}).get("quantization", {})
+    ours = hq["quantization"]
+    for key in ("quant_algo", "kv_cache_quant_algo"):
+        if theirs.get(key) != ours.get(key):
+            raise GateFailed(f"ModelOpt exported {key} {theirs.get(key)!r} but the plan says {ours.get(key)!r}")
+    (final / "hf_quant_config.json").write_text(json.dumps(hq, indent=4) + "\n")
+    config = dict(ckpt.config)
+    config["quantization_config"] = convert_hf_quant_config_format(hq)
+    (final / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return hq
+
+
+def copy_side_files(src: Path, final: Path) -> list[str]:
+    copied = []
+    for p in sorted(src.iterdir()):
+        if not p.is_file() or (final / p.name).exists():
+            continue
+        if p.name in SIDE_FILES or any(Path(p.name).match(pat) for pat in SIDE_PATTERNS):
+            shutil.copyfile(p, final / p.name)
+            copied.append(p.name)
+    return copied
+
+
+# ----- 5. manifest --------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_hashes(ckpt: Checkpoint) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(ckpt.path.iterdir())
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def write_manifest(final: Path, manifest: dict) -> dict:
+    """omniq.json: the given facts plus the sha256 of every other file of the artifact."""
+    files = {p.name: sha256_file(p) for p in sorted(final.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = dict(manifest, files=files)
+    (final / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@dataclass
+class Exported:
+    path: Path
+    files: list[str]
+    bytes: int
+    counts: dict[str, int] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def finish(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,
+           progress: Progress | None = None) -> Exported:
+    """Steps 2-5 on a stage that holds ModelOpt's export."""
+    seconds = {}
+    t = time.perf_counter()
+    write_tensors(stage, plan.arch, progress, ckpt)
+    shutil.rmtree(stage.raw, ignore_errors=True)
+    seconds["rewrite"] = time.perf_counter() - t
+    t = time.perf_counter()
+    counts = verify_tensors(stage.final, plan, ckpt, progress)
+    seconds["verify"] = time.perf_counter() - t
+    t = time.perf_counter()
+    write_configs(stage.final, plan, ckpt, modelopt_quant_config)
+    copy_side_files(ckpt.path, stage.final)
+    manifest = write_manifest(stage.final, manifest)
+    seconds["manifest"] = time.perf_counter() - t
+    files = sorted(p.name for p in stage.final.iterdir() if p.is_file())
+    size = sum((stage.final / f).stat().st_size for f in files)
+    return Exported(path=stage.out, files=files, bytes=size, counts=counts, manifest=manifest, seconds=seconds)

@@ -1,0 +1,213 @@
+"""FP8 (E4M3) and NVFP4 arithmetic in plain torch, on CPU, matching what ModelOpt 0.47 writes.
+
+Two questions answered here, for both formats: how a weight becomes the tensors of a unified HF checkpoint
+(quantize, bit-for-bit like ModelOpt's `export_hf_checkpoint`), and how to get float values back
+(dequantize, plus fake-quantization of activations the way the serving engines do it).
+
+FP8 per tensor (`quant_algo: FP8`)
+    weight        F8_E4M3  = cast_e4m3(w / weight_scale), weight_scale = amax(|w|) / 448 (fp32 scalar).
+                  ModelOpt divides in the weight's own dtype (a bf16 weight by a 0-dim fp32 scale gives a
+                  bf16 quotient, then the cast): `fp8_quantize` does the same, so the bytes match.
+    activation    static: x -> cast_e4m3(clamp(x / input_scale, +-448)) * input_scale.
+    KV cache      the same with `k_scale` / `v_scale`.
+
+NVFP4 (`quant_algo: NVFP4`, group_size 16)
+    weight        U8 [out, in/2]: two E2M1 codes per byte, element 2i in the low nibble and 2i+1 in the
+                  high nibble; a code is sign (bit 3) and a magnitude index (bits 0-2) into
+                  {0, 0.5, 1, 1.5, 2, 3, 4, 6}.
+    weight_scale  F8_E4M3 [out, in/16]: per 16-block, e4m3(clamp(block_amax / (6 * weight_scale_2),
+                  2**-9, 448)), an all-zero block gets 1.0.
+    weight_scale_2  fp32 scalar: global_amax / (6 * 448).
+    dequantize    w = e2m1 * (float(weight_scale) * weight_scale_2), per block.
+    activation    dynamic per 16-block with the static global scale `input_scale` (= amax / (6 * 448)):
+                  block scale e4m3(min(block_amax / (6 * input_scale), 448)) * input_scale, values
+                  rounded to E2M1 relative to it; a block whose scale rounds to zero becomes zeros
+                  (TensorRT-LLM's `cvt_warp_fp16_to_fp4`; ModelOpt's own fake-quant kernel needs CUDA).
+
+E2M1 rounding is to nearest, ties to the even code, saturating at 6 (the thresholds below); the sign
+of a value that rounds to zero is kept (code 8), as ModelOpt does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+E4M3_MAX = 448.0
+E2M1_MAX = 6.0
+NVFP4_BLOCK = 16
+E4M3_MIN_SCALE = 2.0 ** -9          # smallest positive E4M3 (subnormal) value; weight block scales floor here
+
+# Magnitudes indexed by the low three bits of an E2M1 code; bit 3 is the sign.
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Midpoints between neighbouring magnitudes, each with the rule for a value exactly on it: ties go to the
+# code with an even index (0.25 -> 0, 0.75 -> 1.0, 1.25 -> 1.0, 1.75 -> 2.0, 2.5 -> 2, 3.5 -> 4, 5 -> 4).
+_E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+
+
+# ----- FP8 E4M3 ----------------------------------------------------------------------------------------
+def fp8_scale(amax: torch.Tensor | float) -> torch.Tensor:
+    """Per-tensor FP8 scale (weight_scale, input_scale, k_scale, v_scale) from an absolute maximum."""
+    return torch.as_tensor(amax, dtype=torch.float32).reshape(()) / E4M3_MAX
+
+
+def cast_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Round to float8_e4m3fn (nearest, ties to even), saturating at +-448 instead of torch's NaN."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+@dataclass(frozen=True)
+class FP8Weight:
+    weight: torch.Tensor           # float8_e4m3fn, same shape as the weight
+    weight_scale: torch.Tensor     # fp32 scalar
+
+    def dequantize(self) -> torch.Tensor:
+        return fp8_dequantize(self.weight, self.weight_scale)
+
+
+def fp8_quantize(w: torch.Tensor, weight_scale: torch.Tensor | None = None) -> FP8Weight:
+    """Per-tensor FP8 weight, as ModelOpt exports it (scale from the weight's amax unless given)."""
+    if weight_scale is None:
+        weight_scale = fp8_scale(w.detach().abs().amax().float())
+    weight_scale = torch.as_tensor(weight_scale, dtype=torch.float32).reshape(())
+    return FP8Weight(cast_e4m3(w.detach() / weight_scale), weight_scale)
+
+
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * torch.as_tensor(scale, dtype=torch.float32)
+
+
+def fp8_fake_quant(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Static per-tensor FP8: what an engine does to an activation (or K / V) with a calibrated scale."""
+    s = torch.as_tensor(scale, dtype=torch.float32)
+    return cast_e4m3(x.float() / s).float() * s
+
+
+# ----- E2M1 codes ----------------------------------------------------------------------------------------
+def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
+    """Values already divided by their block scale -> E2M1 codes (uint8 0..15)."""
+    a = x.abs()
+    mag = torch.zeros(x.shape, dtype=torch.uint8)
+    for threshold, tie_up in _E2M1_STEPS:
+        mag += (a >= threshold if tie_up else a > threshold).to(torch.uint8)
+    return ((x < 0).to(torch.uint8) << 3) | mag
+
+
+def _e2m1_table() -> torch.Tensor:
+    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32)
+    return torch.cat([mags, -mags])                  # index = code
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    return _e2m1_table()[codes.long()]
+
+
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """Round float values to the nearest E2M1 value, ties to even, saturating at 6: the same result as
+    `e2m1_decode(e2m1_encode(x))` (up to the sign of zero) without building codes. The E2M1 grid has step
+    0.5 below 2, 1 below 4 and 2 above, and `torch.round` rounds half to even on each."""
+    a = x.abs()
+    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+    q = (torch.round(a / step) * step).clamp_(max=E2M1_MAX)
+    return torch.where(x < 0, -q, q)
+
+
+def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """[..., n] codes -> [..., n/2] bytes: element 2i in the low nibble, 2i+1 in the high nibble."""
+    return (codes[..., 1::2] << 4) | codes[..., 0::2]
+
+
+def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    packed = packed.to(torch.uint8)
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
+
+
+def _byte_table() -> torch.Tensor:
+    """(256, 2): the two E2M1 values (low nibble first) of every packed byte."""
+    codes = torch.arange(256)
+    return _e2m1_table()[torch.stack([codes & 0x0F, codes >> 4], dim=-1)]
+
+
+def e2m1_unpack_values(packed: torch.Tensor) -> torch.Tensor:
+    """[..., n/2] packed bytes -> [..., n] float32 E2M1 values."""
+    return _byte_table()[packed.long()].flatten(-2)
+
+
+# ----- NVFP4 ---------------------------------------------------------------------------------------------
+def nvfp4_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
+    """weight_scale_2 / input_scale of NVFP4 from a per-tensor absolute maximum."""
+    return torch.as_tensor(amax, dtype=torch.float32).reshape(()) / (E2M1_MAX * E4M3_MAX)
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[..., n] -> [..., n/block, block], zero-padding the last dimension to a whole number of blocks."""
+    pad = (-x.shape[-1]) % block
+    if pad:
+        x = F.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, block)
+
+
+def nvfp4_block_scales(w: torch.Tensor, weight_scale_2: torch.Tensor, block: int = NVFP4_BLOCK) -> torch.Tensor:
+    """Per-block weight scales (float8_e4m3fn [..., n/block]) as ModelOpt's export computes them."""
+    block_amax = _blocks(w.detach(), block).abs().amax(-1).float()
+    scale = block_amax / (E2M1_MAX * weight_scale_2.float())
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale.clamp(E4M3_MIN_SCALE, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+@dataclass(frozen=True)
+class NVFP4Weight:
+    weight: torch.Tensor           # uint8 [..., n/2], two E2M1 codes per byte
+    weight_scale: torch.Tensor     # float8_e4m3fn [..., n/16]
+    weight_scale_2: torch.Tensor   # fp32 scalar
+
+    def dequantize(self, in_features: int | None = None) -> torch.Tensor:
+        return nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, in_features)
+
+
+def nvfp4_quantize(w: torch.Tensor, weight_scale_2: torch.Tensor | None = None,
+                   block: int = NVFP4_BLOCK) -> NVFP4Weight:
+    """NVFP4 weight, as ModelOpt exports it. `weight_scale_2` defaults to amax(|w|) / (6 * 448); pass the
+    exported one when ModelOpt shared it across fused layers."""
+    w = w.detach()
+    if weight_scale_2 is None:
+        weight_scale_2 = nvfp4_global_scale(w.abs().amax().float())
+    weight_scale_2 = torch.as_tensor(weight_scale_2, dtype=torch.float32).reshape(())
+    weight_scale = nvfp4_block_scales(w, weight_scale_2, block)
+    scaled = _blocks(w.float(), block) / (weight_scale.float() * weight_scale_2).unsqueeze(-1)
+    codes = e2m1_encode(scaled.flatten(-2))
+    return NVFP4Weight(pack_e2m1(codes), weight_scale, weight_scale_2)
+
+
+def nvfp4_dequantize(packed: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor,
+                     in_features: int | None = None) -> torch.Tensor:
+    """U8 codes + F8_E4M3 block scales + fp32 global scale -> float32 weight [..., in_features]."""
+    values = e2m1_unpack_values(packed)
+    n_blocks = weight_scale.shape[-1]
+    block = values.shape[-1] // n_blocks
+    scale = weight_scale.float() * torch.as_tensor(weight_scale_2, dtype=torch.float32)
+    w = (values.reshape(*values.shape[:-1], n_blocks, block) * scale.unsqueeze(-1)).flatten(-2)
+    return w if in_features is None else w[..., :in_features]
+
+
+def nvfp4_fake_quant(x: torch.Tensor, input_scale: torch.Tensor | float, block: int = NVFP4_BLOCK) -> torch.Tensor:
+    """Dynamic NVFP4 activation quantization with a static global scale, as the engines run it."""
+    gs = torch.as_tensor(input_scale, dtype=torch.float32)
+    n = x.shape[-1]
+    xb = _blocks(x.float(), block)
+    block_amax = xb.abs().amax(-1, keepdim=True)
+    scale = cast_e4m3(block_amax / (E2M1_MAX * gs)).float() * gs
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.where(scale > 0, e2m1_round(xb / safe) * scale, torch.zeros_like(xb))
+    return q.flatten(-2)[..., :n]
+
+
+def nvfp4_fake_quant_weight(w: torch.Tensor, weight_scale_2: torch.Tensor | None = None) -> torch.Tensor:
+    """What an NVFP4 weight will be after export and dequantization (float32)."""
+    return nvfp4_quantize(w, weight_scale_2).dequantize(w.shape[-1])
+
+
+def fp8_fake_quant_weight(w: torch.Tensor, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    return fp8_quantize(w, weight_scale).dequantize()

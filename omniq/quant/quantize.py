@@ -1,0 +1,204 @@
+"""`omniq quantize`: checkpoint -> layer plan -> ModelOpt calibration -> checked unified HF checkpoint.
+
+Cheap checks come first, so a bad input fails in a second and before anything is written: the output path,
+the recipe, the checkpoint (missing, pickle-only, not NemotronH, already quantized, config/tensor mismatch,
+Omni), the plan's ModelOpt config and the calibration data (read and tokenized). Then the model is loaded
+(NaN / inf refused), calibrated and exported into a staged directory that only becomes `--out` when every
+check has passed.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from omniq import __version__
+from omniq.calib import data as calib_data
+from omniq.calib.experts import ExpertCoverage, ExpertPolicy
+from omniq.errors import GateFailed, OmniqError
+from omniq.model.checkpoint import Checkpoint, open_checkpoint
+from omniq.quant import recipe as recipes
+from omniq.quant.plan import LayerPlan, make_plan
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    plan: LayerPlan
+    counts: dict[str, int]            # linear layers per format
+    files: list[str]
+    output_bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+    restored: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)     # source tensors outside the language model
+    # Omni: calibration tokens per modality (totals, and the per-layer summary of omniq.json)
+    modality_tokens: dict = field(default_factory=dict)
+    experts: list[str] = field(default_factory=list)      # expert coverage summary lines (omniq.calib.experts)
+    lint: dict = field(default_factory=dict)               # counts of the lint run at the end (lint.json)
+
+
+def open_source(model: str, *, allow_pickle: bool = False) -> Checkpoint:
+    """The checkpoint to quantize, refused when omniq cannot quantize it (yet)."""
+    ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
+    if ckpt.is_quantized:
+        algo = ((ckpt.quantization or {}).get("quantization") or ckpt.quantization or {}).get("quant_algo")
+        what = f" ({algo})" if algo else ""
+        raise OmniqError(f"{ckpt.path}: already quantized{what}; quantize the BF16 checkpoint instead")
+    # An Omni checkpoint: only its language model is quantized; its towers pass through byte for byte (whether
+    # omniq can run them for multimodal calibration is checked when the calibration mix asks for them).
+    return ckpt
+
+
+def resolve_recipe(recipe, kv_cache: str | None) -> recipes.Recipe:
+    r = recipe if isinstance(recipe, recipes.Recipe) else recipes.load(str(recipe))
+    return r.with_kv_cache(kv_cache)
+
+
+def versions() -> dict[str, str]:
+    import modelopt
+    import safetensors
+    import torch
+    import transformers
+
+    return {"omniq": __version__, "modelopt": modelopt.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "safetensors": safetensors.__version__,
+            "python": platform.python_version()}
+
+
+def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str = calib_data.DEFAULT,
+             calib_column: str = "text", calib_split: str = "train", calib_samples: int = 64,
+             calib_seq_len: int = 256, force: bool = False, allow_pickle: bool = False,
+             progress: Progress | None = None, device: str = "cpu",
+             calib_mix: str | None = None, expert_policy=None) -> QuantizeResult:
+    from omniq.calib import media, multimodal
+    from omniq.export import hf_checkpoint as export
+    from omniq.quant import calibrate as cal
+    from omniq.quant.modelopt_config import enabled_quantizers, modelopt_config
+
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    export.check_out(out, force=force)
+    if device != "cpu":
+        import torch
+
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            raise OmniqError(f"--device {device}: expected cpu or cuda[:N] with a CUDA device present")
+    rec = resolve_recipe(recipe, kv_cache)
+    ckpt = open_source(model, allow_pickle=allow_pickle)
+    export.check_out(out, force=force, protect=(ckpt.path,))
+    plan = make_plan(ckpt.arch, rec)
+    if not plan.quantized and not plan.kv_cache:
+        raise OmniqError(f"recipe {rec.name}: quantizes nothing on this model (every linear layer BF16, no KV "
+                         "cache); nothing to export")
+    config = modelopt_config(plan)
+    enabled = enabled_quantizers(plan)
+    dropped = sorted(set(ckpt.headers) - set(ckpt.arch.tensor_by_name)     # e.g. mtp.* (not in the model)
+                     - set(export.tower_tensors(ckpt)))                     # Omni towers: copied as they are
+    mix = media.parse_calib_mix(calib_mix or multimodal.default_mix(ckpt.is_omni, ckpt.config))
+    media.check_mix(mix, ckpt.config, ckpt.is_omni)
+    mm = None
+    if ckpt.is_omni:
+        mm = multimodal.build(ckpt, mix, calib=calib, calib_column=calib_column, calib_split=calib_split,
+                              samples=calib_samples, seq_len=calib_seq_len, dtype=cal.LOAD_DTYPE)
+        calib_set = calib_data.CalibSet(rows=None, identity=mm.identity,
+                                        sample_sha256=tuple(b.sha256 for b in mm.batches))
+    else:
+        calib_set = calib_data.load(calib, ckpt.tokenizer, samples=calib_samples, seq_len=calib_seq_len,
+                                    column=calib_column, split=calib_split)
+    top = int(calib_set.rows.max()) if calib_set.rows is not None else 0
+    if top >= ckpt.arch.vocab_size:
+        raise OmniqError(f"{ckpt.path}: the tokenizer produced token id {top} but the model's vocab_size is "
+                         f"{ckpt.arch.vocab_size}; tokenizer and model do not match")
+    seconds["prepare"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    net = cal.load_model(ckpt, progress, device=device)
+    cal.patch_mamba_mixers(net)
+    seconds["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    coverage = ExpertCoverage(expert_policy or ExpertPolicy(), ckpt.arch)
+    counter = multimodal.ModalityCounter(net) if mm is not None else None
+    rows = multimodal.forwards(mm.batches, counter) if mm is not None else calib_set.rows
+    try:
+        result = cal.calibrate(net, config, rows, progress=progress, enabled=enabled, coverage=coverage)
+    finally:
+        if counter is not None:
+            counter.close()
+    modality_tokens: dict = {}
+    if counter is not None:
+        per_layer = counter.per_layer(plan)
+        modality_tokens = {"total": dict(counter.total), "samples": dict(mm.samples),
+                           "summary": multimodal.summary(per_layer), "per_layer": per_layer}
+    seconds["calibrate"] = time.perf_counter() - t
+    coverage.enforce()    # experts left uncalibrated fail here (exit 1), before anything is written
+
+    t = time.perf_counter()
+    with export.staged_output(out, force=force, protect=(ckpt.path,)) as stage:
+        if progress:
+            progress("export", 0, 1)
+        modelopt_qc = export.modelopt_export(net, stage)
+        seconds["export_modelopt"] = time.perf_counter() - t
+        del net, result.model
+        gc.collect()
+        manifest = {
+            "omniq_manifest": 1,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(),
+            "source": {"model": str(model), "path": str(ckpt.path), "files": export.source_hashes(ckpt),
+                       "dropped_tensors": dropped},
+            "recipe": dict(rec.as_dict(), source=rec.source),
+            "plan": {"quant_algo": plan.quant_algo, "kv_cache": plan.kv_cache, "counts": plan.counts,
+                     "estimated_bytes": plan.total_bytes},
+            "calibration": dict(calib_set.identity, algorithm=config["algorithm"], dtype=cal.LOAD_DTYPE,
+                                batch_size=cal.BATCH_SIZE, mamba_forward="omniq.model.mamba2.mixer_scan",
+                                device=device,
+                                sample_sha256=list(calib_set.sample_sha256),
+                                **({"modality_tokens": modality_tokens} if modality_tokens else {})),
+            "modelopt_config": _jsonable(config),
+            "modules": dict(plan.formats),
+            "experts": coverage.manifest(),
+        }
+        exported = export.finish(stage, plan, ckpt, manifest, modelopt_qc, progress)
+        lint_counts = lint_stage(stage, out)
+    seconds.update({f"export_{k}": v for k, v in exported.seconds.items()})
+    seconds["export"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+    return QuantizeResult(out=exported.path, plan=plan, counts=exported.counts, files=exported.files,
+                          output_bytes=exported.bytes, seconds=seconds, manifest=exported.manifest,
+                          restored=result.restored, dropped=dropped, modality_tokens=modality_tokens,
+                          experts=coverage.summary(), lint=lint_counts)
+
+
+def lint_stage(stage, out) -> dict:
+    """`omniq lint` on the finished stage (checksums were just written): lint.json goes into the artifact (a
+    sidecar, not listed in omniq.json); any error fails the run (exit 1) and nothing is left at --out."""
+    import json
+
+    from omniq.validate import findings as fnd
+    from omniq.validate.lint import lint
+
+    found = lint(stage.final, checksums=False)
+    doc = fnd.as_json(found, path=str(out), engine=None)
+    (stage.final / "lint.json").write_text(json.dumps(doc, indent=1) + "\n")
+    bad = fnd.errors(found)
+    if bad:
+        first = "; ".join(f"{f.id} {f.tensor_or_module}: {f.message}" for f in bad[:3])
+        raise GateFailed(f"lint found {len(bad)} errors in the exported checkpoint: {first}")
+    return fnd.counts(found)
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v

@@ -1,0 +1,102 @@
+"""How far a candidate's next-token distributions are from the reference's, and how far its weights are.
+
+Per evaluated token t (every position of every row, the target being the next token):
+    KL(ref || cand)_t = sum_v p_ref(v) (log p_ref(v) - log p_cand(v))      (nats, computed in float64)
+    top-1 agreement    = mean of [argmax p_ref == argmax p_cand]
+    perplexity         = exp(mean negative log-likelihood of the target), for each model; ratio cand / ref.
+Reported: mean and 95th percentile of the per-token KL, top-1 agreement, both perplexities and their ratio,
+the token count, optionally the same split by position in the row (Mamba state drift shows as a KL that
+grows with position), and per-layer weight SQNR = 10 log10(sum w_ref^2 / sum (w_ref - w_cand)^2) dB.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+POSITION_BUCKETS = (0, 128, 512, 2048)
+
+
+def bucket_names(seq_len: int, edges=POSITION_BUCKETS) -> list[tuple[str, int, int]]:
+    """Position buckets that overlap [0, seq_len): ("0-128", 0, 128), ..., the last one open-ended."""
+    out = []
+    bounds = list(edges) + [None]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if lo >= seq_len:
+            break
+        name = f"{lo}-{hi}" if hi is not None else f"{lo}+"
+        out.append((name, lo, seq_len if hi is None else min(hi, seq_len)))
+    return out
+
+
+@dataclass
+class Comparison:
+    """Running sums over evaluated batches."""
+
+    kl: list[torch.Tensor] = field(default_factory=list)          # per-token KL, float64, (b*L,) per batch
+    agree: list[torch.Tensor] = field(default_factory=list)       # per-token bool
+    positions: list[torch.Tensor] = field(default_factory=list)   # per-token position in its row
+    nll_ref: float = 0.0
+    nll_cand: float = 0.0
+    tokens: int = 0
+
+    def add(self, ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """logits (b, L, vocab) of both models on the same input rows; targets (b, L) the next tokens."""
+        b, L, v = ref_logits.shape
+        lr = torch.log_softmax(ref_logits.reshape(-1, v).double(), dim=-1)
+        lc = torch.log_softmax(cand_logits.reshape(-1, v).double(), dim=-1)
+        self.kl.append((lr.exp() * (lr - lc)).sum(-1).clamp_min(0.0))
+        self.agree.append(lr.argmax(-1) == lc.argmax(-1))
+        self.positions.append(torch.arange(L).repeat(b))
+        t = targets.reshape(-1, 1)
+        self.nll_ref -= lr.gather(1, t).sum().item()
+        self.nll_cand -= lc.gather(1, t).sum().item()
+        self.tokens += b * L
+
+    def summary(self, position_buckets: bool = False) -> dict:
+        if not self.tokens:
+            raise ValueError("no tokens were evaluated")
+        kl = torch.cat(self.kl)
+        agree = torch.cat(self.agree)
+        ppl_ref = math.exp(self.nll_ref / self.tokens)
+        ppl_cand = math.exp(self.nll_cand / self.tokens)
+        out = {
+            "kl_mean": kl.mean().item(),
+            "kl_p95": torch.quantile(kl, 0.95).item(),
+            "top1_agreement": agree.double().mean().item(),
+            "ppl_reference": ppl_ref,
+            "ppl_candidate": ppl_cand,
+            "ppl_ratio": ppl_cand / ppl_ref,
+            "tokens": self.tokens,
+        }
+        if position_buckets:
+            pos = torch.cat(self.positions)
+            seq_len = int(pos.max().item()) + 1
+            out["positions"] = {}
+            for name, lo, hi in bucket_names(seq_len):
+                m = (pos >= lo) & (pos < hi)
+                out["positions"][name] = {"kl_mean": kl[m].mean().item(),
+                                          "kl_p95": torch.quantile(kl[m], 0.95).item(),
+                                          "top1_agreement": agree[m].double().mean().item(),
+                                          "tokens": int(m.sum().item())}
+        return out
+
+
+def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of candidate against reference, in dB (inf when identical)."""
+    ref = reference.double()
+    noise = (ref - candidate.double()).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def layers_sqnr(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor],
+                modules) -> dict[str, float]:
+    """SQNR per module name (`X` for `X.weight`), for the modules given (the candidate's quantized ones)."""
+    return {m: sqnr_db(reference[f"{m}.weight"], candidate[f"{m}.weight"]) for m in modules}

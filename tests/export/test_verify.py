@@ -1,0 +1,84 @@
+"""The export's own checks: hub-layout renaming, and `verify_tensors` refusing every way an export can be
+wrong (run on tampered copies of a real `omniq quantize` artifact)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from omniq.errors import GateFailed
+from omniq.export.hf_checkpoint import hub_names, verify_tensors
+from omniq.model.arch import from_config
+from omniq.model.checkpoint import open_checkpoint
+from omniq.quant import recipe as recipes
+from omniq.quant.plan import make_plan
+
+
+def test_hub_names_undo_transformers_names():
+    cfg = {"model_type": "nemotron_h", "hybrid_override_pattern": "ME", "hidden_size": 8, "vocab_size": 16,
+           "mamba_num_heads": 2, "mamba_head_dim": 4, "ssm_state_size": 4, "n_routed_experts": 3,
+           "num_experts_per_tok": 1, "moe_intermediate_size": 4}
+    arch = from_config(cfg)
+    emb = torch.zeros(16, 8)
+    assert hub_names("backbone.embedding.weight", emb, arch) == [("backbone.embeddings.weight", emb)]
+    assert hub_names("model.embeddings.weight", emb, arch)[0][0] == "backbone.embeddings.weight"
+    assert hub_names("model.layers.0.mixer.in_proj.weight_scale", torch.ones(()), arch)[0][0] == \
+        "backbone.layers.0.mixer.in_proj.weight_scale"
+    fused = torch.arange(3 * 4 * 8, dtype=torch.float32).view(3, 4, 8)
+    split = hub_names("model.layers.1.mixer.experts.up_proj", fused, arch)
+    assert [n for n, _ in split] == [f"backbone.layers.1.mixer.experts.{e}.up_proj.weight" for e in range(3)]
+    assert all(torch.equal(t, fused[e]) for e, (_, t) in enumerate(split))
+    kept = hub_names("backbone.layers.1.mixer.experts.2.down_proj.weight", torch.zeros(8, 4), arch)
+    assert kept[0][0] == "backbone.layers.1.mixer.experts.2.down_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def fp8(quantized, tiny_dir):
+    art = quantized["fp8"]
+    ckpt = open_checkpoint(str(tiny_dir))
+    plan = make_plan(ckpt.arch, recipes.load("fp8"))
+    return art["path"], plan, ckpt
+
+
+def _tampered(fp8, tmp_path, edit):
+    path, plan, ckpt = fp8
+    t = load_file(str(path / "model.safetensors"))
+    edit(t)
+    save_file(t, str(tmp_path / "model.safetensors"))
+    return tmp_path, plan, ckpt
+
+
+def test_intact_artifact_passes(fp8):
+    path, plan, ckpt = fp8
+    assert verify_tensors(path, plan, ckpt) == {f: n for f, n in plan.counts.items() if n}
+
+
+E = "backbone.layers.1.mixer.experts"
+
+
+def _swap_experts(t):
+    for suffix in ("weight", "weight_scale", "input_scale"):
+        a, b = f"{E}.0.up_proj.{suffix}", f"{E}.1.up_proj.{suffix}"
+        t[a], t[b] = t[b], t[a]
+
+
+def _set(name, value):
+    def edit(t):
+        t[name] = value(t[name])
+    return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.pop(f"{E}.3.down_proj.input_scale"), "missing backbone.layers.1.mixer.experts.3.down_proj.input_scale"),
+    (lambda t: t.update({"backbone.layers.0.mixer.conv1d.input_scale": torch.ones(())}), "unexpected tensor"),
+    (_set("backbone.layers.0.mixer.out_proj.weight", lambda w: w.float()), "is F32"),
+    (_set("backbone.layers.0.mixer.in_proj.input_scale", lambda s: s * 0), "non-finite or non-positive"),
+    (_set("backbone.norm_f.weight", lambda w: w * 2), "differs from the source"),
+    (_set("backbone.layers.1.mixer.gate.weight", lambda w: w.to(torch.bfloat16)), "is BF16"),
+    (_swap_experts, "relative error"),
+    (_set("backbone.layers.4.mixer.shared_experts.up_proj.weight_scale", lambda s: s * 4), "relative error"),
+])
+def test_tampered_artifacts_are_refused(fp8, tmp_path, edit, message):
+    path, plan, ckpt = _tampered(fp8, tmp_path, edit)
+    with pytest.raises(GateFailed) as e:
+        verify_tensors(path, plan, ckpt)
+    assert message in str(e.value) and e.value.exit_code == 1

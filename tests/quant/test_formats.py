@@ -1,0 +1,146 @@
+"""omniq's CPU FP8 / NVFP4 arithmetic writes exactly what ModelOpt writes, and reads it back right."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from omniq.quant import formats as fm
+
+
+def _weights(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(48, 256, generator=g) * 0.04
+    w[0, 5] = 0.9                       # an outlier that sets the global scale
+    w[3, :16] = 0.0                     # an all-zero block (scale 1.0 by convention)
+    w[5, 16:32] *= 1e-7                 # a block whose scale falls below E4M3's smallest value
+    w[7, 32:48] = torch.linspace(-1, 1, 16) * 0.3
+    return w.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def modelopt():
+    from modelopt.torch.export.quant_utils import to_quantized_weight
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    return NVFP4QTensor, to_quantized_weight
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nvfp4_quantize_is_bit_identical_to_modelopt(modelopt, dtype):
+    NVFP4QTensor, _ = modelopt
+    w = _weights(dtype)
+    q, scale, scale_2 = NVFP4QTensor.quantize(w, 16)
+    mine = fm.nvfp4_quantize(w)
+    assert mine.weight.dtype == torch.uint8 and mine.weight.shape == (48, 128)
+    assert mine.weight_scale.dtype == torch.float8_e4m3fn and mine.weight_scale.shape == (48, 16)
+    assert torch.equal(mine.weight, q._quantized_data)
+    assert torch.equal(mine.weight_scale.view(torch.uint8), scale.view(torch.uint8))
+    assert mine.weight_scale_2.item() == scale_2.item()
+    # and with a given (shared) global scale, as export uses after fusing layers' scales
+    shared = scale_2 * 1.7
+    q2, scale2, _ = NVFP4QTensor.quantize(w, 16, None, shared)
+    mine2 = fm.nvfp4_quantize(w, shared)
+    assert torch.equal(mine2.weight, q2._quantized_data)
+    assert torch.equal(mine2.weight_scale.view(torch.uint8), scale2.view(torch.uint8))
+
+
+def test_nvfp4_dequantize_is_identical_to_modelopt(modelopt):
+    NVFP4QTensor, _ = modelopt
+    w = _weights(torch.bfloat16)
+    q, scale, scale_2 = NVFP4QTensor.quantize(w, 16)
+    theirs = q.dequantize(dtype=torch.float32, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
+    mine = fm.nvfp4_dequantize(q._quantized_data, scale, scale_2)
+    assert torch.equal(mine, theirs)
+
+
+def test_fp8_quantize_is_bit_identical_to_modelopt_export(modelopt):
+    _, to_quantized_weight = modelopt
+    for dtype in (torch.bfloat16, torch.float32):
+        w = _weights(dtype, seed=1)
+        amax = w.abs().amax().float()
+        scale = torch.tensor(amax.item() / 448.0)   # how ModelOpt's export builds the per-tensor scale
+        theirs = to_quantized_weight(w, scale, "fp8")
+        mine = fm.fp8_quantize(w)
+        assert mine.weight_scale.item() == scale.item()
+        assert torch.equal(mine.weight.view(torch.uint8), theirs.view(torch.uint8)), dtype
+
+
+def test_e2m1_codes_round_to_nearest_even_and_saturate():
+    x = torch.tensor([0.0, -0.0, 0.2, 0.25, 0.26, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.01, 9.0, -0.1, -3.2, -100.0])
+    codes = fm.e2m1_encode(x)
+    assert codes.tolist() == [0, 0, 0, 0, 1, 2, 2, 4, 4, 6, 6, 7, 7, 8, 13, 15]
+    assert fm.e2m1_decode(codes).tolist() == [0, 0, 0, 0, 0.5, 1, 1, 2, 2, 4, 4, 6, 6, -0.0, -3, -6]
+    # every code round-trips
+    all_codes = torch.arange(16, dtype=torch.uint8)
+    assert torch.equal(fm.e2m1_encode(fm.e2m1_decode(all_codes)), torch.tensor(
+        [0, 1, 2, 3, 4, 5, 6, 7, 0, 9, 10, 11, 12, 13, 14, 15], dtype=torch.uint8))  # -0.0 encodes as +0
+
+
+def test_pack_puts_even_elements_in_the_low_nibble():
+    codes = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    packed = fm.pack_e2m1(codes)
+    assert packed.tolist() == [[0x21, 0x0F]]
+    assert torch.equal(fm.unpack_e2m1(packed), codes)
+
+
+def test_dequantize_quantize_error_is_small():
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(2)) * 0.02
+
+    def sqnr(a, b):
+        return 10 * math.log10(a.pow(2).sum().item() / (a - b).pow(2).sum().item())
+
+    fp8 = sqnr(w, fm.fp8_fake_quant_weight(w))
+    nvfp4 = sqnr(w, fm.nvfp4_fake_quant_weight(w))
+    # E4M3 keeps 3 mantissa bits (about 31 dB on Gaussian data); E2M1 with 16-blocks about 20 dB
+    assert fp8 > 28, fp8
+    assert 17 < nvfp4 < 26, nvfp4
+    # and the quantization is not a no-op
+    assert not torch.equal(fm.nvfp4_fake_quant_weight(w), w)
+
+
+def test_nvfp4_activation_fake_quant_follows_the_two_level_scale(modelopt):
+    NVFP4QTensor, _ = modelopt
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 10, 64, generator=g) * 3.0
+    x[0, 0, :16] = 0.0
+    input_scale = fm.nvfp4_global_scale(x.abs().amax())
+    mine = fm.nvfp4_fake_quant(x, input_scale)
+    # the same numbers through ModelOpt's weight arithmetic, given our per-block FP8 scale
+    block_amax = x.reshape(4, 10, 4, 16).abs().amax(-1)
+    block_scale = fm.cast_e4m3(block_amax / (6.0 * input_scale))
+    q, _, _ = NVFP4QTensor.quantize(x, 16, block_scale, input_scale)
+    theirs = q.dequantize(dtype=torch.float32, scale=block_scale, double_scale=input_scale, block_sizes={-1: 16})
+    nonzero = (block_scale.float() > 0).repeat_interleave(16, dim=-1)
+    assert torch.equal(mine[nonzero], theirs[nonzero])
+    assert torch.equal(mine[~nonzero], torch.zeros_like(mine[~nonzero]))
+    # every block's largest magnitude maps to E2M1's largest value, so quantizing twice changes nothing
+    assert torch.equal(fm.nvfp4_fake_quant(mine, input_scale), mine)
+    # a block whose FP8 scale underflows is flushed to zero, as TensorRT-LLM's kernel does
+    tiny = torch.full((1, 16), 1e-9)
+    assert torch.equal(fm.nvfp4_fake_quant(tiny, input_scale), torch.zeros(1, 16))
+
+
+def test_fp8_activation_fake_quant_is_static_and_saturates():
+    s = torch.tensor(0.01)
+    x = torch.tensor([0.0, 0.01, 1.04, 4.48, 5.0, -100.0, 0.0123, 1.0])
+    y = fm.fp8_fake_quant(x, s)
+    assert y[:4].tolist() == pytest.approx([0.0, 0.01, 1.04, 4.48], rel=1e-6)          # on the E4M3 grid
+    assert y[4].item() == pytest.approx(4.48) and y[5].item() == pytest.approx(-4.48)   # clamped at 448 * s
+    assert y[6].item() == pytest.approx(0.0125)                                        # 1.23 -> 1.25
+    assert y[7].item() == pytest.approx(0.96)                                          # 100: tie -> even 96
+    # matches ModelOpt's eager FP8 fake-quant up to the rounding of 1 / scale
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+
+    z = torch.randn(1000, generator=torch.Generator().manual_seed(4))
+    amax = z.abs().amax()
+    assert torch.allclose(fm.fp8_fake_quant(z, amax / 448), fp8_eager(z, amax), rtol=0, atol=1e-6)
+
+
+def test_fast_e2m1_rounding_equals_the_codes():
+    grid = torch.arange(-8.0, 8.0, 1 / 64)                     # every tie and midpoint of the E2M1 grid
+    noise = torch.randn(20000, generator=torch.Generator().manual_seed(5)) * 3
+    for x in (grid, noise):
+        assert torch.equal(fm.e2m1_round(x), fm.e2m1_decode(fm.e2m1_encode(x)) + 0.0)   # + 0.0: -0 == 0

@@ -1,0 +1,80 @@
+"""`omniq validate` on Omni artifacts: text-only, image+text and audio+text evaluation sets, each with its own
+metrics and gates; the media sets are the bundled eval split, disjoint from the calibration split."""
+
+import json
+import shutil
+
+import pytest
+
+from omniq.calib import media
+from omniq.cli import main
+from omniq.validate.run import validate
+
+SMALL = {"samples": 4, "seq_len": 128, "media_samples": 8}
+KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate", "ppl_ratio", "tokens")
+
+
+@pytest.fixture(scope="module")
+def mm(omni_quantized):
+    a = omni_quantized["mm"]
+    assert a["rc"] == 0, a["stderr"][-2000:]
+    return a["path"]
+
+
+@pytest.fixture(scope="module")
+def report(mm):
+    return validate("tiny-omni", mm, **SMALL)
+
+
+def test_each_modality_has_its_metrics_and_gates(report):
+    assert all(k in report for k in (*KEYS, "passed"))          # the fixed top-level keys: the text set
+    mods = report["modalities"]
+    assert list(mods) == ["text", "image", "audio"]
+    for name, m in mods.items():
+        assert all(k in m for k in KEYS), name
+        assert m["tokens"] > 0 and m["passed"] and m["failures"] == [] and m["gates"]["max_kl"] > 0
+        assert 0 <= m["kl_mean"] < 0.1 and m["top1_agreement"] > 0.5 and m["ppl_reference"] > 1
+    assert mods["text"]["kl_mean"] == report["kl_mean"]
+    assert mods["image"]["eval"]["split"] == mods["audio"]["eval"]["split"] == "eval"
+    assert mods["image"]["eval"]["scored"] == "caption tokens"
+    assert report["passed"]
+
+
+def test_media_eval_split_is_disjoint_from_calibration():
+    for m in ("image", "audio"):
+        ev = {s.media_sha256() for s in media.bundled(m, "eval", 32)}
+        cal = {s.media_sha256() for s in media.bundled(m, "calib", 64)}
+        assert len(ev) == 32 and not ev & cal
+
+
+def test_a_broken_projector_fails_only_its_modality(mm, tmp_path):
+    """The image projector's first weight scaled: image+text fails its gates, text and audio still pass."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    art = tmp_path / "broken"
+    shutil.copytree(mm, art)
+    index = json.loads((art / "model.safetensors.index.json").read_text())
+    name = "mlp1.1.weight"
+    f = art / index["weight_map"][name]
+    t = load_file(str(f))
+    t[name] = (t[name].float() * -3.0).to(t[name].dtype)
+    save_file(t, str(f), metadata={"format": "pt"})
+    r = validate("tiny-omni", art, **SMALL)
+    mods = r["modalities"]
+    assert not r["passed"] and not mods["image"]["passed"]
+    assert mods["text"]["passed"] and mods["audio"]["passed"]
+    assert r["failures"] and all(x.startswith("image: ") for x in r["failures"])
+    assert any(name in w for w in r["warnings"])                  # and the changed tower tensor is named
+
+
+def test_cli_shows_the_media_sets(mm, capsys, tmp_path):
+    rep = tmp_path / "r.json"
+    assert main(["validate", "tiny-omni", str(mm), "--samples", "2", "--seq-len", "64", "--media-samples", "4",
+                 "--report", str(rep)]) == 0
+    out = capsys.readouterr().out
+    assert "image+text" in out and "audio+text" in out
+    assert set(json.loads(rep.read_text())["modalities"]) == {"text", "image", "audio"}
+    assert main(["validate", "tiny-omni", str(mm), "--samples", "2", "--seq-len", "64", "--media-samples", "0",
+                 "--report", str(rep)]) == 0
+    assert "modalities" not in json.loads(rep.read_text())
