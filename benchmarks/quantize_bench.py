@@ -9,7 +9,9 @@ and saved in NVIDIA's hub layout (backbone.*, one tensor per expert, router fp32
 the bundled tokenizer.
 
 Each run is its own process, timed from outside (wall time, including Python start-up and imports), and its
-peak resident memory is read from `os.wait4`'s rusage of that very child. Both sides calibrate on the same
+peak resident memory is read from `os.wait4`'s rusage of that very child. Linux carries the parent's
+high-water RSS into a forked child's `ru_maxrss`, so this parent never imports torch: the random model and
+the calibration rows are made in helper processes too. Both sides calibrate on the same
 token rows (the bundled calibration text, packed) with max calibration and export with
 `export_hf_checkpoint`. The plain script is what a ModelOpt user writes: `from_pretrained` in bf16,
 `mtq.quantize` with `FP8_DEFAULT_CFG` / `NVFP4_DEFAULT_CFG`, a loop of `model(input_ids, use_cache=False)`,
@@ -67,6 +69,7 @@ export_hf_checkpoint(model, export_dir=out)
 
 def make_random_model(dest: Path, seed: int = 0) -> Path:
     """A random NemotronH saved like NVIDIA's checkpoints, with the bundled tokenizer."""
+    sys.path.insert(0, str(ROOT))
     import torch
     from safetensors.torch import save_file
     from transformers import NemotronHConfig, NemotronHForCausalLM
@@ -101,6 +104,7 @@ def make_random_model(dest: Path, seed: int = 0) -> Path:
 
 def calibration_rows(model_dir: Path, samples: int, seq_len: int, dest: Path) -> Path:
     """The token rows omniq calibrates on, saved for the plain script (same data on both sides)."""
+    sys.path.insert(0, str(ROOT))
     import torch
 
     from omniq.calib import data
@@ -135,7 +139,17 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration (the summary takes the fastest)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--make-random", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--make-rows", nargs=4, metavar=("MODEL", "SAMPLES", "SEQ_LEN", "DEST"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.make_random:                      # helper processes (keep the measuring parent free of torch)
+        make_random_model(Path(args.make_random))
+        return 0
+    if args.make_rows:
+        model, samples, seq_len, dest = args.make_rows
+        calibration_rows(Path(model), int(samples), int(seq_len), Path(dest))
+        return 0
+    assert "torch" not in sys.modules
 
     work = Path(tempfile.mkdtemp(prefix="omniq-bench-"))
     results = []
@@ -146,16 +160,19 @@ def main() -> int:
                 models[name] = ROOT / "omniq" / "bundled" / "tiny"
             elif name == "random":
                 t = time.perf_counter()
-                models[name] = make_random_model(work / "random-bf16")
+                models[name] = work / "random-bf16"
+                subprocess.run([sys.executable, __file__, "--make-random", str(models[name])], check=True, cwd=ROOT)
                 print(f"made the random model in {time.perf_counter() - t:.1f} s: "
                       f"{dir_mib(models[name]):.0f} MiB", flush=True)
             else:
                 raise SystemExit(f"unknown model {name!r}")
         for mname, mdir in models.items():
-            from omniq.model.checkpoint import open_checkpoint
+            from omniq.model.checkpoint import open_checkpoint   # config and headers only, no torch
 
             params = open_checkpoint(str(mdir)).arch.num_params
-            rows = calibration_rows(mdir, args.samples, args.seq_len, work / f"{mname}-rows.pt")
+            rows = work / f"{mname}-rows.pt"
+            subprocess.run([sys.executable, __file__, "--make-rows", str(mdir), str(args.samples), str(args.seq_len),
+                            str(rows)], check=True, cwd=ROOT)
             for recipe in args.recipes.split(","):
                 for rep in range(args.repeat):          # tools interleaved, so machine noise hits both
                     for tool in ("omniq", "modelopt"):

@@ -5,6 +5,12 @@ the recipe, the checkpoint (missing, pickle-only, not NemotronH, already quantiz
 Omni), the plan's ModelOpt config and the calibration data (read and tokenized). Then the model is loaded
 (NaN / inf refused), calibrated and exported into a staged directory that only becomes `--out` when every
 check has passed.
+
+The checks that end every run (docs/trust.md), each exit 1 with nothing left at `--out`: expert coverage
+(`omniq.calib.experts`: tokens per routed expert counted, and under the default policy topped up, during
+calibration; experts left uncalibrated fail unless filled or allowed; counts in omniq.json `experts`), the
+coverage assertion (`hf_checkpoint.verify_tensors`: the files are exactly the layer plan, per layer and
+format), and `omniq lint` on the finished artifact (`lint_stage`; its report ships as the lint.json sidecar).
 """
 
 from __future__ import annotations

