@@ -97,7 +97,7 @@ def _pickle_only(tiny_dir, tmp):
 
 
 def _omni(tiny_dir, tmp):
-    from conftest import omni_config
+    from reference_configs import omni_config
 
     d = tmp / "omni"
     d.mkdir()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from omniq.cli import main
-from conftest import DATA, omni_config
+from reference_configs import DATA, omni_config
 
 CONFIG = DATA / "nemotron-3-nano-30b-a3b.config.json"
 GiB = 1024 ** 3
