@@ -46,6 +46,36 @@ def main() -> None:
             print(f"| {label} | {m}{'' if m == 'text' else '+text'} | {x['tokens']} | {x['kl_mean']:.4f} | "
                   f"{100 * x['top1_agreement']:.2f} % | {x['ppl_ratio']:.4f} |")
 
+    print()
+    print(input_scale_table(root / "art0", root / "art1"))
+
+
+def input_scale_table(text_art: Path, mm_art: Path) -> str:
+    """Ratio multimodal / text-only of every activation scale, by layer role."""
+    import re
+    import statistics
+
+    from safetensors import safe_open
+
+    def scales(d):
+        out = {}
+        for f in Path(d).glob("*.safetensors"):
+            with safe_open(str(f), "pt") as sf:
+                for n in sf.keys():
+                    if n.endswith(("input_scale", "k_scale", "v_scale")):
+                        out[n] = sf.get_tensor(n).float().item()
+        return out
+
+    a, b = scales(text_art), scales(mm_art)
+    roles: dict[str, list[float]] = {}
+    for n in a:
+        r = re.sub(r"layers\.\d+\.", "", n.split("backbone.")[-1])
+        roles.setdefault(re.sub(r"experts\.\d+\.", "experts.", r), []).append(b[n] / a[n])
+    lines = ["| scale | tensors | min | median | max |", "| --- | ---: | ---: | ---: | ---: |"]
+    for r, v in sorted(roles.items()):
+        lines.append(f"| `{r}` | {len(v)} | {min(v):.3f} | {statistics.median(v):.3f} | {max(v):.3f} |")
+    return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

@@ -234,7 +234,7 @@ def quantize(
     expert_fill: str = typer.Option("none", "--expert-fill", help="For experts still below --min-expert-tokens: none (fail), or layer-max (export them with the layer's shared input scales, the max over its observed experts; recorded in omniq.json)."),
     allow_uncalibrated_experts: bool = typer.Option(False, "--allow-uncalibrated-experts", help="Proceed although experts stay below --min-expert-tokens (recorded in omniq.json)."),
 ):
-    """Quantize a NemotronH checkpoint with ModelOpt into a checked unified HF checkpoint (+ omniq.json)."""
+    """Quantize a NemotronH or Nemotron Omni checkpoint (its language model) with ModelOpt into a checked unified HF checkpoint (+ omniq.json)."""
     from omniq.calib.experts import ExpertPolicy
     from omniq.quant.quantize import quantize as run_quantize
 

@@ -167,8 +167,8 @@ def source_texts(calib: str, *, column: str = "text", split: str = "train") -> t
         from omniq.calib import docstrings
 
         part = BUNDLED[calib]
-        return iter(docstrings.texts(part)), {"source": calib, "kind": "bundled", "split": part,
-                                              "text": docstrings.identity()}
+        return docstrings.iter_texts(part), {"source": calib, "kind": "bundled", "split": part,
+                                             "text": docstrings.identity()}
     path = Path(calib).expanduser()
     if path.is_dir():
         raise OmniqError(f"--calib {calib}: is a directory; pass a .txt, .jsonl, .json or .parquet file, "

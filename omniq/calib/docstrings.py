@@ -66,6 +66,22 @@ def texts(split: str) -> tuple[str, ...]:
     return corpus()[split]
 
 
+def iter_texts(split: str):
+    """`texts(split)` in the same order, found lazily: a caller that needs only the first few (calibration)
+    stops parsing the standard library early. Uses the full corpus when it is already cached."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if corpus.cache_info().currsize:
+        yield from corpus()[split]
+        return
+    seen: set[str] = set()
+    for path in _sources():
+        for doc in _docstrings(path):
+            if doc not in seen and split_of(doc) == split:   # first occurrence, as corpus() dedups
+                seen.add(doc)
+                yield doc
+
+
 def identity() -> str:
     """Where the bundled text comes from (it differs a little between Python versions)."""
     return f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib-docstrings"

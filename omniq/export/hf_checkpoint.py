@@ -12,7 +12,9 @@ Inside the stage:
    0.47 reverses transformers' load-time conversion itself (`backbone.*`, one tensor per expert) except one
    name: transformers' reverse rename writes `backbone.embedding.weight` where NVIDIA's checkpoints have
    `backbone.embeddings.weight`. `hub_names` also covers the fallbacks ModelOpt takes when its reverse
-   conversion fails (native `model.*` names, fused 3-D expert tensors).
+   conversion fails (native `model.*` names, fused 3-D expert tensors). An Omni checkpoint's tower and
+   projector tensors (never loaded into the model) are copied from the source shards byte for byte into one
+   more shard (`copy_raw_tensors`), and `expected_tensors` lists them as passthrough.
 3. `verify_tensors`: the tensors are exactly what the plan says, or the export fails (GateFailed, exit 1):
    every plan-quantized layer has its quantized weight and scales with the right dtypes and shapes, and
    dequantizes close to its own source weight on sampled rows (a swapped or garbled expert fails); every BF16 layer and

@@ -30,6 +30,7 @@ of a value that rounds to zero is kept (code 8), as ModelOpt does.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +112,7 @@ def e2m1_round(x: torch.Tensor) -> torch.Tensor:
     a = x.abs()
     step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
     q = (torch.round(a / step) * step).clamp_(max=E2M1_MAX)
-    return torch.where(x < 0, -q, q)
+    return torch.copysign(q, x)
 
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
@@ -199,8 +200,8 @@ def nvfp4_fake_quant(x: torch.Tensor, input_scale: torch.Tensor | float, block: 
     xb = _blocks(x.float(), block)
     block_amax = xb.abs().amax(-1, keepdim=True)
     scale = cast_e4m3(block_amax / (E2M1_MAX * gs)).float() * gs
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.where(scale > 0, e2m1_round(xb / safe) * scale, torch.zeros_like(xb))
+    divisor = torch.where(scale > 0, scale, torch.full_like(scale, math.inf))   # a zero scale: zeros
+    q = e2m1_round(xb / divisor) * scale
     return q.flatten(-2)[..., :n]
 
 

@@ -1,8 +1,11 @@
 """`omniq quantize`: checkpoint -> layer plan -> ModelOpt calibration -> checked unified HF checkpoint.
 
 Cheap checks come first, so a bad input fails in a second and before anything is written: the output path,
-the recipe, the checkpoint (missing, pickle-only, not NemotronH, already quantized, config/tensor mismatch,
-Omni), the plan's ModelOpt config and the calibration data (read and tokenized). Then the model is loaded
+the recipe, the checkpoint (missing, pickle-only, not NemotronH, already quantized, config/tensor mismatch),
+the plan's ModelOpt config and the calibration data (read and tokenized; for an Omni checkpoint the
+`--calib-mix` of text, image and audio samples, media embedded by its own towers: `omniq.calib.multimodal`).
+An Omni checkpoint's language model alone is loaded and quantized; its towers and projectors are copied into
+the artifact byte for byte (`hf_checkpoint.copy_raw_tensors`); see docs/omni.md. Then the model is loaded
 (NaN / inf refused), calibrated and exported into a staged directory that only becomes `--out` when every
 check has passed.
 

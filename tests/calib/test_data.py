@@ -72,6 +72,14 @@ def test_jsonl_json_and_parquet_read_the_column(tmp_path):
 def test_bundled_set_is_the_docstring_calib_split():
     from omniq.calib import docstrings
 
+    docstrings.corpus.cache_clear()
+    lazy = []
+    for doc in docstrings.iter_texts("calib"):      # parses only as far as needed ...
+        lazy.append(doc)
+        if len(lazy) == 40:
+            break
+    assert docstrings.corpus.cache_info().currsize == 0
+    assert lazy == list(docstrings.texts("calib")[:40])   # ... in the full corpus' order
     cs = data.load("tiny-calib", TOK, samples=4, seq_len=64)
     assert cs.identity["kind"] == "bundled" and cs.identity["split"] == "calib"
     first = docstrings.texts("calib")[0]

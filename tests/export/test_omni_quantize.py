@@ -127,6 +127,7 @@ def test_calibration_tokens_per_modality_per_layer(art, source):
     assert by_layer and all(acc == {m: n * top_k for m, n in total.items()} for acc in by_layer.values())
 
 
+@pytest.mark.slow     # a second quantize run (about 20 s); benchmarks/omni_calib_mix.py also runs it
 def test_text_only_calibration_on_an_omni_checkpoint(omni_quantized):
     a = omni_quantized["text"]
     assert a["rc"] == 0, a["stderr"][-2000:]
@@ -174,3 +175,56 @@ def test_raw_copy_on_real_layout_names(tmp_path):
 
     back = load_file(str(tmp_path / "out" / "towers.safetensors"))
     assert all(torch.equal(back[n], t[n]) and back[n].dtype == t[n].dtype for n in names)
+
+
+def test_real_layout_names_with_text_calibration(tmp_path):
+    """A checkpoint in the real Nano Omni's shape (real config keys, tower tensors under the real prefixes, in
+    several dtypes, towers omniq cannot run) around the tiny language model: the default mix stops with a
+    one-line error, `--calib-mix text:1` quantizes it and carries every tower tensor byte for byte."""
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from reference_configs import omni_config
+
+    tiny = open_checkpoint("tiny")
+    src = tmp_path / "omni-real-names"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(omni_config(dict(tiny.config))))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny.path / name, src / name)
+    lm = {f"language_model.{k}": v for k, v in load_file(str(tiny.path / "model.safetensors")).items()}
+    g = torch.Generator().manual_seed(1)
+    towers = {"vision_model.radio_model.model.blocks.0.attn.qkv.weight": torch.bfloat16,
+              "vision_model.radio_model.input_conditioner.norm_mean": torch.float32,
+              "mlp1.0.weight": torch.bfloat16, "mlp1.1.weight": torch.float16,
+              "sound_encoder.encoder.layers.0.self_attn.linear_q.weight": torch.bfloat16,
+              "sound_encoder.projection.weight": torch.bfloat16, "sound_projection.linear1.weight": torch.bfloat16}
+    save_file(lm, str(src / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file({n: torch.randn(8, 6, generator=g).to(d) for n, d in towers.items()},
+              str(src / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {**{n: "model-00001-of-00002.safetensors" for n in lm},
+                  **{n: "model-00002-of-00002.safetensors" for n in towers}}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    def cli(*extra):
+        args = ["quantize", str(src), "--recipe", "omni-nvfp4", "--out", str(tmp_path / "out"),
+                "--calib-samples", "8", "--calib-seq-len", "128", *extra]
+        code = ("import sys, json, torch; torch.set_num_threads(1)\n"
+                "from omniq.cli import main\n"
+                "sys.exit(main(json.loads(sys.argv[1])))\n")
+        return subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                              timeout=900)
+
+    p = cli()
+    assert p.returncode == 2 and "--calib-mix text:1" in p.stderr and not (tmp_path / "out").exists()
+    p = cli("--calib-mix", "text:1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = raw_tensor_sha256(tmp_path / "out")
+    want = raw_tensor_sha256(src)
+    assert {n: got[n] for n in towers} == {n: want[n] for n in towers}
+    hq = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]
+    assert {"vision_model.*", "mlp1.*", "sound_encoder.*", "sound_projection.*"} <= set(hq["exclude_modules"])
