@@ -109,7 +109,7 @@ class Artifact:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def linear(self, simulate_activations: bool = True) -> LinearFn:
+    def linear(self) -> LinearFn:
         """The forward's hook: dequantized weight, activations quantized as the layer's engine kernel does."""
         weights, layers = self.weights, self.layers
 
@@ -117,10 +117,10 @@ class Artifact:
             layer = layers.get(name)
             if layer is not None and layer.pre_quant_scale is not None:
                 x = x * layer.pre_quant_scale
-            if layer is not None and simulate_activations:
-                if layer.activation == "fp8" and layer.input_scale is not None:
+            if layer is not None and layer.input_scale is not None:
+                if layer.activation == "fp8":
                     x = formats.fp8_fake_quant(x, layer.input_scale)
-                elif layer.activation == "nvfp4" and layer.input_scale is not None:
+                elif layer.activation == "nvfp4":
                     x = formats.nvfp4_fake_quant(x, layer.input_scale)
             return F.linear(x, weights[f"{name}.weight"], weights.get(f"{name}.bias"))
 

@@ -95,12 +95,9 @@ def token_rows(tokenizer, docs: Iterable[str], samples: int, seq_len: int) -> to
 # ----- the comparison -------------------------------------------------------------------------------------
 @torch.inference_mode()
 def compare(reference: Artifact, candidate: Artifact, rows: torch.Tensor, *, positions: bool = False,
-            progress: Progress | None = None, candidate_hooks=None) -> dict:
-    """Metrics of the candidate against the reference on the given token rows.
-
-    `candidate_hooks` = (linear, kv) replaces the candidate's own hooks (the noise floor uses it to run the
-    reference's weights as a bf16 engine would)."""
-    linear, kv = candidate_hooks if candidate_hooks is not None else (candidate.linear(), candidate.kv())
+            progress: Progress | None = None) -> dict:
+    """Metrics of the candidate against the reference on the given token rows."""
+    linear, kv = candidate.linear(), candidate.kv()
     cmp = Comparison()
     n = rows.shape[0]
     for start in range(0, n, BATCH_ROWS):
@@ -259,7 +256,7 @@ def summary_table(report: dict):
                   ok if report["ppl_ratio"] <= g["max_ppl_ratio"] else bad)
     for role, s in sorted(report.get("sqnr_by_role", {}).items()):
         fmt = lambda v: "inf" if v is None or v == math.inf else f"{v:.1f}"  # noqa: E731
-        table.add_row(f"weight SQNR {role} (min / median dB)", f"{fmt(s['min'])} / {fmt(s['median'])}", "", "")
+        table.add_row(f"SQNR {role}, min / median dB", f"{fmt(s['min'])} / {fmt(s['median'])}", "", "")
     for name, b in (report.get("positions") or {}).items():
         table.add_row(f"positions {name}: KL / top-1", f"{b['kl_mean']:.3g} / {100 * b['top1_agreement']:.1f} %",
                       "", "")

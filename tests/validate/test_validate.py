@@ -71,9 +71,10 @@ def test_fp8_and_nvfp4_artifacts_pass_the_default_gates(artifacts, tmp_path):
     # the comparison sees quantization: NVFP4 is measurably further from the reference than FP8
     assert 0 < results["fp8"]["kl_mean"] < results["nvfp4"]["kl_mean"]
     assert results["fp8"]["top1_agreement"] > results["nvfp4"]["top1_agreement"]
-    sq8 = min(results["fp8"]["layers_sqnr"].values())
-    sq4 = max(results["nvfp4"]["layers_sqnr"].values())
-    assert sq8 > 28 and sq4 < 23                         # E4M3 ~31 dB, E2M1 with 16-blocks ~20 dB
+    sq8 = sorted(results["fp8"]["layers_sqnr"].values())
+    sq4 = sorted(results["nvfp4"]["layers_sqnr"].values())
+    assert sq8[len(sq8) // 2] > 30 and sq4[-1] < 23      # E4M3 ~31 dB, E2M1 with 16-blocks ~20 dB
+    assert sq8[0] > 26                                   # k_proj re-rounded to the fused QKV scale: ~28 dB
     # the router the export rounded to BF16 is reported, not hidden
     assert any(".gate.weight" in n for n in results["fp8"]["unquantized_changed"])
 
