@@ -46,6 +46,24 @@ rules:
 QUANTIZE_CALIB = ["--calib-samples", "16", "--calib-seq-len", "128"]
 
 
+def run_cli_in_subprocess(args: list[str], one_thread: bool = False) -> dict:
+    """`omniq.cli.main(args)` in a fresh process (ModelOpt patches torch process-wide, so the test process
+    never imports it) -> {"rc", "stdout", "stderr"}."""
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, json, sys\n"
+            + ("import torch\ntorch.set_num_threads(1)\n" if one_thread else "")
+            + "from omniq.cli import main\n"
+            "out, err = io.StringIO(), io.StringIO()\n"
+            "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+            "    rc = main(json.loads(sys.argv[1]))\n"
+            "print(json.dumps({'rc': rc, 'stdout': out.getvalue(), 'stderr': err.getvalue()}))\n")
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 class _Quantized:
     """`omniq quantize tiny` artifacts, each made through the CLI (`omniq.cli.main`) on first use, in its own
     process: ModelOpt patches torch process-wide, so the test process never imports it."""
@@ -64,23 +82,11 @@ class _Quantized:
         return self.made[name]
 
     def _make(self, name: str) -> dict:
-        import subprocess
-        import sys
-
         recipe = str(self.root / "mixed.yaml") if name == "mixed-kv" else name
         args = ["quantize", "tiny", *[recipe if a == "MIXED" else a for a in self.RUNS[name]],
                 "--out", str(self.root / name), *QUANTIZE_CALIB]
-        code = ("import contextlib, io, json, sys\n"
-                "from omniq.cli import main\n"
-                "out, err = io.StringIO(), io.StringIO()\n"
-                "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
-                "    rc = main(json.loads(sys.argv[1]))\n"
-                "print(json.dumps({'rc': rc, 'stdout': out.getvalue(), 'stderr': err.getvalue()}))\n")
-        p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
-                           timeout=900)
-        assert p.returncode == 0, p.stderr[-3000:]
-        res = json.loads(p.stdout.strip().splitlines()[-1])
-        return dict(res, path=self.root / name, recipe=recipe, kv="fp8" if name.endswith("-kv") else None)
+        return dict(run_cli_in_subprocess(args), path=self.root / name, recipe=recipe,
+                    kv="fp8" if name.endswith("-kv") else None)
 
 
 @pytest.fixture(scope="session")
@@ -102,23 +108,10 @@ class _OmniQuantized(_Quantized):
         self.made: dict[str, dict] = {}
 
     def _make(self, name: str) -> dict:
-        import subprocess
-        import sys
-
         args = ["quantize", "tiny-omni", "--recipe", "omni-nvfp4", "--out", str(self.root / name),
                 *QUANTIZE_CALIB, *self.MIXES[name]]
-        code = ("import contextlib, io, json, sys, torch\n"
-                "torch.set_num_threads(1)\n"
-                "from omniq.cli import main\n"
-                "out, err = io.StringIO(), io.StringIO()\n"
-                "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
-                "    rc = main(json.loads(sys.argv[1]))\n"
-                "print(json.dumps({'rc': rc, 'stdout': out.getvalue(), 'stderr': err.getvalue()}))\n")
-        p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
-                           timeout=900)
-        assert p.returncode == 0, p.stderr[-3000:]
-        res = json.loads(p.stdout.strip().splitlines()[-1])
-        return dict(res, path=self.root / name, recipe="omni-nvfp4", kv="fp8")
+        return dict(run_cli_in_subprocess(args, one_thread=True), path=self.root / name, recipe="omni-nvfp4",
+                    kv="fp8")
 
 
 @pytest.fixture(scope="session")
