@@ -30,6 +30,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     file: Path
+    stored: str | None = None   # the name in the file when it differs from the canonical hub name
 
     @property
     def nbytes(self) -> int:
@@ -78,7 +79,7 @@ class Checkpoint:
         for f, names_in_file in by_file.items():
             with safe_open(str(f), framework="pt") as sf:
                 for n in names_in_file:
-                    out[n] = sf.get_tensor(n)
+                    out[n] = sf.get_tensor(self.headers[n].stored or n)
         return out
 
     @cached_property
@@ -220,11 +221,27 @@ def open_checkpoint(name_or_path: str, *, allow_pickle: bool = False, revision: 
                 headers[name] = TensorInfo(meta["dtype"], tuple(meta["shape"]), f)
             except (KeyError, TypeError):
                 raise OmniqError(f"{f}: malformed header entry for tensor {name!r}") from None
+    canonicalize_names(headers, arch.prefix)
     ckpt = Checkpoint(path=path, config=cfg, arch=arch, is_omni=is_omni, weight_files=files, headers=headers,
                       quantization=read_quantization(path, cfg), source=str(name_or_path))
     if check_shapes and not ckpt.is_quantized:
         check_tensors_match_config(ckpt)
     return ckpt
+
+
+# Names some writers use for a hub-layout tensor: transformers 5's `save_pretrained` (and ModelOpt's export
+# through it) writes the embedding as `backbone.embedding.weight`, NVIDIA's checkpoints `embeddings`.
+NAME_ALIASES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
+
+
+def canonicalize_names(headers: dict[str, TensorInfo], prefix: str = "") -> None:
+    """Key aliased tensors by their canonical hub name (in place); `TensorInfo.stored` keeps the file's name."""
+    from dataclasses import replace
+
+    for alias, canonical in NAME_ALIASES.items():
+        a, c = prefix + alias, prefix + canonical
+        if a in headers and c not in headers:
+            headers[c] = replace(headers.pop(a), stored=a)
 
 
 def check_tensors_match_config(ckpt: Checkpoint) -> None:
