@@ -191,3 +191,28 @@ def test_quantize_refuses_its_own_output(quantized, tmp_path, capsys):
     src = quantized["mixed-kv"]["path"]
     assert main(["quantize", str(src), "--recipe", "fp8", "--out", str(tmp_path / "x")]) == 2
     assert "already quantized (MIXED_PRECISION)" in capsys.readouterr().err
+
+
+def test_allow_pickle_converts_a_weights_only_pickle_and_quantizes(tiny_dir, tmp_path):
+    """--allow-pickle: the state dict is loaded with torch.load(weights_only=True), turned into safetensors in a
+    temporary directory, and quantized like any checkpoint; a pickle of arbitrary objects is still refused."""
+    import fractions
+    import subprocess
+    import sys
+
+    import torch
+
+    src = _only_config(tiny_dir, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_dir / name, src / name)
+    torch.save(load_file(str(tiny_dir / "model.safetensors")), str(src / "pytorch_model.bin"))
+    cmd = [sys.executable, "-m", "omniq.cli", "quantize", str(src), "--recipe", "fp8", "--calib-samples", "16",
+           "--calib-seq-len", "128"]
+    p = subprocess.run([*cmd, "--out", str(tmp_path / "fp8"), "--allow-pickle"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "fp8" / "model.safetensors").exists() or list((tmp_path / "fp8").glob("*.safetensors"))
+
+    torch.save({"x": fractions.Fraction(1, 3)}, str(src / "pytorch_model.bin"))  # a global weights_only refuses
+    p = subprocess.run([*cmd, "--out", str(tmp_path / "bad"), "--allow-pickle"], capture_output=True, text=True)
+    assert p.returncode == 2 and "weights-only pickle" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

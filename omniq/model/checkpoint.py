@@ -210,8 +210,8 @@ def open_checkpoint(name_or_path: str, *, allow_pickle: bool = False, revision: 
                              "Convert to safetensors, or pass --allow-pickle if you trust the file")
         if not pickles:
             raise OmniqError(f"{path}: no *.safetensors weights found")
-        raise OmniqError(f"{path}: pickled checkpoints are not supported yet even with --allow-pickle; "
-                         "convert them with `safetensors.torch.save_file`")
+        path = pickles_to_safetensors(path, [path / p for p in pickles])
+        files = _weight_files(path)
     headers: dict[str, TensorInfo] = {}
     for f in files:
         for name, meta in read_safetensors_header(f).items():
@@ -242,6 +242,40 @@ def canonicalize_names(headers: dict[str, TensorInfo], prefix: str = "") -> None
         a, c = prefix + alias, prefix + canonical
         if a in headers and c not in headers:
             headers[c] = replace(headers.pop(a), stored=a)
+
+
+def pickles_to_safetensors(path: Path, pickles: list[Path]) -> Path:
+    """--allow-pickle: load the pickled state dicts with `torch.load(weights_only=True)` (tensors and plain
+    containers only; arbitrary objects are refused) and write them as safetensors, with the checkpoint's JSON and
+    tokenizer files, into a temporary directory removed when the process ends. Everything after this reads
+    safetensors only."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = Path(tempfile.mkdtemp(prefix="omniq-unpickled-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    for f in path.iterdir():
+        if f.is_file() and f.suffix not in PICKLE_SUFFIXES:
+            shutil.copy2(f, tmp / f.name)
+    tensors: dict = {}
+    for f in pickles:
+        try:
+            state = torch.load(str(f), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - anything torch.load refuses is a user-fixable input
+            raise OmniqError(f"{f}: cannot load it as a weights-only pickle ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise OmniqError(f"{f}: not a state dict of tensors")
+        tensors.update({k: v.contiguous() for k, v in state.items()})
+    (tmp / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return tmp
 
 
 def check_tensors_match_config(ckpt: Checkpoint) -> None:
