@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from omniq.checksums import sha256_file
 from omniq.errors import OmniqError
 
 BUNDLED = {"tiny-calib": "calib"}
@@ -49,14 +50,6 @@ class CalibSet:
 
     def batches(self, batch_size: int) -> list:
         return [self.rows[i:i + batch_size] for i in range(0, self.rows.shape[0], batch_size)]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -177,7 +170,7 @@ def source_texts(calib: str, *, column: str = "text", split: str = "train") -> t
         if not path.is_file():
             raise OmniqError(f"--calib {calib}: no such file")
         ident = {"source": str(path.resolve()), "kind": FILE_KINDS[path.suffix.lower()],
-                 "file_sha256": _file_sha256(path)}
+                 "file_sha256": sha256_file(path)}
         if ident["kind"] != "text":
             ident["column"] = column
         return _read_file(path, column), ident

@@ -18,7 +18,6 @@ nothing behind and `--out` is never overwritten without `--force`.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -26,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omniq import __version__
+from omniq.checksums import sha256_file
 from omniq.errors import GateFailed, OmniqError
 from omniq.export import gpu_memory, trtllm
 from omniq.export.gpus import resolve_gpu
 from omniq.export.hf_checkpoint import staged_output
 
 MANIFEST = "omniq.json"
-CHUNK = 1 << 20
 
 
 @dataclass
@@ -45,12 +44,6 @@ class BuildResult:
 
 
 # ----- checksums ------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest_checksums(ckpt_dir: Path) -> dict[str, str] | None:

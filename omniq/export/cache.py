@@ -28,10 +28,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from omniq.checksums import sha256_file
 from omniq.errors import OmniqError
 
 RESULT = "result.json"
-_CHUNK = 1 << 22
 
 
 def canonical(obj) -> bytes:
@@ -40,14 +40,6 @@ def canonical(obj) -> bytes:
 
 def key(obj) -> str:
     return hashlib.sha256(canonical(obj)).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

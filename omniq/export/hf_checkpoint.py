@@ -32,7 +32,6 @@ Inside the stage:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -45,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from omniq.checksums import sha256_file
 from omniq.errors import GateFailed, OmniqError
 from omniq.model.arch import Arch
 from omniq.model.checkpoint import Checkpoint, read_safetensors_header
@@ -428,12 +428,6 @@ def copy_side_files(src: Path, final: Path) -> list[str]:
 
 
 # ----- 5. manifest --------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def source_hashes(ckpt: Checkpoint) -> dict[str, str]:

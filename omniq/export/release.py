@@ -20,12 +20,12 @@ overrides that (the failure still goes into the published metadata).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omniq.checksums import sha256_file
 from omniq.errors import GateFailed, OmniqError
 
 MANIFEST = "omniq.json"
@@ -35,15 +35,6 @@ CARD = "README.md"
 SIDECARS = (VALIDATION, LINT, CARD)
 DELTA_KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate", "ppl_ratio", "tokens")
 LINT_FAILING = ("error", "fatal", "critical")
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: Path, what: str) -> dict:
