@@ -85,7 +85,7 @@ def make_random_model(dest: Path, config: dict) -> Path:
 
 def quantize_timings(models: dict[str, Path], work: Path, samples: int, seq_len: int) -> list[dict]:
     from omniq.model.checkpoint import open_checkpoint
-    from omniq.quant.quantize import quantize
+    from omniq.commands.quantize import quantize
 
     rows = []
     for name, path in models.items():

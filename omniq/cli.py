@@ -151,7 +151,7 @@ def build(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ):
     """A TensorRT-LLM deployment bundle (PyTorch backend) of a quantized checkpoint for one GPU target."""
-    from omniq.export.bundle import build as build_bundle
+    from omniq.deploy.bundle import build as build_bundle
 
     result = build_bundle(checkpoint, gpu, out, tp=tp, ep=ep, max_batch=max_batch, max_seq_len=max_seq_len,
                           trtllm_version=trtllm_version, execute=execute, force=force)
@@ -183,7 +183,7 @@ def publish(
     plain_http: bool = typer.Option(False, "--plain-http", help="OCI over plain HTTP (always on for 127.0.0.1 / localhost)."),
 ):
     """Publish a validated artifact to an OCI registry (through oras) or the Hugging Face Hub."""
-    from omniq.export.publish import publish as do_publish
+    from omniq.publish.publish import publish as do_publish
 
     result = do_publish(artifact, ref, force=force, allow_failed=allow_failed, plain_http=plain_http,
                         progress=_file_progress("uploading"))
@@ -207,7 +207,7 @@ def pull(
     plain_http: bool = typer.Option(False, "--plain-http", help="Plain HTTP (always on for 127.0.0.1 / localhost)."),
 ):
     """Fetch a published artifact; every file is checked against its digest and omniq.json before DEST appears."""
-    from omniq.export.publish import pull as do_pull
+    from omniq.publish.publish import pull as do_pull
 
     result = do_pull(ref, dest, force=force, plain_http=plain_http, progress=_file_progress("downloading"))
     typer.echo(f"pulled {result['ref']} ({result['digest']}) into {result['path']}: {result['files']} files, "
@@ -236,7 +236,7 @@ def quantize(
 ):
     """Quantize a NemotronH or Nemotron Omni checkpoint (its language model) with ModelOpt into a checked unified HF checkpoint (+ omniq.json)."""
     from omniq.calib.experts import ExpertPolicy
-    from omniq.quant.quantize import quantize as run_quantize
+    from omniq.commands.quantize import quantize as run_quantize
 
     policy = ExpertPolicy(expert_calibration, min_expert_tokens, expert_fill, allow_uncalibrated_experts)
     with _stage_progress() as progress:
@@ -286,7 +286,7 @@ def inspect(
     """Architecture summary (layer pattern, parameters by component); with --recipe, the formats and size."""
     import json
 
-    from omniq.model.summary import inspect_model, render
+    from omniq.commands.inspect import inspect_model, render
 
     summary = inspect_model(model, recipe, kv_cache)
     if as_json:
@@ -333,7 +333,7 @@ def pipeline(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Stage outputs and summary here instead of the file's workdir."),
 ):
     """Quantize, lint, validate, build and publish a matrix of recipes x GPU targets, cached and resumable."""
-    from omniq.export.pipeline import run as run_pipeline
+    from omniq.pipeline.run import run as run_pipeline
 
     outcome = run_pipeline(file, only=only, dry_run=dry_run, workdir=workdir)
     if outcome.exit_code:

@@ -242,7 +242,8 @@ def test_config_only_plan_is_fast_and_loads_no_weights(tmp_path):
 def test_memory_defaults_are_what_quantize_calibrates_with(capsys):
     import inspect
 
-    from omniq.quant import calibrate, plan_report, quantize
+    from omniq.quant import calibrate, plan_report
+    from omniq.commands import quantize
 
     assert inspect.signature(quantize.quantize).parameters["calib_seq_len"].default == plan_report.CALIB_SEQ_LEN
     m = run_json(capsys, CONFIG, "--recipe", "fp8")["memory"]

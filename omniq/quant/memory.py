@@ -34,7 +34,7 @@ The runtime itself (Python and its libraries on CPU; CUDA context and allocator 
 allowance, `overhead`. Not modelled: the towers' own activations for image/audio calibration batches (small
 next to the language model's).
 
-The device is `cpu` (this machine's RAM), a GPU name from the one GPU table, `omniq.export.gpus` (h100,
+The device is `cpu` (this machine's RAM), a GPU name from the one GPU table, `omniq.gpus` (h100,
 h200, b200, ...: marketed capacity in GiB; the driver shows a little less, which the overhead allowance
 covers), or an explicit `--device-memory`.
 """
@@ -139,7 +139,7 @@ def device_capacity(device: str, device_memory: str | None = None) -> tuple[str,
     if name == "cpu":
         total, available = host_memory()
         return name, total, available
-    from omniq.export.gpus import ALIASES, GPUS, resolve_gpu
+    from omniq.gpus import ALIASES, GPUS, resolve_gpu
 
     try:
         gpu = resolve_gpu(name)

@@ -612,17 +612,18 @@ def check_size(seen: Seen) -> list[Finding]:
 
 def check_checksums(seen: Seen) -> list[Finding]:
     """Every file omniq.json lists has its sha256; no other file was added (sidecars aside)."""
-    from omniq.export import release
+    from omniq import manifest as mf
+    from omniq.checksums import sha256_file
 
     root = seen.ckpt.path
-    path = root / release.MANIFEST
+    path = root / mf.MANIFEST
     if not path.is_file():
         return []
     try:
         manifest = json.loads(path.read_text())
-        listed = release.listed_files(manifest if isinstance(manifest, dict) else {}, release.MANIFEST)
+        listed = mf.listed_files(manifest if isinstance(manifest, dict) else {}, mf.MANIFEST)
     except (ValueError, UnicodeDecodeError, OmniqError) as e:
-        return [Finding("manifest-unreadable", "error", release.MANIFEST, f"no readable files map ({e})",
+        return [Finding("manifest-unreadable", "error", mf.MANIFEST, f"no readable files map ({e})",
                         f"{REEXPORT}, or delete omniq.json if the files were changed on purpose")]
     out = []
     for rel, digest in sorted(listed.items()):
@@ -630,11 +631,11 @@ def check_checksums(seen: Seen) -> list[Finding]:
         if not f.is_file():
             out.append(Finding("checksum-file-missing", "error", rel, "listed in omniq.json but not in the "
                                "checkpoint directory", "copy the file again (incomplete download or copy?)"))
-        elif release.sha256_file(f) != digest:
+        elif sha256_file(f) != digest:
             out.append(Finding("checksum-mismatch", "error", rel,
                                "sha256 differs from omniq.json: the file changed after quantize wrote it",
                                "re-download / re-copy it; if it was edited on purpose, quantize again"))
-    skip = {release.MANIFEST, *release.SIDECARS}
+    skip = {mf.MANIFEST, *mf.SIDECARS}
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = f.relative_to(root).as_posix()
         if rel not in listed and rel not in skip and not rel.startswith("."):

@@ -1,4 +1,4 @@
-"""Run `omniq.export.pipeline.run` with fast fake quantize / lint / validate / build stages (and the real
+"""Run `omniq.pipeline.run.run` with fast fake quantize / lint / validate / build stages (and the real
 publish stage), in its own process so tests can SIGKILL it anywhere.
 
     python fake_pipeline.py PIPELINE.yaml [--only STAGE] [--dry-run]
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from omniq.errors import OmniqError
-from omniq.export import pipeline, stages as real_stages
+from omniq.pipeline import run as pipeline, stages as real_stages
 
 DEFAULT_KL = {"fp8": 0.004, "nvfp4": 0.03}
 

@@ -21,8 +21,8 @@ import yaml
 from build_fixtures import quantized, tiny_config, tiny_omni_config, tower_weights  # noqa: F401  (fixtures)
 from omniq.cli import main
 from omniq.errors import OmniqError
-from omniq.export import gpu_memory, trtllm
-from omniq.export.gpus import GPUS, resolve_gpu
+from omniq.deploy import gpu_memory, trtllm
+from omniq.gpus import GPUS, resolve_gpu
 from omniq.model.arch import from_config
 from omniq.model.checkpoint import arch_of
 from omniq.quant.plan import make_plan
@@ -687,7 +687,7 @@ def test_omni_refusals_write_nothing(omni_ckpt, tmp_path, capsys, monkeypatch):
 
 
 def test_omni_onnx_gate_fails_the_build(omni_ckpt, tmp_path, capsys, monkeypatch):
-    from omniq.export import encoders
+    from omniq.deploy import encoders
 
     monkeypatch.setattr(encoders, "MAX_REL_ERROR", 0.0)     # any rounding difference now fails the gate
     assert run_cli("build", omni_ckpt, "--gpu", "sm120", "--out", tmp_path / "out") == 1

@@ -22,7 +22,8 @@ import requests
 import yaml
 
 from omniq.errors import OmniqError
-from omniq.export import cache, oci
+from omniq.pipeline import cache
+from omniq.publish import oci
 from omniq.quant.recipe import RECIPES_DIR
 import fake_pipeline
 from publish_fixtures import registry  # noqa: F401

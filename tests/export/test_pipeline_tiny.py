@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from omniq.cli import main
-from omniq.export import oci
+from omniq.publish import oci
 from publish_fixtures import registry  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,8 +15,8 @@ import requests
 
 from omniq.cli import main
 from omniq.errors import GateFailed, OmniqError
-from omniq.export import hub, model_card, oci
-from omniq.export import release as rel
+from omniq.publish import hub, model_card, oci
+from omniq.publish import release as rel
 from publish_fixtures import (AUTH_PASSWORD, AUTH_USER, auth_registry, make_artifact, omniq_subprocess,  # noqa: F401
                               proxy_factory, registry)
 

@@ -120,7 +120,7 @@ import json, sys, copy
 import torch
 import torch.nn.functional as F
 from transformers.models.nemotron_h import modeling_nemotron_h as mh
-from omniq.quant.quantize import quantize
+from omniq.commands.quantize import quantize
 
 original_linear = F.linear
 original_forward = mh.NemotronHExperts.forward

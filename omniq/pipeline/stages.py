@@ -9,8 +9,8 @@ import json
 import os
 import shutil
 
-from omniq.export.pipeline import StageContext
-from omniq.export.release import LINT, VALIDATION
+from omniq.pipeline.context import StageContext
+from omniq.publish.release import LINT, VALIDATION
 
 DELTAS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate", "ppl_ratio", "tokens")
 
@@ -24,7 +24,7 @@ def _progress(ctx: StageContext, what: str | None = None):
 
 
 def quantize(ctx: StageContext) -> dict:
-    from omniq.quant.quantize import quantize as run_quantize, resolve_recipe
+    from omniq.commands.quantize import quantize as run_quantize, resolve_recipe
 
     cal = ctx.spec.calibration
     # the source as the pipeline names it (a bundled name / hub id stays one in omniq.json's provenance)
@@ -58,8 +58,8 @@ def validate(ctx: StageContext) -> dict:
 
 
 def build(ctx: StageContext) -> dict:
-    from omniq.export import trtllm
-    from omniq.export.bundle import build as run_build
+    from omniq.deploy import trtllm
+    from omniq.deploy.bundle import build as run_build
 
     b = ctx.spec.build
     res = run_build(str(ctx.artifact), ctx.target, ctx.out / "bundle", tp=b.get("tp", 1), ep=b.get("ep"),
@@ -89,7 +89,7 @@ def release_dir(ctx: StageContext):
 
 
 def publish(ctx: StageContext) -> dict:
-    from omniq.export.publish import publish as run_publish
+    from omniq.publish.publish import publish as run_publish
 
     p = ctx.publish
     src = release_dir(ctx)

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from packaging.version import InvalidVersion, Version
 
 from omniq.errors import OmniqError
-from omniq.export import gpu_memory
-from omniq.export.gpus import Gpu
+from omniq.deploy import gpu_memory
+from omniq.gpus import Gpu
 from omniq.model.arch import Arch
 
 DEFAULT_TRTLLM_VERSION = "1.3.0rc27"   # the release whose LLM-API reference the option keys were checked against

@@ -1,6 +1,6 @@
 """`omniq pipeline PIPELINE.yaml [--only STAGE] [--dry-run]`: every artifact of a matrix, cached and resumable.
 
-The pipeline file (`omniq.export.pipeline_spec`) names a source checkpoint and a matrix of recipe columns x
+The pipeline file (`omniq.pipeline.spec`) names a source checkpoint and a matrix of recipe columns x
 GPU targets. The stages, run stage by stage over the whole matrix:
 
     quantize[recipe]           omniq quantize                 key: source file hashes, resolved recipe,
@@ -14,10 +14,10 @@ GPU targets. The stages, run stage by stage over the whole matrix:
     publish[recipe x ref]      omniq publish (gates passed, every build finished)  key: quantize, lint and
                                                                    validate keys, the reference, its options
 
-A stage's output is stored under its key (`omniq.export.cache`): an unchanged pipeline runs nothing and says
+A stage's output is stored under its key (`omniq.pipeline.cache`): an unchanged pipeline runs nothing and says
 so; editing one recipe changes that column's keys only. A run killed at any point leaves either finished
 outputs (with their completion marker) or temporary ones that the next run removes, and resumes from the
-last finished stage. Stage functions are injected (`Stages`); `omniq.export.stages` has the real ones.
+last finished stage. Stage functions are injected (`Stages`); `omniq.pipeline.stages` has the real ones.
 
 `--only STAGE` runs that stage alone (its inputs must already be in the cache); `--dry-run` computes the keys
 and shows what would run. The run ends with `summary.json`, `summary.md` (also appended to
@@ -31,52 +31,19 @@ import importlib.metadata
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from omniq import __version__
 from omniq.errors import OmniqError
-from omniq.export import cache, summary as summary_mod
-from omniq.export.pipeline_spec import Column, PipelineSpec, PublishTarget, load
+from omniq.pipeline import cache, summary as summary_mod
+from omniq.pipeline.context import StageContext, Stages  # noqa: F401 (Stages: part of run()'s interface)
+from omniq.pipeline.spec import Column, PipelineSpec, PublishTarget, load
 
 STAGES = ("quantize", "lint", "validate", "build", "publish")
 STAGE_FORMAT = 1                    # bump when what a stage writes changes shape
-Progress = Callable[[int, int, str], None]
-
-
-@dataclass
-class StageContext:
-    """What a stage function gets: where to write, and everything it may read."""
-
-    spec: PipelineSpec
-    column: Column
-    out: Path                           # an empty temporary directory, the stage's output once it returns
-    source_dir: Path
-    inputs: dict[str, cache.Finished]   # upstream outputs: "quantize", "lint", "validate"
-    target: str | None = None           # build
-    publish: PublishTarget | None = None
-    ref: str | None = None              # publish, expanded
-    progress: Progress | None = None
-
-    @property
-    def artifact(self) -> Path:
-        q = self.inputs["quantize"]
-        return q.path / q.result["path"]
-
-
-StageFn = Callable[[StageContext], dict]
-
-
-@dataclass
-class Stages:
-    quantize: StageFn
-    lint: StageFn
-    validate: StageFn
-    build: StageFn
-    publish: StageFn
 
 
 def default_stages() -> Stages:
-    from omniq.export import stages
+    from omniq.pipeline import stages
 
     return Stages(stages.quantize, stages.lint, stages.validate, stages.build, stages.publish)
 

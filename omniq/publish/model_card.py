@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from omniq import __version__
-from omniq.export import release as rel
+from omniq.publish import release as rel
 
 DELTA_ROWS = (   # key, label, gate key, "max" or "min"
     ("kl_mean", "KL divergence, mean (nats/token)", "max_kl", "max"),

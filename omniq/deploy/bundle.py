@@ -10,7 +10,7 @@
                              TensorRT-LLM version range, sha256 of every file above, warnings
       encoders/              (Omni) vision / audio encoders as ONNX, verified, with trtexec commands
 
-Compatibility is decided (`omniq.export.trtllm.decide`) before anything is written; the bundle is
+Compatibility is decided (`omniq.deploy.trtllm.decide`) before anything is written; the bundle is
 assembled in a temporary sibling directory and renamed into place, so a refusal or a failure leaves
 nothing behind and `--out` is never overwritten without `--force`.
 """
@@ -27,8 +27,8 @@ from pathlib import Path
 from omniq import __version__
 from omniq.checksums import sha256_file
 from omniq.errors import GateFailed, OmniqError
-from omniq.export import gpu_memory, trtllm
-from omniq.export.gpus import resolve_gpu
+from omniq.deploy import gpu_memory, trtllm
+from omniq.gpus import resolve_gpu
 from omniq.export.hf_checkpoint import staged_output
 
 MANIFEST = "omniq.json"
@@ -213,7 +213,7 @@ def build(checkpoint: str, gpu: str, out: str | Path, *, tp: int = 1, ep: int | 
     out = Path(out).expanduser()
     target = resolve_gpu(gpu)
     if execute:
-        from omniq.export import trtllm_run
+        from omniq.deploy import trtllm_run
 
         installed, sm = trtllm_run.check_runtime()
         if trtllm_version and trtllm_version != installed:
@@ -236,7 +236,7 @@ def build(checkpoint: str, gpu: str, out: str | Path, *, tp: int = 1, ep: int | 
     expected = manifest_checksums(ckpt.path)
     encoder_plan = None
     if ckpt.is_omni:
-        from omniq.export import encoders
+        from omniq.deploy import encoders
 
         encoder_plan = encoders.plan(ckpt)          # refuses (exit 2) before anything is written
 
@@ -283,7 +283,7 @@ def build(checkpoint: str, gpu: str, out: str | Path, *, tp: int = 1, ep: int | 
         if execute:
             import yaml
 
-            from omniq.export import trtllm_run
+            from omniq.deploy import trtllm_run
 
             options = yaml.safe_load((tmp / "llm_api_options.yaml").read_text())
             manifest["execution"] = trtllm_run.run_bundle(tmp, options, dep.max_batch)

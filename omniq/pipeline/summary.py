@@ -1,7 +1,7 @@
 """How a pipeline run is reported: one record per artifact (recipe column) as JSON, a Markdown table for a CI
 job summary, and a PNG chart of the measured deltas per recipe.
 
-The record is made by `omniq.export.pipeline` from the stage results; here it is only rendered. A number
+The record is made by `omniq.pipeline.run` from the stage results; here it is only rendered. A number
 that was not measured is shown as "-" and left out of the chart, never drawn as zero.
 """
 
@@ -141,7 +141,7 @@ def chart(summary: dict, path: Path) -> Path:
 def write(summary: dict, workdir: Path) -> dict[str, Path]:
     """summary.json, summary.md and deltas.png in the work directory; summary.md is also appended to
     $GITHUB_STEP_SUMMARY when that is set (a GitHub Actions job summary)."""
-    from omniq.export.cache import write_atomic
+    from omniq.pipeline.cache import write_atomic
 
     workdir.mkdir(parents=True, exist_ok=True)
     md = markdown(summary)

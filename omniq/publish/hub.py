@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omniq.errors import OmniqError
-from omniq.export import model_card
-from omniq.export import release as rel
+from omniq.publish import model_card
+from omniq.publish import release as rel
 
 SCHEME = "hf://"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

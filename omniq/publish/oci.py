@@ -24,7 +24,7 @@ then every file against `omniq.json`, and only then renames it into place.
 
 Transport: HTTPS, or plain HTTP with `--plain-http` and always for loopback hosts (127.0.0.1, localhost,
 ::1). One request at a time with timeouts and no retry loop (oras' own retries sleep for minutes on a
-registry that is down). Credentials: `omniq.export.registry_auth`; none appears in any output.
+registry that is down). Credentials: `omniq.publish.registry_auth`; none appears in any output.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from pathlib import Path
 
 from omniq import __version__
 from omniq.errors import OmniqError
-from omniq.export import release as rel
-from omniq.export.registry_auth import Credentials, credentials_for
+from omniq.publish import release as rel
+from omniq.publish.registry_auth import Credentials, credentials_for
 
 SCHEME = "oci://"
 ARTIFACT_TYPE = "application/vnd.omniq.checkpoint.v1"

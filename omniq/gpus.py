@@ -5,11 +5,11 @@ that architecture, so a memory check against an architecture name is never optim
 
 Memory is the marketed capacity per GPU counted in GiB (H100 80, H200 141, B200 180, ...). The driver
 reports slightly less than the marketed figure on some parts (an H100 shows about 79.6 GiB); the runtime
-reserve of the memory model (`omniq.export.gpu_memory`) absorbs that difference.
+reserve of the memory model (`omniq.deploy.gpu_memory`) absorbs that difference.
 
 What each SM can run is the TensorRT-LLM hardware matrix (shared/reference/tensorrt-llm-notes.md):
 FP8 per-tensor on sm89 and newer, native NVFP4 GEMMs from Blackwell (sm100) on; NVFP4 checkpoints reach
-Hopper (sm90) only through the W4A16 fallback decided in `omniq.export.trtllm`.
+Hopper (sm90) only through the W4A16 fallback decided in `omniq.deploy.trtllm`.
 """
 
 from __future__ import annotations

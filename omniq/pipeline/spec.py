@@ -201,11 +201,11 @@ def _publish(file, data) -> tuple[PublishTarget, ...]:
         sample = target.expand("name", "recipe", "0" * 64)
         try:
             if sample.startswith("oci://"):
-                from omniq.export import oci
+                from omniq.publish import oci
 
                 oci.parse_ref(sample, need_tag=True)
             elif sample.startswith("hf://"):
-                from omniq.export import hub
+                from omniq.publish import hub
 
                 hub.parse_ref(sample)
             else:
@@ -238,7 +238,7 @@ def parse(data, file: Path) -> PipelineSpec:
         _fail(file, "targets must be a list of GPU names (h100, b200, sm90, ...)")
     if len(set(targets)) != len(targets):
         _fail(file, "targets lists a GPU twice")
-    from omniq.export.gpus import resolve_gpu
+    from omniq.gpus import resolve_gpu
 
     for t in targets:
         try:

@@ -1,7 +1,7 @@
 """`omniq publish ARTIFACT_DIR REF` / `omniq pull REF DIR`: pick the destination by the reference's scheme.
 
-`oci://HOST[:PORT]/REPO:TAG` goes to `omniq.export.oci` (through oras), `hf://ORG/NAME[@REVISION]` to
-`omniq.export.hub` (through huggingface_hub). Both refuse an artifact that did not pass lint and its gates
+`oci://HOST[:PORT]/REPO:TAG` goes to `omniq.publish.oci` (through oras), `hf://ORG/NAME[@REVISION]` to
+`omniq.publish.hub` (through huggingface_hub). Both refuse an artifact that did not pass lint and its gates
 unless `allow_failed`, and never replace what a reference already holds unless `force`.
 """
 
@@ -16,12 +16,12 @@ def publish(artifact_dir, ref: str, *, force: bool = False, allow_failed: bool =
             progress=None) -> dict:
     """Publish; returns a JSON-able record with at least `ref` (and `digest` for OCI, `commit_url` for hub)."""
     if ref.startswith("oci://"):
-        from omniq.export import oci
+        from omniq.publish import oci
 
         return oci.push(artifact_dir, ref, force=force, allow_failed=allow_failed, plain_http=plain_http,
                         progress=progress).as_dict()
     if ref.startswith("hf://"):
-        from omniq.export import hub
+        from omniq.publish import hub
 
         return hub.push(artifact_dir, ref, force=force, allow_failed=allow_failed)
     raise OmniqError(f"{ref}: unknown destination; expected oci://HOST[:PORT]/REPO:TAG or hf://ORG/NAME[@REVISION]")
@@ -29,7 +29,7 @@ def publish(artifact_dir, ref: str, *, force: bool = False, allow_failed: bool =
 
 def pull(ref: str, dest, *, force: bool = False, plain_http: bool = False, progress=None) -> dict:
     if ref.startswith("oci://"):
-        from omniq.export import oci
+        from omniq.publish import oci
 
         return oci.pull(ref, dest, force=force, plain_http=plain_http, progress=progress).as_dict()
     if ref.startswith("hf://"):
