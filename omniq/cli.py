@@ -226,6 +226,7 @@ def quantize(
     calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration rows."),
     calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="Tokens per calibration row."),
     calib_mix: Optional[str] = typer.Option(None, "--calib-mix", help="Shares of calibration tokens per modality, e.g. text:0.5,image:0.25,audio:0.25. Default: that mix for Omni checkpoints (modalities it has towers for), text:1 for text-only models."),
+    calib_seed: Optional[int] = typer.Option(None, "--calib-seed", help="Another reproducible sample of the calibration texts (each text kept with probability 1/2 by a hash of seed and index). [default: the first texts in order]"),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept a checkpoint whose weights are only pickled (.bin / .pt)."),
     device: str = typer.Option("cpu", "--device", help="Where calibration runs: cpu, or cuda (ModelOpt's CUDA kernels then pack the export)."),
@@ -243,7 +244,7 @@ def quantize(
         result = run_quantize(model, recipe, out, kv_cache=kv_cache, calib=calib, calib_column=calib_column,
                               calib_split=calib_split, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                               force=force, allow_pickle=allow_pickle, progress=progress, device=device,
-                              calib_mix=calib_mix, expert_policy=policy)
+                              calib_mix=calib_mix, expert_policy=policy, calib_seed=calib_seed)
     plan = result.plan
     counts = ", ".join(f"{n} {fmt}" for fmt, n in sorted(result.counts.items(), key=lambda kv: -kv[1]) if n)
     sec = result.seconds
@@ -266,6 +267,11 @@ def quantize(
         typer.echo(f"routed experts (--expert-calibration {policy.mode}, tokens per expert; counts in omniq.json):")
         for line in result.experts:
             typer.echo(f"  {line}")
+    wc = result.manifest.get("weight_calibration")
+    if wc:
+        algos = ", ".join(f"{name} ({v['layers']} layers)" for name, v in wc["algorithms"].items())
+        typer.echo(f"weight calibration: {algos} in {wc['seconds']:.1f} s; "
+                   f"{len(wc['fallback_to_mse'])} experts fell back to mse (listed in omniq.json)")
     if result.lint:
         typer.echo(f"lint: {result.lint.get('error', 0)} errors, {result.lint.get('warning', 0)} warnings "
                    "(lint.json)")

@@ -210,9 +210,18 @@ def pack(texts: Iterable[str], tokenizer, samples: int, seq_len: int, where: str
     return ids[:need], used
 
 
+def seeded(texts: Iterable[str], seed: int) -> Iterator[str]:
+    """Texts kept with probability 1/2 each, decided by sha256(seed, index): a different, reproducible sample
+    of the same source per `--calib-seed`, still read lazily (about twice the texts are read)."""
+    for i, text in enumerate(texts):
+        if hashlib.sha256(f"{seed}:{i}".encode()).digest()[0] < 128:
+            yield text
+
+
 def load(calib: str, tokenizer, *, samples: int, seq_len: int, column: str = "text",
-         split: str = "train") -> CalibSet:
-    """Calibration rows (samples, seq_len) from a source, tokenized with the checkpoint's tokenizer."""
+         split: str = "train", seed: int | None = None) -> CalibSet:
+    """Calibration rows (samples, seq_len) from a source, tokenized with the checkpoint's tokenizer;
+    `seed` (None: the source's first texts in order) picks another sample of its texts (`seeded`)."""
     import torch
 
     if samples < 1:
@@ -220,6 +229,8 @@ def load(calib: str, tokenizer, *, samples: int, seq_len: int, column: str = "te
     if seq_len < 2:
         raise OmniqError(f"--calib-seq-len {seq_len}: must be at least 2")
     texts, identity = source_texts(calib, column=column, split=split)
+    if seed is not None:
+        texts, identity = seeded(texts, seed), dict(identity, seed=seed)
     ids, used = pack(texts, tokenizer, samples, seq_len, identity["source"])
     rows = torch.tensor(ids, dtype=torch.int64).view(samples, seq_len)
     identity = dict(identity, samples=samples, seq_len=seq_len, texts_used=used, tokens=samples * seq_len,

@@ -86,7 +86,7 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
              calib_column: str = "text", calib_split: str = "train", calib_samples: int = 64,
              calib_seq_len: int = 256, force: bool = False, allow_pickle: bool = False,
              progress: Progress | None = None, device: str = "cpu",
-             calib_mix: str | None = None, expert_policy=None) -> QuantizeResult:
+             calib_mix: str | None = None, expert_policy=None, calib_seed: int | None = None) -> QuantizeResult:
     from omniq.calib import media, multimodal
     from omniq.export import hf_checkpoint as export
     from omniq.quant import calibrate as cal
@@ -109,6 +109,11 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
                          "cache); nothing to export")
     config = modelopt_config(plan)
     enabled = enabled_quantizers(plan)
+    algorithms = {lin.name: rec.algorithm_of(lin, ckpt.arch) for lin in plan.quantized}
+    weight_algos = any(a.name != "max" for a in algorithms.values())
+    if weight_algos and (ckpt.is_omni or device != "cpu"):
+        raise OmniqError(f"recipe {rec.name}: weight calibration {', '.join(rec.algorithms)} runs on CPU on text "
+                         "checkpoints only for now (not on Omni checkpoints, not with --device cuda)")
     dropped = sorted(set(ckpt.headers) - set(ckpt.arch.tensor_by_name)     # e.g. mtp.* (not in the model)
                      - set(export.tower_tensors(ckpt)))                     # Omni towers: copied as they are
     mix = media.parse_calib_mix(calib_mix or multimodal.default_mix(ckpt.is_omni, ckpt.config))
@@ -121,7 +126,7 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
                                         sample_sha256=tuple(b.sha256 for b in mm.batches))
     else:
         calib_set = calib_data.load(calib, ckpt.tokenizer, samples=calib_samples, seq_len=calib_seq_len,
-                                    column=calib_column, split=calib_split)
+                                    column=calib_column, split=calib_split, seed=calib_seed)
     top = int(calib_set.rows.max()) if calib_set.rows is not None else 0
     if top >= ckpt.arch.vocab_size:
         raise OmniqError(f"{ckpt.path}: the tokenizer produced token id {top} but the model's vocab_size is "
@@ -158,6 +163,17 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
         seconds["export_modelopt"] = time.perf_counter() - t
         del net, result.model
         gc.collect()
+        overrides, weight_calibration = None, None
+        if weight_algos:
+            from omniq.quant.weight_calibration import calibrate_weights
+
+            tw = time.perf_counter()
+            source = ckpt.read([tt.name for tt in ckpt.arch.tensors])
+            wc = calibrate_weights(ckpt.arch, source, calib_set.rows, plan.formats, algorithms,
+                                   export.exported_tensors(stage, plan.arch, ".weight_scale_2"), progress)
+            del source
+            overrides, weight_calibration = wc.overrides(), wc.manifest(algorithms)
+            seconds["weight_calibration"] = time.perf_counter() - tw
         manifest = {
             "omniq_manifest": 1,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -172,11 +188,12 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
                                 device=device,
                                 sample_sha256=list(calib_set.sample_sha256),
                                 **({"modality_tokens": modality_tokens} if modality_tokens else {})),
+            **({"weight_calibration": weight_calibration} if weight_calibration else {}),
             "modelopt_config": _jsonable(config),
             "modules": dict(plan.formats),
             "experts": coverage.manifest(),
         }
-        exported = export.finish(stage, plan, ckpt, manifest, modelopt_qc, progress)
+        exported = export.finish(stage, plan, ckpt, manifest, modelopt_qc, progress, overrides)
         lint_counts = lint_stage(stage, out)
     seconds.update({f"export_{k}": v for k, v in exported.seconds.items()})
     seconds["export"] = time.perf_counter() - t

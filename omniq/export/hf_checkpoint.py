@@ -189,11 +189,30 @@ def _raw_shards(raw: Path) -> list[Path]:
     return shards
 
 
+def exported_tensors(stage: Stage, arch: Arch, suffix: str) -> dict[str, object]:
+    """Tensors of ModelOpt's raw export whose hub-layout name ends with `suffix` (e.g. the NVFP4 global
+    scales `.weight_scale_2`), keyed by module name (the hub name without the suffix)."""
+    from safetensors import safe_open
+
+    out = {}
+    for src in _raw_shards(stage.raw):
+        with safe_open(str(src), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith(suffix):
+                    for hub, t in hub_names(name, f.get_tensor(name), arch):
+                        out[hub[: -len(suffix)]] = t
+    return out
+
+
 def write_tensors(stage: Stage, arch: Arch, progress: Progress | None = None,
-                  ckpt: Checkpoint | None = None) -> list[str]:
+                  ckpt: Checkpoint | None = None, overrides: dict | None = None) -> list[str]:
     """Rewrite ModelOpt's shards into the final directory in hub-layout names; returns the file names.
-    With an Omni `ckpt`, its tower and projector tensors go into one more shard, copied byte for byte."""
+    With an Omni `ckpt`, its tower and projector tensors go into one more shard, copied byte for byte.
+    `overrides` (hub name -> tensor, same dtype and shape): tensors that replace ModelOpt's (the weight
+    calibration of `omniq.quant.weight_calibration`)."""
     from safetensors.torch import load_file, save_file
+
+    overrides = dict(overrides or {})
 
     shards = _raw_shards(stage.raw)
     towers = tower_tensors(ckpt) if ckpt is not None else {}
@@ -207,6 +226,12 @@ def write_tensors(stage: Stage, arch: Arch, progress: Progress | None = None,
             for hub, tensor in hub_names(name, t, arch):
                 if hub in weight_map or hub in out:
                     raise RuntimeError(f"export wrote tensor {hub} twice")
+                if hub in overrides:
+                    new = overrides.pop(hub)
+                    if new.dtype != tensor.dtype or tuple(new.shape) != tuple(tensor.shape):
+                        raise RuntimeError(f"weight calibration made {hub} {new.dtype} {list(new.shape)}; the "
+                                           f"export has {tensor.dtype} {list(tensor.shape)}")
+                    tensor = new.contiguous()
                 out[hub] = tensor
         save_file(dict(sorted(out.items())), str(stage.final / dst), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in out.values())
@@ -215,6 +240,9 @@ def write_tensors(stage: Stage, arch: Arch, progress: Progress | None = None,
         src.unlink()
         if progress:
             progress("export", k + 1, n)
+    if overrides:
+        raise RuntimeError(f"weight calibration replaces {len(overrides)} tensors the export does not have, "
+                           f"e.g. {sorted(overrides)[0]}")
     if towers:
         total += copy_raw_tensors(ckpt, sorted(towers), stage.final / names[-1])
         weight_map.update({name: names[-1] for name in towers})
@@ -454,11 +482,11 @@ class Exported:
 
 
 def finish(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,
-           progress: Progress | None = None) -> Exported:
-    """Steps 2-5 on a stage that holds ModelOpt's export."""
+           progress: Progress | None = None, overrides: dict | None = None) -> Exported:
+    """Steps 2-5 on a stage that holds ModelOpt's export (`overrides`: see `write_tensors`)."""
     seconds = {}
     t = time.perf_counter()
-    write_tensors(stage, plan.arch, progress, ckpt)
+    write_tensors(stage, plan.arch, progress, ckpt, overrides)
     shutil.rmtree(stage.raw, ignore_errors=True)
     seconds["rewrite"] = time.perf_counter() - t
     t = time.perf_counter()

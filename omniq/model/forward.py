@@ -104,20 +104,27 @@ def hidden_states(arch: Arch, weights: Mapping[str, torch.Tensor], input_ids=Non
     if inputs_embeds is None:
         inputs_embeds = F.embedding(input_ids, weights[f"{pre}backbone.embeddings.weight"])
     x = inputs_embeds.float()
-    for i, kind in enumerate(arch.kinds):
-        lp = arch.layer_prefix(i)
-        h = rms_norm(x, weights[f"{lp}.norm.weight"], arch.norm_eps)
-        p = f"{lp}.mixer"
-        if kind == MAMBA:
-            h = mamba(arch, weights, p, h, linear, recurrent)
-        elif kind == ATTENTION:
-            h = attention(arch, p, h, linear, kv, i)
-        elif kind == MOE:
-            h = moe(arch, weights, p, h, linear, route_stats, i)
-        elif kind == MLP:
-            h = linear(f"{p}.down_proj", relu2(linear(f"{p}.up_proj", h)))
-        x = x + h
+    for i in range(len(arch.kinds)):
+        x = block(arch, weights, i, x, linear, kv=kv, route_stats=route_stats, recurrent=recurrent)
     return rms_norm(x, weights[f"{pre}backbone.norm_f.weight"], arch.norm_eps)
+
+
+def block(arch: Arch, weights: Mapping[str, torch.Tensor], i: int, x: torch.Tensor, linear: LinearFn, *,
+          kv: KvFn | None = None, route_stats: dict | None = None, recurrent: bool = False) -> torch.Tensor:
+    """Decoder layer `i`: x + mixer(norm(x)) (float32); a layer-by-layer caller runs these in order."""
+    kind = arch.kinds[i]
+    lp = arch.layer_prefix(i)
+    h = rms_norm(x, weights[f"{lp}.norm.weight"], arch.norm_eps)
+    p = f"{lp}.mixer"
+    if kind == MAMBA:
+        h = mamba(arch, weights, p, h, linear, recurrent)
+    elif kind == ATTENTION:
+        h = attention(arch, p, h, linear, kv, i)
+    elif kind == MOE:
+        h = moe(arch, weights, p, h, linear, route_stats, i)
+    elif kind == MLP:
+        h = linear(f"{p}.down_proj", relu2(linear(f"{p}.up_proj", h)))
+    return x + h
 
 
 def logits(arch: Arch, weights: Mapping[str, torch.Tensor], input_ids=None, *, linear: LinearFn | None = None,

@@ -9,6 +9,14 @@
         format: bf16
       - modules: ["backbone.layers.1.mixer.experts.*"]   # glob on hub-layout names (user recipes)
         format: fp8
+        algorithm: gptq                                   # weight calibration of this rule's layers
+    algorithm: mse           # weight calibration of every quantized layer no rule's `algorithm` names
+
+Weight calibration (`algorithm:`, top level and per rule; `omniq.quant.weight_calibration`): `max` (default:
+ModelOpt's max calibration, the artifacts of before), `mse`, `local-hessian`, `gptq`, `four-over-six` (NVFP4
+only), as a name or a mapping `{name: gptq, damping: 0.01, block_size: 128, min_tokens: 64}`. An algorithm
+that does not apply to a rule's format (anything but `max` on bf16, `four-over-six` on fp8) is refused.
+Activations keep ModelOpt's max calibration.
 
 Selectors name parts of the model, derived from the architecture (never layer indices), so one recipe fits
 every NemotronH layout: a role (`mamba_in`, `mamba_out`, `attn_q`, `attn_k`, `attn_v`, `attn_o`,
@@ -50,8 +58,33 @@ GROUPS = {
 }
 QUALIFIERS = ("mamba_feeding_attention",)
 SELECTORS = tuple(ROLES) + tuple(GROUPS) + QUALIFIERS
-_RECIPE_KEYS = {"name", "description", "kv_cache", "default", "rules", "notes", "reference"}
-_RULE_KEYS = {"select", "modules", "format"}
+_RECIPE_KEYS = {"name", "description", "kv_cache", "default", "rules", "notes", "reference", "algorithm"}
+_RULE_KEYS = {"select", "modules", "format", "algorithm"}
+# Weight calibration algorithms and the formats each applies to.
+ALGORITHMS = {"max": ("bf16", "fp8", "nvfp4"), "mse": ("fp8", "nvfp4"), "local-hessian": ("fp8", "nvfp4"),
+              "gptq": ("fp8", "nvfp4"), "four-over-six": ("nvfp4",)}
+_ALGORITHM_KEYS = {"name", "damping", "block_size", "min_tokens"}
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Weight calibration of a layer. `damping` and `block_size` are GPTQ's; `min_tokens`: a routed expert
+    with fewer calibration tokens than this falls back to `mse` under local-hessian and gptq."""
+    name: str = "max"
+    damping: float = 0.01
+    block_size: int = 128
+    min_tokens: int = 64
+
+    def as_dict(self) -> dict | str:
+        if self.name == "gptq":
+            return {"name": self.name, "damping": self.damping, "block_size": self.block_size,
+                    "min_tokens": self.min_tokens}
+        if self.name == "local-hessian" and self.min_tokens != 64:
+            return {"name": self.name, "min_tokens": self.min_tokens}
+        return self.name
+
+
+MAX = Algorithm()
 
 
 @dataclass(frozen=True)
@@ -59,6 +92,7 @@ class Rule:
     format: str
     select: tuple[str, ...] = ()
     modules: tuple[str, ...] = ()
+    algorithm: Algorithm | None = None        # None: the recipe's algorithm
 
     def matches(self, lin: Linear, arch: Arch) -> bool:
         for s in self.select:
@@ -80,6 +114,7 @@ class Recipe:
     description: str = ""
     source: str = ""                   # file it came from
     raw: dict = field(default_factory=dict, compare=False, hash=False)
+    algorithm: Algorithm = MAX         # weight calibration of quantized layers no rule's algorithm names
 
     def with_kv_cache(self, kv: str | None) -> "Recipe":
         if kv is None:
@@ -97,6 +132,21 @@ class Recipe:
             if rule.matches(lin, arch):
                 return rule.format
         return self.default
+
+    def algorithm_of(self, lin: Linear, arch: Arch) -> Algorithm:
+        """Weight calibration of a layer: its deciding rule's `algorithm`, else the recipe's (max for bf16)."""
+        i = self.decided_by(lin, arch)
+        fmt = self.format_of(lin, arch)
+        if fmt == "bf16":
+            return MAX
+        rule_algo = self.rules[i].algorithm if i is not None else None
+        return rule_algo or self.algorithm
+
+    @property
+    def algorithms(self) -> list[str]:
+        """Every weight-calibration algorithm the recipe names."""
+        names = {self.algorithm.name} | {r.algorithm.name for r in self.rules if r.algorithm is not None}
+        return sorted(names)
 
     def check_against(self, arch: Arch) -> None:
         """Module patterns must match at least one linear layer of this model, and a rule that quantizes
@@ -125,10 +175,15 @@ class Recipe:
         return None
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "kv_cache": self.kv_cache,
-                "default": self.default,
-                "rules": [{k: v for k, v in (("select", list(r.select)), ("modules", list(r.modules)),
-                                             ("format", r.format)) if v} for r in self.rules]}
+        d = {"name": self.name, "description": self.description, "kv_cache": self.kv_cache,
+             "default": self.default,
+             "rules": [{k: v for k, v in (("select", list(r.select)), ("modules", list(r.modules)),
+                                          ("format", r.format),
+                                          ("algorithm", r.algorithm.as_dict() if r.algorithm else None)) if v}
+                       for r in self.rules]}
+        if self.algorithm != MAX:
+            d["algorithm"] = self.algorithm.as_dict()
+        return d
 
 
 def builtin_recipes() -> list[str]:
@@ -137,6 +192,39 @@ def builtin_recipes() -> list[str]:
 
 def _fail(where: str, msg: str):
     raise OmniqError(f"recipe {where}: {msg}")
+
+
+def parse_algorithm(value, where: str) -> Algorithm:
+    """`algorithm:` as a name or a mapping with GPTQ's parameters."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or "name" not in value:
+        _fail(where, f"algorithm must be a name ({', '.join(ALGORITHMS)}) or a mapping with name, not {value!r}")
+    unknown = set(value) - _ALGORITHM_KEYS
+    if unknown:
+        _fail(where, f"algorithm has unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(_ALGORITHM_KEYS))}")
+    name = value["name"]
+    if name not in ALGORITHMS:
+        _fail(where, f"algorithm {name!r} is unknown; expected one of {', '.join(ALGORITHMS)}")
+    params = {k: v for k, v in value.items() if k != "name"}
+    allowed = {"gptq": {"damping", "block_size", "min_tokens"}, "local-hessian": {"min_tokens"}}.get(name, set())
+    if set(params) - allowed:
+        _fail(where, f"algorithm {name} takes no {sorted(set(params) - allowed)[0]} parameter")
+    d = params.get("damping", 0.01)
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
+        _fail(where, f"algorithm damping {d!r} must be a number in (0, 1]")
+    for key, default in (("block_size", 128), ("min_tokens", 64)):
+        v = params.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (key == "block_size" and v % 16):
+            _fail(where, f"algorithm {key} {v!r} must be a positive integer" +
+                  (" and a multiple of 16 (the NVFP4 group)" if key == "block_size" else ""))
+    return Algorithm(name, float(d), int(params.get("block_size", 128)), int(params.get("min_tokens", 64)))
+
+
+def _check_applies(algo: Algorithm, fmt: str, where: str, what: str) -> None:
+    if fmt not in ALGORITHMS[algo.name]:
+        _fail(where, f"{what}algorithm {algo.name} does not apply to {fmt} "
+                     f"(it applies to {', '.join(ALGORITHMS[algo.name])})")
 
 
 def parse(data, where: str) -> Recipe:
@@ -167,7 +255,8 @@ def parse(data, where: str) -> Recipe:
             _fail(where, f"rules[{i}] must be a mapping with select/modules and format")
         unknown = set(r) - _RULE_KEYS
         if unknown:
-            _fail(where, f"rules[{i}] has unknown key {sorted(unknown)[0]!r}; allowed: select, modules, format")
+            _fail(where, f"rules[{i}] has unknown key {sorted(unknown)[0]!r}; allowed: select, modules, format, "
+                         "algorithm")
         if "format" not in r:
             _fail(where, f"rules[{i}] has no format; expected one of {', '.join(FORMATS)}")
         fmt = r.get("format")
@@ -187,9 +276,16 @@ def parse(data, where: str) -> Recipe:
                 _fail(where, f"rules[{i}] selector {s!r} is unknown; expected one of {', '.join(SELECTORS)}")
         if "lm_head" in select and fmt != "bf16":
             _fail(where, f"rules[{i}] quantizes lm_head; omniq always keeps lm_head in BF16")
-        rules.append(Rule(fmt, tuple(select), tuple(str(m) for m in modules)))
+        algo = parse_algorithm(r["algorithm"], where) if r.get("algorithm") is not None else None
+        if algo is not None:
+            _check_applies(algo, fmt, where, f"rules[{i}] ")
+        rules.append(Rule(fmt, tuple(select), tuple(str(m) for m in modules), algo))
+    top = parse_algorithm(data["algorithm"], where) if data.get("algorithm") is not None else MAX
+    for fmt in {default} | {r.format for r in rules if r.algorithm is None}:
+        if fmt != "bf16":
+            _check_applies(top, fmt, where, "")
     return Recipe(name=str(data["name"]), default=default, kv_cache=kv, rules=tuple(rules),
-                  description=str(data.get("description", "")).strip(), source=where, raw=data)
+                  description=str(data.get("description", "")).strip(), source=where, raw=data, algorithm=top)
 
 
 def load(name_or_path: str) -> Recipe:

@@ -1,0 +1,166 @@
+"""Weight calibration arithmetic (omniq.quant.weight_search, omniq.quant.gptq) and the recipe's `algorithm:`."""
+
+import pytest
+import torch
+
+from omniq.errors import OmniqError
+from omniq.quant import formats, gptq, weight_search as ws
+from omniq.quant import recipe as recipes
+
+
+def _weight(out=64, inp=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.02
+    w[3, 5] = 0.2                                   # an outlier: max scales waste resolution on its block
+    return w.to(torch.bfloat16)
+
+
+def _inputs(inp=128, n=2048, seed=1):
+    """Correlated inputs with uneven channel scales (what makes GPTQ and local-hessian matter)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=g) / inp ** 0.5 + torch.eye(inp)
+    return (torch.randn(n, inp, generator=g) @ mix) * torch.linspace(0.2, 3.0, inp)
+
+
+def _block_err(w, deq, h=None):
+    d = ws._blocks(deq.float() - w.float())
+    return ws._block_error(d, torch.zeros_like(d), h)
+
+
+def test_max_scales_pack_exactly_like_formats():
+    w = _weight()
+    ws2 = formats.nvfp4_global_scale(w.float().abs().amax())
+    a = formats.nvfp4_quantize(w, ws2)
+    b = ws.nvfp4_pack(w, ws.nvfp4_search_scales(w, ws2, "max"), ws2)
+    assert torch.equal(a.weight, b.weight)
+    assert torch.equal(a.weight_scale.view(torch.uint8), b.weight_scale.view(torch.uint8))
+
+
+@pytest.mark.parametrize("method", ["mse", "four-over-six"])
+def test_search_never_worse_than_max_per_block_and_better_overall(method):
+    w = _weight()
+    ws2 = formats.nvfp4_global_scale(w.float().abs().amax())
+    base = formats.nvfp4_quantize(w, ws2).dequantize(w.shape[-1])
+    new = ws.nvfp4_weight(w, ws2, method)
+    e_max, e_new = _block_err(w, base), _block_err(w, new.dequantize(w.shape[-1]))
+    assert bool((e_new <= e_max + 1e-12).all())
+    assert float(e_new.sum()) < 0.9 * float(e_max.sum())
+    assert not torch.equal(new.weight_scale.view(torch.uint8), formats.nvfp4_block_scales(w, ws2).view(torch.uint8))
+
+
+def test_four_over_six_picks_only_the_scale_to_6_or_to_4():
+    w = _weight()
+    ws2 = formats.nvfp4_global_scale(w.float().abs().amax())
+    codes = ws.nvfp4_search_scales(w, ws2, "four-over-six").float()
+    amax = ws._blocks(w.float()).abs().amax(-1)
+    to6 = (amax / (6 * ws2)).clamp(formats.E4M3_MIN_SCALE, 448).to(torch.float8_e4m3fn).float()
+    to4 = (amax / (4 * ws2)).clamp(formats.E4M3_MIN_SCALE, 448).to(torch.float8_e4m3fn).float()
+    assert bool(((codes == to6) | (codes == to4)).all()) and bool((codes == to4).any())
+
+
+def test_local_hessian_weights_the_error_by_the_inputs():
+    w = _weight()
+    x = _inputs()
+    hb = ws.block_hessians(x.T @ x / x.shape[0])
+    ws2 = formats.nvfp4_global_scale(w.float().abs().amax())
+    lh = ws.nvfp4_weight(w, ws2, "local-hessian", hb).dequantize(128)
+    mse = ws.nvfp4_weight(w, ws2, "mse").dequantize(128)
+    # per block, local-hessian is optimal for its own (input-weighted) error among the same candidates
+    assert bool((_block_err(w, lh, hb) <= _block_err(w, mse, hb) + 1e-9).all())
+    assert float(_block_err(w, lh, hb).sum()) < float(_block_err(w, mse, hb).sum())
+    # with an identity Hessian it is the plain mse search
+    eye = torch.eye(16).expand(8, 16, 16)
+    assert torch.equal(ws.nvfp4_search_scales(w, ws2, "local-hessian", eye).view(torch.uint8),
+                       ws.nvfp4_search_scales(w, ws2, "mse").view(torch.uint8))
+    with pytest.raises(ValueError):
+        ws.nvfp4_search_scales(w, ws2, "local-hessian")
+
+
+def test_fp8_search_scale():
+    w = _weight()
+    base = formats.fp8_quantize(w)
+    s = ws.fp8_search_scale(w, "mse")
+    err = lambda q: float((q.dequantize() - w.float()).square().sum())  # noqa: E731
+    assert err(formats.fp8_quantize(w, s)) <= err(base)
+    assert float(s) <= float(base.weight_scale)
+    assert ws.fp8_search_scale(w, "max") == base.weight_scale
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest():
+    w = _weight()
+    ws2 = formats.nvfp4_global_scale(w.float().abs().amax())
+    r = gptq.gptq(w, torch.eye(128), "nvfp4", weight_scale_2=ws2, scales="max")
+    assert torch.equal(r.dequantized(), formats.nvfp4_fake_quant_weight(w, ws2))
+    f = gptq.gptq(w, torch.eye(128), "fp8", scales="max")
+    assert torch.equal(f.dequantized(), formats.fp8_fake_quant_weight(w.float()))   # fp32 quotient (ModelOpt: bf16)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_gptq_lowers_the_output_error_and_packs_to_what_it_computed(fmt):
+    w = _weight()
+    x = _inputs()
+    h = x.T @ x / x.shape[0]
+    r = gptq.gptq(w, h, fmt, block_size=32)
+    rtn = formats.nvfp4_fake_quant_weight(w) if fmt == "nvfp4" else formats.fp8_fake_quant_weight(w)
+    out_err = lambda q: float((x @ (q - w.float()).T).square().mean())  # noqa: E731
+    assert out_err(r.dequantized()) < 0.8 * out_err(rtn)
+    # the values GPTQ hands to the packer give back exactly the weights it computed with
+    if fmt == "nvfp4":
+        packed = ws.nvfp4_pack(r.values, r.weight_scale, r.weight_scale_2).dequantize(128)
+    else:
+        packed = formats.fp8_quantize(r.values, r.weight_scale).dequantize()
+    assert torch.equal(packed, r.dequantized())
+
+
+def test_gptq_batched_equals_one_by_one():
+    ws_ = torch.stack([_weight(seed=s).float() for s in range(3)])
+    hs = torch.stack([(lambda x: x.T @ x / x.shape[0])(_inputs(seed=s)) for s in range(3)])
+    batched = gptq.gptq(ws_, hs, "nvfp4")
+    for k in range(3):
+        one = gptq.gptq(ws_[k], hs[k], "nvfp4")
+        assert torch.equal(one.dequantized(), batched.dequantized()[k])
+
+
+def test_gptq_refuses_bad_block_size():
+    with pytest.raises(ValueError, match="multiple"):
+        gptq.gptq(_weight(), torch.eye(128), "nvfp4", block_size=24)
+
+
+# ----- recipes ------------------------------------------------------------------------------------------
+def _parse(**kw):
+    return recipes.parse(dict({"name": "t", "default": "nvfp4"}, **kw), "t")
+
+
+def test_recipe_algorithms_parse_and_apply_per_rule(tiny_dir):
+    from omniq.model.checkpoint import open_checkpoint
+
+    r = _parse(algorithm="mse", rules=[
+        {"select": ["routed_experts"], "format": "nvfp4",
+         "algorithm": {"name": "gptq", "damping": 0.05, "block_size": 64, "min_tokens": 10}},
+        {"select": ["attention"], "format": "fp8", "algorithm": "local-hessian"},
+        {"select": ["mamba_feeding_attention"], "format": "bf16"}])
+    arch = open_checkpoint(str(tiny_dir)).arch
+    by_role = {lin.role: r.algorithm_of(lin, arch) for lin in arch.linears}
+    assert by_role["expert_up"] == recipes.Algorithm("gptq", 0.05, 64, 10)
+    assert by_role["attn_q"].name == "local-hessian" and by_role["shared_up"].name == "mse"
+    assert by_role["lm_head"].name == "max"
+    feeding = [lin for lin in arch.linears if lin.layer in arch.mamba_feeding_attention]
+    assert all(r.algorithm_of(lin, arch).name == "max" for lin in feeding)      # bf16 layers: nothing to do
+    d = r.as_dict()
+    assert d["algorithm"] == "mse" and d["rules"][0]["algorithm"]["damping"] == 0.05
+    assert recipes.parse(d, "again").as_dict() == d
+    assert "algorithm" not in recipes.load("nvfp4").as_dict()                      # max: as before
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"algorithm": "awq"}, "algorithm 'awq' is unknown"),
+    ({"default": "fp8", "algorithm": "four-over-six"}, "four-over-six does not apply to fp8"),
+    ({"rules": [{"select": ["attention"], "format": "bf16", "algorithm": "gptq"}]}, "gptq does not apply to bf16"),
+    ({"algorithm": {"name": "mse", "damping": 0.1}}, "takes no damping"),
+    ({"algorithm": {"name": "gptq", "block_size": 24}}, "multiple of 16"),
+    ({"algorithm": {"name": "gptq", "damping": 0}}, "damping"),
+    ({"algorithm": {"damping": 0.1}}, "mapping with name"),
+])
+def test_recipe_algorithm_errors(kw, message):
+    with pytest.raises(OmniqError, match=message):
+        _parse(**kw)
