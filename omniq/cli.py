@@ -283,6 +283,41 @@ def quantize(
 
 
 @app.command()
+def search(
+    model: str = typer.Argument(..., help="A local checkpoint directory, a bundled name (tiny) or a hub id."),
+    budget: float = typer.Option(..., "--budget", help="Size budget in bits per weight of the language model (as `omniq plan` reports it)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The recipe YAML to write (never overwritten without --force)."),
+    formats: str = typer.Option("nvfp4,fp8,bf16", "--formats", help="Formats a layer group may take, comma-separated."),
+    algorithm: str = typer.Option("max", "--algorithm", help="Weight calibration measured and written into the recipe: max, mse, local-hessian, gptq, four-over-six."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Sensitivity cache (JSON, keyed by model and data hashes). [default: OUT's stem + .sensitivity.json]"),
+    eval_set: str = typer.Option("calib-tail", "--eval", help="Held-out text for the sensitivities: calib-tail (the bundled calib split from its end), eval, eval2, or a .txt / .jsonl file."),
+    samples: int = typer.Option(16, "--samples", min=1, help="Rows of held-out text."),
+    seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per row."),
+    calib: str = typer.Option("tiny-calib", "--calib", help="Calibration text for activation ranges and weight statistics (as quantize's)."),
+    calib_samples: int = typer.Option(16, "--calib-samples", help="Calibration rows."),
+    calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="Tokens per calibration row."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+):
+    """Measure each layer group's sensitivity (KL at the logits, one group quantized at a time) and write the recipe with the least predicted KL within a size budget."""
+    from omniq.commands.search import search as run_search
+
+    with _stage_progress() as progress:
+        r = run_search(model, budget, out, formats=formats, algorithm=algorithm, cache=cache, eval_set=eval_set,
+                       samples=samples, seq_len=seq_len, calib=calib, calib_samples=calib_samples,
+                       calib_seq_len=calib_seq_len, force=force, progress=progress)
+    picked: dict[str, list[str]] = {}
+    for g, f in r.choice.formats.items():
+        picked.setdefault(f, []).append(g)
+    typer.echo(f"wrote {r.out}: predicted {r.choice.bytes / 2**20:.3f} MiB ({r.predicted_bits_per_weight:.3f} "
+               f"bits/weight), predicted KL {r.choice.kl:.3e}; omniq plan: {r.plan_bytes / 2**20:.3f} MiB "
+               f"({r.plan_bits_per_weight:.3f} bits/weight); budget {budget:g} bits/weight")
+    for f in ("nvfp4", "fp8", "bf16"):
+        if picked.get(f):
+            typer.echo(f"  {f}: {', '.join(picked[f])}")
+    typer.echo(f"sensitivities: {r.measured} measured, the rest from {r.cache}")
+
+
+@app.command()
 def inspect(
     model: str = typer.Argument(..., help="A checkpoint directory, a config.json file, or a bundled name (tiny)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Also show which modules a recipe quantizes to which format, and the estimated size."),

@@ -80,10 +80,12 @@ class WeightCalibration:
     def manifest(self, algorithms: dict[str, Algorithm]) -> dict:
         """omniq.json `weight_calibration`: algorithms with their parameters and layer counts, fallbacks."""
         used: dict[str, dict] = {}
-        for name, algo in algorithms.items():
-            key = algo.name
-            entry = used.setdefault(key, {"parameters": algo.as_dict(), "layers": 0})
+        for algo in algorithms.values():
+            entry = used.setdefault(algo.name, {"layers": 0, "parameters": []})
             entry["layers"] += 1
+            params = {"name": algo.name} if isinstance(algo.as_dict(), str) else algo.as_dict()
+            if params not in entry["parameters"]:
+                entry["parameters"].append(params)
         return {"implementation": "omniq.quant.weight_calibration (CPU, omniq's own arithmetic)",
                 "algorithms": used, "fallback_to_mse": sorted(self.fallbacks),
                 "seconds": round(self.seconds, 3), "statistics_peak_bytes": self.stats_bytes}

@@ -7,12 +7,13 @@ weight_scale_2)`; the search only chooses other FP8 E4M3 block-scale codes.
 
 NVFP4 (per 16-element block of a row)
     max            code = e4m3(block_amax / (6 * weight_scale_2)): ModelOpt's max calibration, today's export.
-    mse            among the E4M3 codes near that one (`WINDOW`: from 16 codes below to 8 above, a factor of
-                   about 1/4 to 2 of the scale), keep the one whose dequantized block has the lowest squared
-                   error against the weight. ModelOpt's `nvfp4_w4a4_weight_mse_fp8_sweep` (CUDA Triton kernel
-                   `nvfp4_fp8_scale_sweep`) tries all 126 positive E4M3 codes; codes outside the window clip
-                   most of the block or leave it at one or two E2M1 steps and do not win on real weights, and
-                   the window keeps the CPU cost at 25 trials per block.
+    mse            among the E4M3 codes near that one (`WINDOW`: from 8 codes below to 6 above, a factor of
+                   about 1/2 to 1.7 of the scale: the scale that maps the block's amax to 4 instead of 6 is
+                   inside), keep the one whose dequantized block has the lowest squared error against the
+                   weight. ModelOpt's `nvfp4_w4a4_weight_mse_fp8_sweep` (CUDA Triton kernel
+                   `nvfp4_fp8_scale_sweep`) tries all 126 positive E4M3 codes; the window keeps the CPU cost
+                   at 15 trials per block (codes far below clip most of the block, codes far above leave it
+                   one or two E2M1 steps).
     local-hessian  the same search with the error weighted by the calibration inputs: per 16-block of input
                    channels, err = dw^T H_b dw with H_b the block's 16 x 16 slice of X^T X / n (ModelOpt's
                    `nvfp4_w4a4_weight_local_hessian`, `nvfp4_fp8_scale_sweep_hessian`, uses the same local
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 
 from omniq.quant import formats
 
-WINDOW = (-16, 8)                  # E4M3 code offsets tried around the max code, inclusive
+WINDOW = (-8, 6)                   # E4M3 code offsets tried around the max code, inclusive
 FP8_FACTORS = tuple(0.5 + 0.02 * k for k in range(26))          # 0.50 .. 1.00
 ROW_CHUNK = 2048                   # rows searched at once (memory: rows x in x candidates is never built)
 
