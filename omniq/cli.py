@@ -182,7 +182,7 @@ def publish(
     allow_failed: bool = typer.Option(False, "--allow-failed", help="Publish even if lint or the validation gates did not pass (or never ran)."),
     plain_http: bool = typer.Option(False, "--plain-http", help="OCI over plain HTTP (always on for 127.0.0.1 / localhost)."),
 ):
-    """Publish a validated artifact to an OCI registry (through oras) or the Hugging Face Hub."""
+    """Publish a validated artifact to an OCI registry (OCI distribution API) or the Hugging Face Hub."""
     from omniq.publish.publish import publish as do_publish
 
     result = do_publish(artifact, ref, force=force, allow_failed=allow_failed, plain_http=plain_http,
