@@ -2,8 +2,8 @@
 
     python scripts/artifact_digests.py ARTIFACT_DIR [NAME=DIR ...] > digests.json
 
-omniq.json is hashed as canonical JSON without `created` (the time), `source.path` (where the checkpoint
-lay), `source.files` (the source's file hashes: a resharded copy of a model differs there only) and `files`
+omniq.json is hashed as canonical JSON without `created` (the time), `source.model` and `source.path` (how it was named and where the checkpoint
+lay), a recipe file's directory, `source.files` (the source's file hashes: a resharded copy of a model differs there only) and `files`
 (the other files' digests, compared themselves); lint.json without `path` (the --out it was written for). Used to record tests/data/golden/quantize_tiny.json, the
 artifacts of the whole-model quantize before the layer-streamed one replaced it.
 """
@@ -19,12 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RUN_SPECIFIC = ("created",)
-SOURCE_SPECIFIC = ("path", "files")
+SOURCE_SPECIFIC = ("model", "path", "files")
 
 
 def manifest_digest(doc: dict) -> str:
     doc = {k: v for k, v in doc.items() if k not in RUN_SPECIFIC and k != "files"}
     doc["source"] = {k: v for k, v in doc.get("source", {}).items() if k not in SOURCE_SPECIFIC}
+    if "/" in str(doc.get("recipe", {}).get("source", "")):            # a recipe file: its name, not where it lay
+        doc["recipe"] = dict(doc["recipe"], source=Path(doc["recipe"]["source"]).name)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
