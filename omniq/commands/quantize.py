@@ -52,6 +52,8 @@ class QuantizeResult:
     modality_tokens: dict = field(default_factory=dict)
     experts: list[str] = field(default_factory=list)      # expert coverage summary lines (omniq.calib.experts)
     lint: dict = field(default_factory=dict)               # counts of the lint run at the end (lint.json)
+    predicted_peak_bytes: int = 0                          # the preflight's streamed estimate (quant/memory.py)
+    bytes_read: int = 0                                    # source tensors read by the streamed run
 
 
 def open_source(model: str, *, allow_pickle: bool = False) -> Checkpoint:
@@ -91,6 +93,7 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
     from omniq.export import hf_checkpoint as export
     from omniq.export import streamed
     from omniq.quant import calibrate as cal
+    from omniq.quant import memory
     from omniq.quant.modelopt_config import enabled_quantizers, modelopt_config
 
     t0 = time.perf_counter()
@@ -108,6 +111,9 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
     if not plan.quantized and not plan.kv_cache:
         raise OmniqError(f"recipe {rec.name}: quantizes nothing on this model (every linear layer BF16, no KV "
                          "cache); nothing to export")
+    # Refuse before anything is loaded when the streamed peak cannot fit this process's memory limit.
+    predicted = memory.preflight(plan, samples=calib_samples, seq_len=calib_seq_len, batch=cal.BATCH_SIZE,
+                                 device=device)
     config = modelopt_config(plan)
     enabled = enabled_quantizers(plan)
     dropped = sorted(set(ckpt.headers) - set(ckpt.arch.tensor_by_name)     # e.g. mtp.* (not in the model)
@@ -179,7 +185,8 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
     return QuantizeResult(out=exported.path, plan=plan, counts=exported.counts, files=exported.files,
                           output_bytes=exported.bytes, seconds=seconds, manifest=exported.manifest,
                           restored=run.restored, dropped=dropped, modality_tokens=modality_tokens,
-                          experts=coverage.summary(), lint=lint_counts)
+                          experts=coverage.summary(), lint=lint_counts, predicted_peak_bytes=predicted.total,
+                          bytes_read=run.bytes_read)
 
 
 def lint_stage(stage, out) -> dict:
