@@ -37,22 +37,23 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from omniq.atomic import Staged, staged_dir
 from omniq.checksums import sha256_file
 from omniq.errors import GateFailed, OmniqError
+from omniq.manifest import MANIFEST
 from omniq.model.arch import Arch
 from omniq.model.checkpoint import Checkpoint, read_safetensors_header
+from omniq.quiet import quiet
 from omniq.quant.plan import NVFP4_GROUP, LayerPlan
 
 Progress = Callable[[str, int, int], None]
 SHARD_SIZE = "5GB"
-MANIFEST = "omniq.json"
 # Files of the source checkpoint that travel with the artifact (weights and configs are written anew).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
               "generation_config.json", "chat_template.json", "chat_template.jinja", "vocab.json", "merges.txt",
@@ -65,18 +66,16 @@ CHECK_ROWS = 32
 
 # ----- the output directory ----------------------------------------------------------------------------
 @dataclass
-class Stage:
-    out: Path
-    root: Path                       # the hidden temporary sibling of `out`
-    force: bool
+class Stage(Staged):
+    force: bool = False
+
+    @property
+    def out(self) -> Path:
+        return self.dest
 
     @property
     def raw(self) -> Path:
         return self.root / "modelopt"
-
-    @property
-    def final(self) -> Path:
-        return self.root / "final"
 
 
 def check_out(out: str | Path, *, force: bool, protect: tuple[Path, ...] = ()) -> Path:
@@ -92,49 +91,11 @@ def check_out(out: str | Path, *, force: bool, protect: tuple[Path, ...] = ()) -
     return out
 
 
-@contextlib.contextmanager
 def staged_output(out: str | Path, *, force: bool = False, protect: tuple[Path, ...] = ()):
     """Stage an artifact beside `out` and move it into place only if the block succeeds."""
     out = check_out(out, force=force, protect=protect)
-    created: list[Path] = []
-    parent = out.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    for p in reversed(created):
-        p.mkdir()
-    stage = None
-    try:
-        stage = Stage(out=out, root=Path(tempfile.mkdtemp(prefix=f".{out.name}.omniq-", dir=out.parent)),
-                      force=force)
-        stage.final.mkdir()
-        yield stage
-        _move_into_place(stage)
-    except BaseException:
-        if stage is not None:
-            shutil.rmtree(stage.root, ignore_errors=True)
-        for p in created:                      # innermost first
-            with contextlib.suppress(OSError):
-                p.rmdir()
-        raise
-    else:
-        shutil.rmtree(stage.root, ignore_errors=True)
-
-
-def _move_into_place(stage: Stage) -> None:
-    out = stage.out
-    old = None
-    if out.exists() or out.is_symlink():
-        if not stage.force:   # appeared while we worked
-            raise OmniqError(f"--out {out} appeared while quantizing; pass --force to replace it")
-        old = stage.root / "previous"
-        os.replace(out, old)
-    try:
-        os.replace(stage.final, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
+    return staged_dir(out, tag="omniq", replace=force, stage_type=Stage, force=force,
+                      appeared=f"--out {out} appeared while quantizing; pass --force to replace it")
 
 
 # ----- 1. ModelOpt's export ------------------------------------------------------------------------------
@@ -145,20 +106,10 @@ def modelopt_export(model, stage: Stage) -> dict:
 
     from omniq.quant.calibrate import modelopt_isolation
 
-    from transformers.utils import logging as hf_logging
-
-    bar_was_enabled = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        with modelopt_isolation(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=stage.raw, max_shard_size=SHARD_SIZE)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar_was_enabled:
-            hf_logging.enable_progress_bar()
+    with quiet(transformers=True, progress_bar=True), modelopt_isolation(), \
+            contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=stage.raw, max_shard_size=SHARD_SIZE)
     hq = stage.raw / "hf_quant_config.json"
     return json.loads(hq.read_text()) if hq.is_file() else {}
 
@@ -189,30 +140,11 @@ def _raw_shards(raw: Path) -> list[Path]:
     return shards
 
 
-def exported_tensors(stage: Stage, arch: Arch, suffix: str) -> dict[str, object]:
-    """Tensors of ModelOpt's raw export whose hub-layout name ends with `suffix` (e.g. the NVFP4 global
-    scales `.weight_scale_2`), keyed by module name (the hub name without the suffix)."""
-    from safetensors import safe_open
-
-    out = {}
-    for src in _raw_shards(stage.raw):
-        with safe_open(str(src), framework="pt") as f:
-            for name in f.keys():
-                if name.endswith(suffix):
-                    for hub, t in hub_names(name, f.get_tensor(name), arch):
-                        out[hub[: -len(suffix)]] = t
-    return out
-
-
 def write_tensors(stage: Stage, arch: Arch, progress: Progress | None = None,
-                  ckpt: Checkpoint | None = None, overrides: dict | None = None) -> list[str]:
+                  ckpt: Checkpoint | None = None) -> list[str]:
     """Rewrite ModelOpt's shards into the final directory in hub-layout names; returns the file names.
-    With an Omni `ckpt`, its tower and projector tensors go into one more shard, copied byte for byte.
-    `overrides` (hub name -> tensor, same dtype and shape): tensors that replace ModelOpt's (the weight
-    calibration of `omniq.quant.weight_calibration`)."""
+    With an Omni `ckpt`, its tower and projector tensors go into one more shard, copied byte for byte."""
     from safetensors.torch import load_file, save_file
-
-    overrides = dict(overrides or {})
 
     shards = _raw_shards(stage.raw)
     towers = tower_tensors(ckpt) if ckpt is not None else {}
@@ -226,12 +158,6 @@ def write_tensors(stage: Stage, arch: Arch, progress: Progress | None = None,
             for hub, tensor in hub_names(name, t, arch):
                 if hub in weight_map or hub in out:
                     raise RuntimeError(f"export wrote tensor {hub} twice")
-                if hub in overrides:
-                    new = overrides.pop(hub)
-                    if new.dtype != tensor.dtype or tuple(new.shape) != tuple(tensor.shape):
-                        raise RuntimeError(f"weight calibration made {hub} {new.dtype} {list(new.shape)}; the "
-                                           f"export has {tensor.dtype} {list(tensor.shape)}")
-                    tensor = new.contiguous()
                 out[hub] = tensor
         save_file(dict(sorted(out.items())), str(stage.final / dst), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in out.values())
@@ -240,9 +166,6 @@ def write_tensors(stage: Stage, arch: Arch, progress: Progress | None = None,
         src.unlink()
         if progress:
             progress("export", k + 1, n)
-    if overrides:
-        raise RuntimeError(f"weight calibration replaces {len(overrides)} tensors the export does not have, "
-                           f"e.g. {sorted(overrides)[0]}")
     if towers:
         total += copy_raw_tensors(ckpt, sorted(towers), stage.final / names[-1])
         weight_map.update({name: names[-1] for name in towers})
@@ -482,13 +405,62 @@ class Exported:
 
 
 def finish(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,
-           progress: Progress | None = None, overrides: dict | None = None) -> Exported:
-    """Steps 2-5 on a stage that holds ModelOpt's export (`overrides`: see `write_tensors`)."""
-    seconds = {}
+           progress: Progress | None = None) -> Exported:
+    """Steps 2-5 on a stage that holds ModelOpt's export."""
     t = time.perf_counter()
-    write_tensors(stage, plan.arch, progress, ckpt, overrides)
+    write_tensors(stage, plan.arch, progress, ckpt)
     shutil.rmtree(stage.raw, ignore_errors=True)
-    seconds["rewrite"] = time.perf_counter() - t
+    rewrite = time.perf_counter() - t
+    exported = finish_written(stage, plan, ckpt, manifest, modelopt_quant_config, progress)
+    exported.seconds["rewrite"] = rewrite
+    return exported
+
+
+def final_tensors(final: Path, suffix: str) -> dict[str, object]:
+    """Tensors of the stage's hub-layout shards whose name ends with `suffix` (e.g. the NVFP4 global scales
+    `.weight_scale_2`), keyed by module name (the name without the suffix)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(final.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            out.update({n[: -len(suffix)]: sf.get_tensor(n) for n in sf.keys() if n.endswith(suffix)})
+    return out
+
+
+def replace_tensors(final: Path, overrides: dict) -> None:
+    """Replace tensors of the stage's shards (same name, dtype and shape; the weight calibration of
+    `omniq.quant.weight_calibration`): each shard that holds one is rewritten whole, then renamed into place.
+    Every override must land, or RuntimeError (the stage is then removed by `staged_output`)."""
+    from safetensors.torch import load_file, save_file
+
+    todo = dict(overrides)
+    for f in sorted(final.glob("*.safetensors")):
+        names = set(read_safetensors_header(f)) - {"__metadata__"}
+        hits = names & set(todo)
+        if not hits:
+            continue
+        tensors = load_file(str(f))
+        for name in hits:
+            new, old = todo.pop(name), tensors[name]
+            if new.dtype != old.dtype or tuple(new.shape) != tuple(old.shape):
+                raise RuntimeError(f"weight calibration made {name} {new.dtype} {list(new.shape)}; the export has "
+                                   f"{old.dtype} {list(old.shape)}")
+            tensors[name] = new.contiguous()
+        tmp = f.with_name(f".{f.name}.tmp")
+        save_file(dict(sorted(tensors.items())), str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, f)
+        del tensors
+    if todo:
+        raise RuntimeError(f"weight calibration replaces {len(todo)} tensors the export does not have, "
+                           f"e.g. {sorted(todo)[0]}")
+
+
+def finish_written(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,
+                   progress: Progress | None = None) -> Exported:
+    """Steps 3-5 on a stage whose final directory holds the hub-layout shards (the layer-streamed export
+    writes them there directly: `omniq.export.streamed`)."""
+    seconds = {}
     t = time.perf_counter()
     counts = verify_tensors(stage.final, plan, ckpt, progress)
     seconds["verify"] = time.perf_counter() - t
