@@ -90,26 +90,32 @@ def partial(a, floor, points) -> None:
                                                               default=str) + "\n")
 
 
+def one_seed(label: str, recipe: str, seed: int, work: Path, a) -> dict:
+    art = work / f"{label}-s{seed}"
+    q = run(["quantize", "tiny", "--recipe", recipe, "--out", str(art), "--force", "--calib-samples",
+             str(a.calib_samples), "--calib-seq-len", str(a.calib_seq_len), "--calib-seed", str(seed)])
+    m = json.loads((art / "omniq.json").read_text())
+    r = {"seed": seed, "quantize_seconds": q["seconds"], "quantize_peak_rss_mib": q["peak_rss_mib"],
+         "weight_calibration_seconds": (m.get("weight_calibration") or {}).get("seconds", 0.0),
+         "fallback_to_mse": len((m.get("weight_calibration") or {}).get("fallback_to_mse", [])),
+         "bytes": sum(p.stat().st_size for p in art.glob("*.safetensors"))}
+    for s in SETS:
+        rep = work / f"{label}-s{seed}.{s}.json"
+        run(["validate", "tiny", str(art), "--eval", s, "--samples", str(a.samples), "--seq-len",
+             str(a.seq_len), "--report", str(rep), "--max-kl", "10", "--min-top1", "0", "--max-ppl-ratio", "100"])
+        v = json.loads(rep.read_text())
+        r[s] = {k: v[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_ratio", "tokens")}
+    print(f"  {label} seed {seed}: KL eval {r['eval']['kl_mean']:.3e} eval2 {r['eval2']['kl_mean']:.3e}; "
+          f"quantize {r['quantize_seconds']:.1f} s, peak {r['quantize_peak_rss_mib']:.0f} MiB", flush=True)
+    return r
+
+
 def point(label: str, kind: str, recipe: str, seeds, work: Path, a) -> dict:
-    runs = []
-    for seed in seeds:
-        art = work / f"{label}-s{seed}"
-        q = run(["quantize", "tiny", "--recipe", recipe, "--out", str(art), "--force", "--calib-samples",
-                 str(a.calib_samples), "--calib-seq-len", str(a.calib_seq_len), "--calib-seed", str(seed)])
-        m = json.loads((art / "omniq.json").read_text())
-        r = {"seed": seed, "quantize_seconds": q["seconds"], "quantize_peak_rss_mib": q["peak_rss_mib"],
-             "weight_calibration_seconds": (m.get("weight_calibration") or {}).get("seconds", 0.0),
-             "fallback_to_mse": len((m.get("weight_calibration") or {}).get("fallback_to_mse", [])),
-             "bytes": sum(p.stat().st_size for p in art.glob("*.safetensors"))}
-        for s in SETS:
-            rep = work / f"{label}-s{seed}.{s}.json"
-            run(["validate", "tiny", str(art), "--eval", s, "--samples", str(a.samples), "--seq-len",
-                 str(a.seq_len), "--report", str(rep), "--max-kl", "10", "--min-top1", "0", "--max-ppl-ratio", "100"])
-            v = json.loads(rep.read_text())
-            r[s] = {k: v[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_ratio", "tokens")}
-        runs.append(r)
-        print(f"  {label} seed {seed}: KL eval {r['eval']['kl_mean']:.3e} eval2 {r['eval2']['kl_mean']:.3e}; "
-              f"quantize {r['quantize_seconds']:.1f} s, peak {r['quantize_peak_rss_mib']:.0f} MiB", flush=True)
+    """One configuration over the seeds (`--jobs` seeds at once, each in its own omniq processes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        runs = list(pool.map(lambda seed: one_seed(label, recipe, seed, work, a), seeds))
     out = {"label": label, "kind": kind, "recipe": recipe, "bits_per_weight": plan_bpw(recipe), "runs": runs}
     for s in SETS:
         kls = [r[s]["kl_mean"] for r in runs]
@@ -188,13 +194,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/nvfp4_quality.json")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run at once (each quantize + validate process)")
     a = ap.parse_args(argv)
     work = a.work.absolute()
     work.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in a.seeds.split(",")]
     t0 = time.perf_counter()
-    floor = noise_floor(a.samples, a.seq_len)
-    print(f"noise floor: KL eval {floor['eval']['kl_mean']:.3e}, eval2 {floor['eval2']['kl_mean']:.3e}", flush=True)
+    floor: dict = {}
     points = []
     for algo in [x for x in a.algorithms.split(",") if x]:
         path = work / f"nvfp4-{algo}.yaml"
@@ -218,6 +224,7 @@ def main(argv=None) -> dict:
         p["search_seconds"] = s["seconds"]
         points.append(p)
         partial(a, floor, points)
+    floor = noise_floor(a.samples, a.seq_len)
     by = {p["label"]: p for p in points}
     claims = []
     algos = [p for p in points if p["kind"] == "algorithm" and p["label"] != "nvfp4 max"]
