@@ -132,7 +132,8 @@ def claim(name: str, better: dict, base: dict, factor: float) -> dict:
     out = {"claim": name, "candidate": better["label"], "baseline": base["label"], "factor": factor}
     for s in SETS:
         ratio = better[s]["kl_mean"] / base[s]["kl_mean"]
-        separated = better[s]["kl_max"] < base[s]["kl_min"]
+        seeds = min(len(better["runs"]), len(base["runs"]))
+        separated = seeds >= 3 and better[s]["kl_max"] < base[s]["kl_min"]     # fewer seeds: no spread, no claim
         out[s] = {"ratio": ratio, "spreads_separate": separated, "met": bool(separated and ratio <= factor)}
     out["met"] = all(out[s]["met"] for s in SETS)
     return out
