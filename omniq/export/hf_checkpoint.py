@@ -399,11 +399,20 @@ class Exported:
 def finish(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,
            progress: Progress | None = None) -> Exported:
     """Steps 2-5 on a stage that holds ModelOpt's export."""
-    seconds = {}
     t = time.perf_counter()
     write_tensors(stage, plan.arch, progress, ckpt)
     shutil.rmtree(stage.raw, ignore_errors=True)
-    seconds["rewrite"] = time.perf_counter() - t
+    rewrite = time.perf_counter() - t
+    exported = finish_written(stage, plan, ckpt, manifest, modelopt_quant_config, progress)
+    exported.seconds["rewrite"] = rewrite
+    return exported
+
+
+def finish_written(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,
+                   progress: Progress | None = None) -> Exported:
+    """Steps 3-5 on a stage whose final directory holds the hub-layout shards (the layer-streamed export
+    writes them there directly: `omniq.export.streamed`)."""
+    seconds = {}
     t = time.perf_counter()
     counts = verify_tensors(stage.final, plan, ckpt, progress)
     seconds["verify"] = time.perf_counter() - t
