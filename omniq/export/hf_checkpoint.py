@@ -32,6 +32,7 @@ Inside the stage:
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -110,12 +111,15 @@ def staged_output(out: str | Path, *, force: bool = False, protect: tuple[Path, 
         stage.final.mkdir()
         yield stage
         _move_into_place(stage)
-    except BaseException:
+    except BaseException as e:
         if stage is not None:
             shutil.rmtree(stage.root, ignore_errors=True)
         for p in created:                      # innermost first
             with contextlib.suppress(OSError):
                 p.rmdir()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OmniqError(f"--out {out}: no space left on the device while writing the artifact; free space "
+                             "or choose another --out (nothing was left there)", exit_code=1) from None
         raise
     else:
         shutil.rmtree(stage.root, ignore_errors=True)

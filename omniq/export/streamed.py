@@ -46,6 +46,7 @@ split rules, so the offloaded route would run given the disk; it is not used.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -59,7 +60,9 @@ from omniq.model.arch import ATTENTION, MOE
 from omniq.model.checkpoint import Checkpoint
 
 Progress = Callable[[str, int, int], None]
-SHARD_BYTES = 5 * 10**9          # as ModelOpt's export (max_shard_size "5GB"); see `ShardWriter`
+# Output shards of at most 1 GB (ModelOpt's export writes 5 GB ones; the buffer of one shard is part of the
+# streamed peak, `omniq.quant.memory.streamed_estimate`). The bundled models fit one shard either way.
+from omniq.quant.memory import STREAM_SHARD_BYTES as SHARD_BYTES  # noqa: E402
 KV_MAX_BOUND = 448
 
 
@@ -319,8 +322,8 @@ def export_layer(shell, model, arch) -> LayerResult:
 class ShardWriter:
     """Tensors -> safetensors shards in the stage, one buffer at a time: a shard is written (sorted names, as
     the whole-model rewrite does) when adding a layer would pass `limit` bytes; named model-K-of-N at the end.
-    A full disk (ENOSPC) is a one-line error; the stage (and so every part written) is removed by
-    `hf_checkpoint.staged_output`."""
+    A full disk is raised as OSError(ENOSPC), which `hf_checkpoint.staged_output` turns into a one-line error
+    after removing the stage (and so every part written)."""
 
     def __init__(self, final: Path, limit: int = SHARD_BYTES):
         self.final, self.limit = Path(final), limit
@@ -347,11 +350,9 @@ class ShardWriter:
         path = self.final / f".part-{len(self.parts):05d}.safetensors"
         try:
             save_file(dict(sorted(self.buffer.items())), str(path), metadata={"format": "pt"})
-        except (OSError, RuntimeError, Exception) as e:  # noqa: BLE001 - safetensors reports ENOSPC as its own error
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
             if _disk_full(e, path):
-                raise OmniqError(f"{self.final.parent.parent}: no space left on the device while writing the "
-                                 f"artifact ({self.size / 2**30:.2f} GiB shard); free space or choose another --out",
-                                 exit_code=1) from None
+                raise OSError(errno.ENOSPC, f"no space left writing {path.name}") from None
             raise
         self.parts.append((path, sorted(self.buffer)))
         self.total += self.size
@@ -371,8 +372,6 @@ class ShardWriter:
 
 
 def _disk_full(e: Exception, path: Path) -> bool:
-    import errno
-
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return True
     text = str(e).lower()

@@ -109,3 +109,73 @@ def test_materialized_layers_equal_transformers_load(tiny_dir):
             w = ckpt.read([f"backbone{name[len('model'):]}"])[f"backbone{name[len('model'):]}"]
         assert t.dtype == w.dtype and torch.equal(t, w), name
     assert set(got) == {n for n in want if not n.startswith("lm_head")}
+
+
+# ----- bad input mid-run: nothing at --out, no temporary left -----------------------------------------------
+def _by_layer_shards(tiny_dir, d):
+    """tiny re-saved in model order into two shards: the second holds only the last layers and lm_head."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tiny_dir / "model.safetensors"))
+    late = [n for n in tensors if n.startswith(("backbone.layers.8.", "backbone.layers.9.", "backbone.norm_f",
+                                                "lm_head"))]
+    early = [n for n in tensors if n not in late]
+    weight_map = {}
+    for k, part in enumerate((early, late)):
+        f = f"model-{k + 1:05d}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, str(d / f), metadata={"format": "pt"})
+        weight_map.update({n: f for n in part})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for p in tiny_dir.iterdir():
+        if p.is_file() and p.suffix != ".safetensors":
+            shutil.copyfile(p, d / p.name)
+    return d / "model-00002-of-00002.safetensors"
+
+
+def test_shard_missing_mid_run(tmp_path, tiny_dir):
+    """The last shard disappears once the run has started writing (its stage exists): exit 2, one line naming
+    the shard, nothing at --out, the stage removed."""
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    late = _by_layer_shards(tiny_dir, src)
+    outdir = tmp_path / "outs"
+    outdir.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "omniq.cli", "quantize", str(src), "--recipe", "fp8",
+                          "--out", str(outdir / "a"), *QUANTIZE_CALIB],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not any(q.name.startswith(".a.omniq-") for q in outdir.iterdir()):
+        assert p.poll() is None and time.time() < deadline, "the run ended before its stage appeared"
+        time.sleep(0.05)
+    late.unlink()
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "model-00002-of-00002.safetensors" in lines[0] and "missing" in lines[0]
+    assert list(outdir.iterdir()) == []
+
+
+def test_disk_full_during_export(tmp_path):
+    """--out on a 6 MiB tmpfs (the artifact is about 15 MiB): exit 1, one line, nothing left on the tmpfs."""
+    import subprocess
+    import sys
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        p = subprocess.run([sys.executable, "-m", "omniq.cli", "quantize", "tiny", "--recipe", "fp8",
+                            "--out", str(mnt / "a"), *QUANTIZE_CALIB], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 1, p.stderr[-2000:]
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no space left" in lines[0], lines
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)])
