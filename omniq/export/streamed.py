@@ -57,7 +57,7 @@ from typing import Callable
 
 from omniq.errors import OmniqError
 from omniq.model.arch import ATTENTION, MOE
-from omniq.model.checkpoint import Checkpoint
+from omniq.model.checkpoint import Checkpoint, TensorReader
 
 Progress = Callable[[str, int, int], None]
 # Output shards of at most 1 GB (ModelOpt's export writes 5 GB ones; the buffer of one shard is part of the
@@ -71,34 +71,6 @@ class _Stop(Exception):
 
 
 # ----- the model without storage, and a layer's tensors from the shards ------------------------------------
-class Source:
-    """The checkpoint's tensors, read by name from shard handles opened once."""
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self._handles: dict[Path, object] = {}
-
-    def get(self, name: str):
-        from safetensors import safe_open
-
-        meta = self.ckpt.headers.get(name)
-        if meta is None:
-            raise OmniqError(f"{self.ckpt.path}: tensor {name} is missing from the checkpoint")
-        f = Path(meta.file)
-        if f not in self._handles:
-            if not f.is_file():
-                raise OmniqError(f"{f}: shard missing (it was there when quantize started); restore it and rerun")
-            self._handles[f] = safe_open(str(f), framework="pt")
-        try:
-            return self._handles[f].get_tensor(name)
-        except Exception as e:  # noqa: BLE001 - a shard truncated or replaced mid-run is a user-fixable input
-            raise OmniqError(f"{f}: cannot read tensor {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                             "the shard changed or is damaged") from None
-
-    def close(self) -> None:
-        self._handles.clear()
-
-
 def build_skeleton(ckpt: Checkpoint):
     """transformers' NemotronHForCausalLM of the checkpoint on the meta device, bf16, omniq's Mamba forward."""
     import torch
@@ -119,7 +91,7 @@ def build_skeleton(ckpt: Checkpoint):
     return model
 
 
-def materialize(module, native_prefix: str, source: Source) -> int:
+def materialize(module, native_prefix: str, source: TensorReader) -> int:
     """Give `module` (part of the skeleton, named `native_prefix`) its tensors from the checkpoint, checked for
     NaN / inf; returns the bytes loaded."""
     import torch
@@ -396,7 +368,7 @@ class Streamed:
     peak_layer_bytes: int = 0
 
 
-def _passthrough(source: Source, arch, name: str):
+def _passthrough(source: TensorReader, arch, name: str):
     """A tensor outside the decoder layers as the whole-model export writes it: bf16 (the load dtype) unless the
     architecture stores it in F32."""
     import torch
@@ -431,7 +403,7 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     t = time.perf_counter()
     model = model if model is not None else build_skeleton(ckpt)   # the counter's hooks may sit on it
     register_modelopt_plugins(model)
-    source = Source(ckpt)
+    source = TensorReader(ckpt)
     mm = bool(batches) and hasattr(batches[0], "kwargs")
     out.bytes_read += materialize(model.model.embeddings, "model.embeddings", source)   # token rows (Omni too)
     model.model.embeddings.to(device)

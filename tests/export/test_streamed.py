@@ -31,24 +31,31 @@ def _digests(path):
 @pytest.fixture(scope="module")
 def sharded_tiny(tmp_path_factory, tiny_dir):
     """The bundled tiny model's tensors re-saved into 4 shards (an index, one layer split across files)."""
+    d = tmp_path_factory.mktemp("tiny-sharded")
+    _resave(tiny_dir, d, lambda names: [names[k::4] for k in range(4)])   # layers interleave across shards
+    return d
+
+
+def _resave(tiny_dir, d, split):
+    """tiny's tensors re-saved into the shards `split(names)` gives, with an index and the side files; returns
+    the shard paths."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    d = tmp_path_factory.mktemp("tiny-sharded")
     tensors = load_file(str(tiny_dir / "model.safetensors"))
-    names = list(tensors)                         # file order: the layers interleave across shard boundaries
-    parts = [names[k::4] for k in range(4)]
-    weight_map = {}
+    parts = split(list(tensors))
+    weight_map, paths = {}, []
     for k, part in enumerate(parts):
-        f = f"model-{k + 1:05d}-of-00004.safetensors"
+        f = f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
         save_file({n: tensors[n] for n in part}, str(d / f), metadata={"format": "pt"})
         weight_map.update({n: f for n in part})
+        paths.append(d / f)
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     for p in tiny_dir.iterdir():
         if p.is_file() and p.suffix != ".safetensors":
             shutil.copyfile(p, d / p.name)
-    return d
+    return paths
 
 
 def _quantize(model, name, out, extra=()):
@@ -94,7 +101,7 @@ def test_materialized_layers_equal_transformers_load(tiny_dir):
         ref = NemotronHForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.bfloat16, use_mamba_kernels=False)
     want = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
     skel = streamed.build_skeleton(ckpt)
-    src = streamed.Source(ckpt)
+    src = streamed.TensorReader(ckpt)
     streamed.materialize(skel.model.embeddings, "model.embeddings", src)
     for i in range(ckpt.arch.num_layers):
         streamed.materialize(skel.model.layers[i], f"model.layers.{i}", src)
@@ -114,24 +121,9 @@ def test_materialized_layers_equal_transformers_load(tiny_dir):
 # ----- bad input mid-run: nothing at --out, no temporary left -----------------------------------------------
 def _by_layer_shards(tiny_dir, d):
     """tiny re-saved in model order into two shards: the second holds only the last layers and lm_head."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(tiny_dir / "model.safetensors"))
-    late = [n for n in tensors if n.startswith(("backbone.layers.8.", "backbone.layers.9.", "backbone.norm_f",
-                                                "lm_head"))]
-    early = [n for n in tensors if n not in late]
-    weight_map = {}
-    for k, part in enumerate((early, late)):
-        f = f"model-{k + 1:05d}-of-00002.safetensors"
-        save_file({n: tensors[n] for n in part}, str(d / f), metadata={"format": "pt"})
-        weight_map.update({n: f for n in part})
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    for p in tiny_dir.iterdir():
-        if p.is_file() and p.suffix != ".safetensors":
-            shutil.copyfile(p, d / p.name)
-    return d / "model-00002-of-00002.safetensors"
+    late = ("backbone.layers.8.", "backbone.layers.9.", "backbone.norm_f", "lm_head")
+    return _resave(tiny_dir, d, lambda names: [[n for n in names if not n.startswith(late)],
+                                               [n for n in names if n.startswith(late)]])[-1]
 
 
 def test_shard_missing_mid_run(tmp_path, tiny_dir):
