@@ -70,7 +70,7 @@ class Normal:
             off = int(torch.randint(0, POOL - k + 1, (1,), generator=self.gen))
             parts.append(self.pool[off:off + k])
             left -= k
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(shape).clone()
+        return (parts[0].clone() if len(parts) == 1 else torch.cat(parts)).view(shape)
 
 
 def random_tensor(t, cfg: dict, gen, normal=None):
