@@ -387,11 +387,17 @@ def _merge_quant_config(configs: list[dict]) -> dict:
 
 def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: list, final: Path, *,
         coverage=None, counter=None, device: str = "cpu", progress: Progress | None = None,
-        shard_bytes: int = SHARD_BYTES, model=None) -> Streamed:
+        shard_bytes: int = SHARD_BYTES, model=None, layer_tensors_hook=None) -> Streamed:
     """Calibrate and export every decoder layer in turn into `final` (a stage directory); `batches` are token
     tensors (rows, seq_len) or Omni `multimodal.Batch`es. The embedding, final norm and lm_head (never
     quantized) are copied from the source. `model`: the skeleton to use (`build_skeleton`), when the caller
-    has hooked it (the Omni modality counter)."""
+    has hooked it (the Omni modality counter).
+
+    `layer_tensors_hook(i, tensors) -> tensors`: the hook point for weight calibration beyond max (the
+    contract with `omniq.quant.weight_calibration`): called once per decoder layer with the layer's exported
+    tensors (hub names -> packed weights and scales, as ModelOpt wrote them) before they are written; what it
+    returns is written instead (e.g. a weight and weight_scale from another algorithm; names, dtypes and shapes
+    must stay those of the plan, which the export self-check verifies)."""
     import time
 
     import torch
@@ -440,7 +446,11 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
             t = time.perf_counter()
             layer = export_layer(shell, model, arch)
             configs.append(layer.quant_config)
-            writer.add({k: v.cpu() for k, v in layer.tensors.items()})
+            tensors = {k: v.cpu() for k, v in layer.tensors.items()}
+            if layer_tensors_hook is not None:
+                tensors = layer_tensors_hook(i, tensors)
+            writer.add(tensors)
+            del tensors
             del layer, shell
             release(block)
             model.model.layers[i] = block

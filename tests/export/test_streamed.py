@@ -171,3 +171,55 @@ def test_disk_full_during_export(tmp_path):
         assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+HOOK_SCRIPT = r"""
+import json, sys, torch
+from pathlib import Path
+from omniq.calib import data as calib_data
+from omniq.export import streamed
+from omniq.model.checkpoint import open_checkpoint
+from omniq.quant import recipe as recipes
+from omniq.quant.modelopt_config import enabled_quantizers, modelopt_config
+from omniq.quant.plan import make_plan
+ckpt = open_checkpoint("tiny")
+plan = make_plan(ckpt.arch, recipes.load("fp8"))
+rows = calib_data.load(calib_data.DEFAULT, ckpt.tokenizer, samples=4, seq_len=32).rows
+seen = []
+def hook(i, tensors):
+    seen.append(i)
+    name = f"backbone.layers.{i}.mixer.out_proj.weight_scale"
+    if name in tensors:
+        tensors[name] = tensors[name] * 2
+    return tensors
+final = Path(sys.argv[1])
+final.mkdir()
+r = streamed.run(ckpt, plan, modelopt_config(plan), enabled_quantizers(plan), [rows], final, layer_tensors_hook=hook)
+print(json.dumps({"seen": seen, "files": r.files}))
+"""
+
+
+def test_layer_tensors_hook_sees_every_layer_and_its_tensors_are_written(tmp_path):
+    """The weight-calibration hook point: called once per layer, in order; what it returns is what the shard
+    holds."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    p = subprocess.run([sys.executable, "-c", HOOK_SCRIPT, str(tmp_path / "final")], capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads(p.stdout.strip().splitlines()[-1])
+    assert doc["seen"] == list(range(10)) and doc["files"] == ["model.safetensors"]
+    with safe_open(str(tmp_path / "final" / "model.safetensors"), "pt") as f:
+        in_scale = f.get_tensor("backbone.layers.0.mixer.out_proj.input_scale")
+        w = f.get_tensor("backbone.layers.0.mixer.out_proj.weight").float()
+        scale = f.get_tensor("backbone.layers.0.mixer.out_proj.weight_scale")
+    assert in_scale.dtype == torch.float32
+    # ModelOpt's FP8 per-tensor weight scale is amax / 448: the written one is twice that (the hook's)
+    from omniq.model.checkpoint import open_checkpoint
+
+    ref = open_checkpoint("tiny").read(["backbone.layers.0.mixer.out_proj.weight"])["backbone.layers.0.mixer.out_proj.weight"]
+    src = ref.float().abs().max() / 448
+    assert torch.allclose(scale, 2 * src, rtol=1e-6) and w.abs().max() <= 448
