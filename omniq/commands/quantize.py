@@ -18,7 +18,6 @@ format), and `omniq lint` on the finished artifact (`lint_stage`; its report shi
 
 from __future__ import annotations
 
-import gc
 import platform
 import time
 from dataclasses import dataclass, field

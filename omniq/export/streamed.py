@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Callable
 
 from omniq.errors import OmniqError
-from omniq.model.arch import ATTENTION, MOE
+from omniq.model.arch import ATTENTION
 from omniq.model.checkpoint import Checkpoint, TensorReader
 
 Progress = Callable[[str, int, int], None]
@@ -399,8 +399,6 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     returns is written instead (e.g. a weight and weight_scale from another algorithm; names, dtypes and shapes
     must stay those of the plan, which the export self-check verifies)."""
     import time
-
-    import torch
 
     from omniq.export.hf_checkpoint import copy_raw_tensors, tower_tensors
 
