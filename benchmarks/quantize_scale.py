@@ -17,7 +17,8 @@ ModelOpt script (from_pretrained, mtq.quantize, export_hf_checkpoint: benchmarks
 checkpoint, outside the cgroup, with the whole-model estimate (`omniq.quant.memory.estimate`) beside it.
 The disk's sequential write speed is measured in the same run (1 GiB written + fsync in --work).
 
-Prints a table and writes benchmarks/results/quantize_scale.json. Timing on a shared 2-core machine is noisy
+Prints a table and writes benchmarks/results/quantize_scale.json (runs of earlier invocations with other
+checkpoints or recipes are kept; the machine figures are this invocation's). Timing on a shared 2-core machine is noisy
 (the load average is recorded with each run).
 """
 
@@ -212,6 +213,10 @@ def main() -> int:
                 _print(r)
                 shutil.rmtree(out, ignore_errors=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    if Path(a.out).is_file():      # runs of earlier invocations (other checkpoints or recipes) are kept
+        old = json.loads(Path(a.out).read_text())
+        mine = {(r["model"], r["recipe"], r["tool"]) for r in doc["runs"]}
+        doc["runs"] = [r for r in old.get("runs", []) if (r["model"], r["recipe"], r["tool"]) not in mine] + doc["runs"]
     Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {a.out}")
     if not a.work:

@@ -176,10 +176,11 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
             "modules": dict(plan.formats),
             "experts": coverage.manifest(),
         }
+        t = time.perf_counter()
         exported = export.finish_written(stage, plan, ckpt, manifest, modelopt_qc, progress)
         lint_counts = lint_stage(stage, out)
     seconds.update({f"export_{k}": v for k, v in exported.seconds.items()})
-    seconds["export"] = time.perf_counter() - t
+    seconds["export"] = seconds["export_layers"] + time.perf_counter() - t   # packing + writing, checks, lint
     seconds["total"] = time.perf_counter() - t0
     return QuantizeResult(out=exported.path, plan=plan, counts=exported.counts, files=exported.files,
                           output_bytes=exported.bytes, seconds=seconds, manifest=exported.manifest,
