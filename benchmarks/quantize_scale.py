@@ -163,7 +163,7 @@ def main() -> int:
 
         ck = open_checkpoint(path)
         flops = calibration_flops(path, tokens)
-        for recipe in a.recipes.split(","):
+        for recipe in [r for r in a.recipes.split(",") if r]:
             out = work / f"{name}-{recipe}"
             dest = work / f"{name}-{recipe}.json"
             cg = Cgroup(int(a.cgroup_gib * 2**30)) if a.cgroup_gib else None
@@ -215,8 +215,13 @@ def main() -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     if Path(a.out).is_file():      # runs of earlier invocations (other checkpoints or recipes) are kept
         old = json.loads(Path(a.out).read_text())
-        mine = {(r["model"], r["recipe"], r["tool"]) for r in doc["runs"]}
-        doc["runs"] = [r for r in old.get("runs", []) if (r["model"], r["recipe"], r["tool"]) not in mine] + doc["runs"]
+        def key(r):
+            return r["model"], r["recipe"], r["tool"], "cgroup_max_usage_bytes" in r
+
+        mine = {key(r) for r in doc["runs"]}
+        doc["runs"] = [r for r in old.get("runs", []) if key(r) not in mine] + doc["runs"]
+        doc["machine_runs"] = old.get("machine_runs", []) + [{k: old[k] for k in ("disk_write_bytes_per_s",
+                                                                                  "matmul_flops_per_s") if k in old}]
     Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {a.out}")
     if not a.work:

@@ -223,3 +223,39 @@ def test_layer_tensors_hook_sees_every_layer_and_its_tensors_are_written(tmp_pat
     ref = open_checkpoint("tiny").read(["backbone.layers.0.mixer.out_proj.weight"])["backbone.layers.0.mixer.out_proj.weight"]
     src = ref.float().abs().max() / 448
     assert torch.allclose(scale, 2 * src, rtol=1e-6) and w.abs().max() <= 448
+
+
+def test_shard_writer_writes_what_save_file_writes(tmp_path):
+    """The planned layout (header first, tensors written at their offsets in any order) is byte for byte the
+    file safetensors' save_file writes for the same tensors; shards split in model order at the limit."""
+    from safetensors.torch import save_file
+
+    from omniq.errors import GateFailed
+    from omniq.export.streamed import ShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(6, 8, generator=g).to(torch.bfloat16),
+               "b.weight_scale": torch.tensor(0.5), "a.weight": torch.randn(4, 8, generator=g).to(torch.float8_e4m3fn),
+               "a.packed": torch.randint(0, 255, (4, 4), generator=g, dtype=torch.uint8),
+               "a.input_scale": torch.tensor(1.5), "z.router": torch.randn(3, 8, generator=g)}
+    layout = {n: ({torch.bfloat16: "BF16", torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3",
+                   torch.uint8: "U8"}[t.dtype], tuple(t.shape)) for n, t in tensors.items()}
+    w = ShardWriter(tmp_path, layout, limit=1 << 20)
+    for name in reversed(list(tensors)):
+        w.add({name: tensors[name]})
+    assert w.finish() == ["model.safetensors"]
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+    d = tmp_path / "split"
+    d.mkdir()
+    w = ShardWriter(d, layout, limit=100)
+    w.add(tensors)
+    names = w.finish()
+    assert len(names) > 1 and names[0] == f"model-00001-of-{len(names):05d}.safetensors"
+    with pytest.raises(GateFailed, match="expected BF16"):
+        ShardWriter(d, layout).add({"b.weight": torch.zeros(6, 8)})
+    with pytest.raises(GateFailed, match="unexpected tensor"):
+        ShardWriter(d, layout).add({"c": torch.zeros(1)})
+    with pytest.raises(GateFailed, match="missing"):
+        ShardWriter(d, layout).finish()
