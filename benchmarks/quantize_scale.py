@@ -123,6 +123,31 @@ class Cgroup:
                 time.sleep(0.1)
 
 
+REAL_PATTERNS = {"rw5": "MEM*E", "rw12": "MEM*EMEM*EME", "real52": None}
+
+
+def predictions(recipes_: list[str], samples: int, seq_len: int) -> list[dict]:
+    """The streamed quantize's predicted peak (`omniq.quant.memory.streamed_estimate`) on the real widths at 5,
+    12 and 52 layers, and the whole model's BF16 size beside it."""
+    from omniq.model.arch import from_config
+    from omniq.quant import memory, recipe as recipes
+    from omniq.quant.plan import make_plan
+
+    real = json.loads((ROOT / "tests" / "data" / "nemotron-3-nano-30b-a3b.config.json").read_text())
+    out = []
+    for name, pattern in REAL_PATTERNS.items():
+        pattern = pattern or real["hybrid_override_pattern"]
+        arch = from_config(dict(real, hybrid_override_pattern=pattern, num_hidden_layers=len(pattern)))
+        for r in recipes_:
+            est = memory.streamed_estimate(make_plan(arch, recipes.load(r)), samples=samples, seq_len=seq_len)
+            out.append({"model": name, "layers": len(pattern), "recipe": r, "predicted_peak_bytes": est.total,
+                        "bf16_bytes": memory.weight_bytes(arch), **est.as_dict()})
+            print(f"predicted  {name:6} {len(pattern):3} layers {r:10} peak {est.total / 2**30:5.2f} GiB "
+                  f"(BF16 model {memory.weight_bytes(arch) / 2**30:6.2f} GiB, "
+                  f"{est.total / memory.weight_bytes(arch):.3f} x)", flush=True)
+    return out
+
+
 def run_child(cmd: list[str], log: Path, cgroup: Cgroup | None = None) -> dict:
     t = time.perf_counter()
     with open(log, "w") as f:
@@ -157,6 +182,7 @@ def main() -> int:
     print(f"disk sequential write {doc['disk_write_bytes_per_s'] / 1e6:.0f} MB/s; matmul bf16 "
           f"{doc['matmul_flops_per_s']['bf16'] / 1e9:.1f} GFLOP/s, fp32 {doc['matmul_flops_per_s']['fp32'] / 1e9:.1f} "
           "GFLOP/s", flush=True)
+    doc["predicted"] = predictions([r for r in a.recipes.split(",") if r] or ["fp8"], a.samples, a.seq_len)
     tokens = a.samples * a.seq_len
     for name, path in ckpts.items():
         from omniq.model.checkpoint import open_checkpoint
