@@ -7,8 +7,10 @@
 
 For each checkpoint and recipe, one `omniq quantize` in its own process (`--cgroup-gib`: inside a cgroup-v1
 child group of this process's own memory cgroup with that `memory.limit_in_bytes`; the run must pass there,
-which proves the ceiling rather than measuring it): peak RSS (wait4 of that child), the cgroup's
-max_usage_in_bytes, the time of each stage (QuantizeResult.seconds), bytes read from the source and written,
+which proves the ceiling rather than measuring it): peak RSS (wait4 of that child; it counts the source
+shards' mmapped page-cache pages too) and peak anonymous RSS (sampled), the cgroup's max_usage_in_bytes
+(anonymous memory plus the page cache charged to it: it reaches the limit whenever more than the limit is
+read, and the kernel reclaims cache there), the time of each stage (QuantizeResult.seconds), bytes read from the source and written,
 their rates, the preflight's predicted peak (`omniq.quant.memory.streamed_estimate`) beside the measured one,
 and calibration's achieved matmul rate (the matmul FLOPs of the calibration forward counted from the
 architecture: 2 x in x out per token and linear, routed experts top-k per token) beside this machine's own
@@ -148,16 +150,35 @@ def predictions(recipes_: list[str], samples: int, seq_len: int) -> list[dict]:
     return out
 
 
+def _anon_sampler(pid: int, peak: list) -> None:
+    """Largest RssAnon of `pid` (sampled every 0.2 s): the process's own memory. ru_maxrss also counts the
+    safetensors shards' pages mapped from the page cache (file-backed, reclaimable), several GiB here."""
+    status = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            text = status.read_text()
+        except OSError:
+            return
+        for line in text.splitlines():
+            if line.startswith("RssAnon:"):
+                peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+        time.sleep(0.2)
+
+
 def run_child(cmd: list[str], log: Path, cgroup: Cgroup | None = None) -> dict:
+    import threading
+
     t = time.perf_counter()
+    peak = [0]
     with open(log, "w") as f:
         p = subprocess.Popen(["nice", "-n", "10", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
                              preexec_fn=cgroup.enter if cgroup else None,
                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        threading.Thread(target=_anon_sampler, args=(p.pid, peak), daemon=True).start()
         _, status, usage = os.wait4(p.pid, 0)
     return {"rc": os.waitstatus_to_exitcode(status), "wall_s": time.perf_counter() - t,
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "load_average": os.getloadavg()[0]}
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_anon_bytes": peak[0],
+            "cpu_s": usage.ru_utime + usage.ru_stime, "load_average": os.getloadavg()[0]}
 
 
 def main() -> int:
@@ -258,7 +279,8 @@ def main() -> int:
 def _print(r: dict) -> None:
     gib = 2**30
     line = (f"{r['model']:5} {r['layers']:3} layers {r['recipe']:10} {r['tool']:14} rc {r['rc']}  wall "
-            f"{r['wall_s']:7.1f} s  peak RSS {r['peak_rss_bytes'] / gib:6.2f} GiB")
+            f"{r['wall_s']:7.1f} s  peak RSS {r['peak_rss_bytes'] / gib:6.2f} GiB"
+            f" (anonymous {r.get('peak_anon_bytes', 0) / gib:5.2f} GiB)")
     if r.get("predicted_peak_bytes"):
         line += f"  predicted {r['predicted_peak_bytes'] / gib:6.2f} GiB"
     if "cgroup_max_usage_bytes" in r:
