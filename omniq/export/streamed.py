@@ -9,7 +9,7 @@ models: tests/export/test_streamed.py against tests/data/golden/quantize_tiny.js
 1. `Skeleton`: transformers' own `NemotronHForCausalLM` built on the `meta` device (no storage) from the
    checkpoint's config, in bf16, with omniq's Mamba forward (`calibrate.patch_mamba_mixers`). Its module tree
    gives ModelOpt the module names and classes it knows; a layer's parameters are materialized from the
-   safetensors shards (shard handles kept open; routed experts stacked into transformers' fused 3-D tensors,
+   safetensors shards (shard handles kept open; routed experts copied in place into transformers' fused 3-D tensors,
    the router weight in F32 as `calibrate.restore_router_fp32` does, buffers in their stored dtype) when that
    layer is calibrated, and dropped after it is written.
 2. Inputs: every calibration batch runs through the skeleton's own `forward` once with each decoder block
@@ -33,16 +33,18 @@ models: tests/export/test_streamed.py against tests/data/golden/quantize_tiny.js
    then hub-layout names (`hf_checkpoint.hub_names`). The tensors are written at their offsets in the output
    shards laid out from the plan up front (`ShardWriter`).
 
-Why not ModelOpt's own layer-by-layer tools (nvidia-modelopt 0.47; checked here, transformers 5.14, CPU):
+Why not ModelOpt's own layer-by-layer tools (nvidia-modelopt 0.47, transformers 5.14, CPU):
 `LayerwiseConfig` / `layerwise_calib.LayerActivationCollector` and the streaming `export_hf_checkpoint`
-(`unified_export_hf_streaming.py`) both need the whole model instantiated with accelerate offload hooks.
-transformers 5 loads NemotronH's routed experts through a load-time conversion (per-expert tensors merged into
-fused 3-D tensors), so a disk-offloaded model is a converted copy of the whole checkpoint written to
-`offload_folder` first (63 GB more disk for the real model) and read back per layer; the streaming export
-writes its own shard layout and names. Here the layer's tensors come straight from the source shards and the
-calibration, packing and scale arithmetic are still ModelOpt's (`mtq.quantize` and its export functions), only
-the loop over layers is omniq's. `LayerActivationCollector.is_supported` is true for NemotronH and it has no
-split rules, so the offloaded route would run given the disk; it is not used.
+(`unified_export_hf_streaming.py`) both work on the whole model instantiated with accelerate offload hooks
+(the streaming export refuses anything else). What was checked here: `LayerActivationCollector.is_supported`
+is true for transformers' NemotronH and its conversion mapping has no split rules (so the streaming export
+would not refuse it). What was not run: the offloaded route itself. transformers 5 loads NemotronH's routed
+experts through a load-time conversion (per-expert tensors merged into fused 3-D tensors), so an offloaded
+model's weights are the converted ones, which accelerate keeps in its `offload_folder` (a second copy of the
+checkpoint on disk, 63 GB for the real model) rather than reading the source shards; and the streaming export
+writes its own shard layout. Here each layer's tensors come straight from the source shards, and the
+calibration, packing and scale arithmetic are still ModelOpt's (`mtq.quantize` and its export functions);
+only the loop over layers is omniq's.
 """
 
 from __future__ import annotations
