@@ -273,6 +273,15 @@ class UnitWeights(Mapping):
     def __len__(self):
         return len(self.names)
 
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype `name` is stored in, when it is kept in high precision (None for a quantized weight)."""
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        layer = self.artifact.layers.get(module) if module else None
+        if layer is not None and layer.weight_format != "bf16":
+            return None
+        t = self.stored.get(name)
+        return None if t is None else t.dtype
+
 
 class LazyWeights(Mapping):
     """All of an artifact's base tensors, each read from its shard and dequantized when asked for."""
@@ -342,12 +351,16 @@ class EngineLinear:
         return self.matmul(name, self.prepare(name, x))
 
 
-def bf16_compute_hooks(weights: dict[str, torch.Tensor]) -> tuple[LinearFn, KvFn]:
+def bf16_compute_hooks(weights: Mapping[str, torch.Tensor]) -> tuple[LinearFn, KvFn]:
     """Hooks that run every linear as a BF16 engine does (bf16 inputs and weights, fp32 accumulation, bf16
-    output) and keep K / V in bf16. Used for the noise floor: a bf16 forward against the float32 one."""
+    output) and keep K / V in bf16. Used for the noise floor: a bf16 forward against the float32 one. A
+    weight stored in BF16 (`UnitWeights.stored_dtype`) is used as it is: rounding it again changes nothing."""
+    stored_dtype = getattr(weights, "stored_dtype", lambda name: None)
 
     def linear(name: str, x: torch.Tensor) -> torch.Tensor:
-        w = weights[f"{name}.weight"].to(torch.bfloat16).float()
+        w = weights[f"{name}.weight"]
+        if stored_dtype(f"{name}.weight") != torch.bfloat16:
+            w = w.to(torch.bfloat16).float()
         b = weights.get(f"{name}.bias")
         y = F.linear(x.to(torch.bfloat16).float(), w, None if b is None else b.to(torch.bfloat16).float())
         return y.to(torch.bfloat16).float()

@@ -49,13 +49,13 @@ class Comparison:
         self.add_log_probs(lr, log_probs(cand_logits), targets, positions)
 
     def add_log_probs(self, lr: torch.Tensor, lc: torch.Tensor, targets: torch.Tensor,
-                      positions: torch.Tensor | None = None) -> None:
-        """The same from float64 log-probabilities (n, vocab): a reference's, computed once, can serve several
-        candidates."""
+                      positions: torch.Tensor | None = None, pr: torch.Tensor | None = None) -> None:
+        """The same from float64 log-probabilities (n, vocab): a reference's (and its probabilities `pr`,
+        lr.exp()), computed once, can serve several candidates."""
         if positions is None:
             b, L = targets.shape
             positions = torch.arange(L, device=lr.device).repeat(b)
-        self.kl.append((lr.exp() * (lr - lc)).sum(-1).clamp_min(0.0))
+        self.kl.append(((lr.exp() if pr is None else pr) * (lr - lc)).sum(-1).clamp_min(0.0))
         self.agree.append(lr.argmax(-1) == lc.argmax(-1))
         self.positions.append(positions.reshape(-1))
         t = targets.reshape(-1, 1)

@@ -126,14 +126,14 @@ def torch_device(spec: str) -> torch.device:
 
 
 def preflight(reference: Artifact, candidate: Artifact, tokens: int, device: torch.device,
-              noise_floor: bool = True) -> dict:
+              noise_floor: bool = True, batch_tokens: int | None = None) -> dict:
     """Refuse (exit 2) before reading any weight when the run cannot fit: the per-step estimate (largest
     layer of both artifacts, hidden states of every token, a logits chunk; `stream.estimate_bytes`) against
     the memory limit of this process (`omniq.memory_limit`: its cgroup, else MemAvailable), or the GPU's
     free memory with --device cuda."""
     from omniq import memory_limit
 
-    est = stream.estimate_bytes(reference, candidate, tokens, noise_floor)
+    est = stream.estimate_bytes(reference, candidate, tokens, noise_floor, batch_tokens)
     need = est["total_bytes"]
     have, source = memory_limit.available_bytes(), memory_limit.limit_source()
     if device.type == "cuda":
@@ -213,7 +213,8 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
     modalities, mm_warnings = multimodal.wanted(ref, n_media)
     media_inputs = {m: multimodal.sample_inputs(ref, m, n_media) for m in modalities}
     tokens = rows.shape[0] * (rows.shape[1] - 1) + sum(x.num_tokens for v in media_inputs.values() for x in v)
-    memory = preflight(ref, cand, tokens, dev, noise_floor)
+    batch_tokens = max([BATCH_ROWS * (rows.shape[1] - 1)] + [x.num_tokens for v in media_inputs.values() for x in v])
+    memory = preflight(ref, cand, tokens, dev, noise_floor, batch_tokens)
 
     t_eval = time.perf_counter()
     items = text_items(rows)

@@ -103,25 +103,31 @@ def streamed_names(artifact: Artifact) -> set[str]:
     return out
 
 
-def estimate_bytes(reference: Artifact, candidate: Artifact, tokens: int, with_noise_floor: bool = True) -> dict:
+def estimate_bytes(reference: Artifact, candidate: Artifact, tokens: int, with_noise_floor: bool = True,
+                   batch_tokens: int | None = None) -> dict:
     """Peak memory of a run, from the headers: the largest step of each artifact (stored dtype, plus its
     float32 form where it is kept, plus one float32 matrix), the hidden states of every evaluated token for
-    each stream, and a logits chunk."""
+    each stream, one batch's activations inside a layer (`batch_tokens`, default all tokens: the Mamba
+    in_proj output and scan blocks, the routed experts' inputs) and a logits chunk."""
     arch = reference.arch
 
     def step(art: Artifact, names: list[str]) -> int:
         stored = art.unit_bytes(names)
         f32 = [4 * _numel(art.logical_shape(n)) for n in names]
         kept = sum(f32) if sum(f32) < KEEP_FLOAT32_BYTES else 0
-        return stored + kept + (max(f32) if f32 else 0)
+        return stored + kept + 3 * (max(f32) if f32 else 0)
 
     steps = [embedding_names(reference), head_names(reference), tower_names(reference)]
     steps += [layer_names(reference, i) for i in range(arch.num_layers)]
     largest = max(step(reference, s) + step(candidate, s) for s in steps if s)
     n_streams = 3 if with_noise_floor else 2
     hidden = n_streams * tokens * arch.hidden_size * 4
-    activations = 12 * min(tokens, BATCH_ROWS * 4096) * max(arch.in_proj_out, arch.hidden_size) * 4
-    logits = LOGITS_CHUNK_BYTES + 3 * _chunk_tokens(arch.vocab_size) * arch.vocab_size * 4
+    bt = min(tokens, batch_tokens or tokens)
+    per_token = (4 * arch.in_proj_out + 3 * arch.mamba_num_heads * arch.chunk_size
+                 + 2 * arch.num_experts_per_tok * max(arch.moe_intermediate_size, arch.hidden_size)
+                 + 4 * arch.hidden_size)
+    activations = bt * per_token * 4
+    logits = 2 * LOGITS_CHUNK_BYTES + 3 * _chunk_tokens(arch.vocab_size) * arch.vocab_size * 4
     total = largest + hidden + activations + logits
     return {"largest_step_bytes": largest, "hidden_states_bytes": hidden, "activations_bytes": activations,
             "logits_chunk_bytes": logits, "total_bytes": total}
@@ -230,10 +236,11 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
         for a in range(0, b * S, chunk):
             sl = slice(a, a + chunk)
             lr = log_probs(forward.lm_head(arch, heads["reference"][0], flat["reference"][sl], heads["reference"][1]))
+            pr = lr.exp()
             for s in by:
                 u, linear = heads[s]
                 lc = log_probs(forward.lm_head(arch, u, flat[s][sl], linear))
-                by[s].add_log_probs(lr, lc, t[sl, None].reshape(-1, 1), pos[sl])
+                by[s].add_log_probs(lr, lc, t[sl], pos[sl], pr)
     del ref_u, cand_u, heads
     done += 1
     if progress is not None:
