@@ -5,7 +5,7 @@ calibration hidden states of every row (rows x seq_len x hidden in BF16), whatev
 Nothing holds the whole model, nor a whole output shard.
 
 How (the same numbers as a whole-model `mtq.quantize` + `export_hf_checkpoint`, byte for byte on the bundled
-models: tests/export/test_streamed.py against tests/data/golden/quantize_tiny.json):
+models: tests/export/test_quantize_streamed.py against tests/data/golden/quantize_tiny.json):
 1. `Skeleton`: transformers' own `NemotronHForCausalLM` built on the `meta` device (no storage) from the
    checkpoint's config, in bf16, with omniq's Mamba forward (`calibrate.patch_mamba_mixers`). Its module tree
    gives ModelOpt the module names and classes it knows; a layer's parameters are materialized from the
