@@ -4,10 +4,12 @@ Cheap checks come first, so a bad input fails in a second and before anything is
 the recipe, the checkpoint (missing, pickle-only, not NemotronH, already quantized, config/tensor mismatch),
 the plan's ModelOpt config and the calibration data (read and tokenized; for an Omni checkpoint the
 `--calib-mix` of text, image and audio samples, media embedded by its own towers: `omniq.calib.multimodal`).
-An Omni checkpoint's language model alone is loaded and quantized; its towers and projectors are copied into
-the artifact byte for byte (`hf_checkpoint.copy_raw_tensors`); see docs/omni.md. Then the model is loaded
-(NaN / inf refused), calibrated and exported into a staged directory that only becomes `--out` when every
-check has passed.
+An Omni checkpoint's language model alone is quantized; its towers and projectors are copied into the artifact
+byte for byte (`hf_checkpoint.copy_raw_tensors`); see docs/omni.md. A preflight (`omniq.quant.memory.preflight`)
+refuses, before anything is loaded, a run whose predicted peak does not fit the process's memory limit. Then
+the model is calibrated and exported layer by layer (`omniq.export.streamed`: one decoder layer in memory,
+read from the shards, NaN / inf refused, docs/streamed.md) into a staged directory that only becomes `--out`
+when every check has passed.
 
 The checks that end every run (docs/trust.md), each exit 1 with nothing left at `--out`: expert coverage
 (`omniq.calib.experts`: tokens per routed expert counted, and under the default policy topped up, during
@@ -18,7 +20,6 @@ format), and `omniq lint` on the finished artifact (`lint_stage`; its report shi
 
 from __future__ import annotations
 
-import gc
 import platform
 import time
 from dataclasses import dataclass, field
@@ -195,10 +196,11 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
             "modules": dict(plan.formats),
             "experts": coverage.manifest(),
         }
+        t = time.perf_counter()
         exported = export.finish_written(stage, plan, ckpt, manifest, modelopt_qc, progress)
         lint_counts = lint_stage(stage, out)
     seconds.update({f"export_{k}": v for k, v in exported.seconds.items()})
-    seconds["export"] = time.perf_counter() - t
+    seconds["export"] = seconds["export_layers"] + time.perf_counter() - t   # packing + writing, checks, lint
     seconds["total"] = time.perf_counter() - t0
     return QuantizeResult(out=exported.path, plan=plan, counts=exported.counts, files=exported.files,
                           output_bytes=exported.bytes, seconds=seconds, manifest=exported.manifest,

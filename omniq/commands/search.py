@@ -174,7 +174,7 @@ class Sensitivity:
                   for b in self.batches]
             for i in range(arch.num_layers):
                 self.inputs.append(xs)
-                xs = [forward.block(arch, weights, i, x, plain) for x in xs]
+                xs = [forward.decoder_layer(arch, weights, i, x, linear=plain) for x in xs]
             self.ref_logp = [self._logp(x, plain) for x in xs]
 
     def _logp(self, x, linear):
@@ -214,7 +214,7 @@ class Sensitivity:
         with torch.inference_mode():
             for k, x in enumerate(self.inputs[group.layer]):
                 for i in range(group.layer, self.arch.num_layers):
-                    x = forward.block(self.arch, weights, i, x, linear)
+                    x = forward.decoder_layer(self.arch, weights, i, x, linear=linear)
                 lc = self._logp(x, linear).double()
                 lr = self.ref_logp[k].double()
                 total += float((lr.exp() * (lr - lc)).sum(-1).clamp_min(0.0).sum())

@@ -1,7 +1,7 @@
 """Weight calibration beyond max: calibration-input statistics layer by layer, then the algorithms.
 
 `calibrate_weights(arch, source, rows, formats, algorithms, global_scales)` runs omniq's own float32 forward
-(`omniq.model.forward.block`, one decoder layer at a time over all calibration rows) with a `linear` hook that
+(`omniq.model.forward.decoder_layer`, one decoder layer at a time over all calibration rows) with a `linear` hook that
 records, per linear layer and per routed expert (an expert's hook sees only the tokens routed to it), the
 token count and the input statistics its algorithm needs:
 
@@ -200,7 +200,7 @@ def calibrate_weights(arch: Arch, source: dict[str, torch.Tensor], rows: torch.T
         if want:
             with torch.inference_mode():
                 for x in xs:
-                    forward.block(arch, current, i, x, rec)
+                    forward.decoder_layer(arch, current, i, x, linear=rec)
             result.stats_bytes = max(result.stats_bytes, rec.nbytes())
         stacks: dict[tuple, list] = {}          # routed experts under gptq: one batched call per projection
         for lin in lins:
@@ -229,7 +229,7 @@ def calibrate_weights(arch: Arch, source: dict[str, torch.Tensor], rows: torch.T
                     current[f"{lin.name}.weight"] = fake_quant(source[f"{lin.name}.weight"], fmt,
                                                                global_scales.get(lin.name))
             with torch.inference_mode():
-                xs = [forward.block(arch, current, i, x, forward.plain_linear(current)) for x in xs]
+                xs = [forward.decoder_layer(arch, current, i, x, linear=forward.plain_linear(current)) for x in xs]
         if progress:
             progress("weights", i + 1, arch.num_layers)
     result.seconds = time.perf_counter() - t0
