@@ -187,7 +187,7 @@ def encoder_states(s: ParakeetSpec, w, features):
         key = f"{ENCODER}{name}"
         if key in w:
             t = w[key]
-            tensors[name] = t if name.endswith(OPTIONAL) else t.float()
+            tensors[name] = t.long() if name.endswith(OPTIONAL) else t.float()
         elif name.endswith(OPTIONAL):
             tensors[name] = torch.zeros((), dtype=torch.long)
         else:

@@ -188,7 +188,7 @@ def module_tensors(w, s: RadioSpec) -> dict:
         t = w[name]
         parts = t.chunk(3, dim=0) if len(targets) == 3 else (t,)
         for hf, part in zip(targets, parts):
-            out[hf] = part if hf == "summary_idxs" else part.float()
+            out[hf] = part.long() if hf == "summary_idxs" else part.float()       # callers may upcast all
     for i in range(s.layers):               # C-RADIO has no LayerScale: RadioModel's identity scale (ones)
         for k in (1, 2):
             out[f"encoder.layer.{i}.layer_scale{k}.lambda1"] = None

@@ -41,13 +41,15 @@ def available(cfg: dict, headers) -> tuple[list[str], str | None]:
 
 
 @torch.inference_mode()
-def compare_modality(reference, candidate, modality: str, samples: int, *, progress=None) -> dict:
-    """Metrics of the candidate against the reference on `samples` bundled eval samples of one modality."""
+def compare_modality(reference, candidate, modality: str, samples: int, *, progress=None, source=None) -> dict:
+    """Metrics of the candidate against the reference on `samples` eval samples of one modality: the bundled
+    eval split, or the user's (`source`, a `user_media.MediaSource` from --eval-media)."""
     cfg = reference.checkpoint.config
     tokens = omni.context_tokens(cfg, reference.tokenizer)
     linear, kv = candidate.linear(), candidate.kv()
     cmp = Comparison()
-    for k, sample in enumerate(media.bundled(modality, "eval", samples)):
+    chosen = source.samples[modality][:samples] if source is not None else media.bundled(modality, "eval", samples)
+    for k, sample in enumerate(chosen):
         x = media.model_inputs(sample, cfg, reference.tokenizer, tokens)
         L = x.num_tokens
         if x.target_start >= L:
@@ -65,22 +67,37 @@ def compare_modality(reference, candidate, modality: str, samples: int, *, progr
 
 
 def evaluate(reference, candidate, *, samples: int = DEFAULT_MEDIA_SAMPLES, max_kl=None, min_top1=None,
-             max_ppl_ratio=None, progress=None) -> tuple[dict, list[str]]:
+             max_ppl_ratio=None, progress=None, eval_media: str | None = None,
+             bad_media: str = "skip") -> tuple[dict, list[str]]:
     """{modality: metrics + gates + failures + passed} for every media modality of an Omni checkpoint, and
-    warnings (e.g. towers omniq cannot run: then only the text set is evaluated, said so)."""
+    warnings (e.g. towers omniq cannot run: then only the text set is evaluated, said so). `eval_media`: the
+    user's captioned media (a folder or dataset, `omniq.calib.user_media`) instead of the bundled eval split,
+    for the modalities it has."""
     ckpt = reference.checkpoint
+    if eval_media is not None and not ckpt.is_omni:
+        raise OmniqError("--eval-media: this checkpoint is a text-only NemotronH; image / audio evaluation needs "
+                         "an Omni checkpoint")
     if not ckpt.is_omni or samples <= 0:
         return {}, []
     wanted, why = available(ckpt.config, ckpt.headers)
     warnings = [f"image / audio evaluation skipped: {why}"] if why else []
+    source = None
+    if eval_media is not None:
+        from omniq.calib import user_media
+
+        source = user_media.load(eval_media, bad=bad_media, need_target=True, limit=samples, what="--eval-media")
+        warnings += [f"--eval-media skipped {line}" for line in source.skipped]
     out = {}
     for m in wanted:
-        metrics = compare_modality(reference, candidate, m, samples, progress=progress)
+        own = source if source is not None and source.samples.get(m) else None       # else the bundled split
+        metrics = compare_modality(reference, candidate, m, samples, progress=progress, source=own)
         gate = gates_mod.gates_for(candidate.format, max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio)
         failures = [f"{m}: {f}" for f in gates_mod.check(metrics, gate)]
         out[m] = {**{k: metrics[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference",
                                               "ppl_candidate", "ppl_ratio", "tokens")},
                   "passed": not failures, "gates": gate.as_dict(), "failures": failures,
-                  "eval": {"set": f"bundled-{m}:eval", "samples": samples, "scored": "caption tokens",
-                           **media.identity(m, "eval")}}
+                  "eval": ({"set": eval_media, "samples": len(own.samples[m]), "scored": "caption tokens",
+                            **own.identity(m)} if own is not None else
+                           {"set": f"bundled-{m}:eval", "samples": samples, "scored": "caption tokens",
+                            **media.identity(m, "eval")})}
     return out, warnings

@@ -151,7 +151,8 @@ def _sqnr_by_role(reference: Artifact, sqnr: dict[str, float]) -> dict[str, dict
 def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMPLES,
              seq_len: int = DEFAULT_SEQ_LEN, max_kl: float | None = None, min_top1: float | None = None,
              max_ppl_ratio: float | None = None, report_path=None, positions: bool = False,
-             progress: Progress | None = None, media_samples: int | None = None) -> dict:
+             progress: Progress | None = None, media_samples: int | None = None, eval_media: str | None = None,
+             bad_media: str = "skip") -> dict:
     """Read both checkpoints from their files, compare next-token distributions, apply the gates.
 
     Returns the report (and writes it to `report_path` when given); `report["passed"]` says whether every
@@ -173,7 +174,8 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
 
     by_modality, mm_warnings = multimodal.evaluate(
         ref, cand, samples=multimodal.DEFAULT_MEDIA_SAMPLES if media_samples is None else media_samples,
-        max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio)
+        max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio, eval_media=eval_media,
+        bad_media=bad_media)
     if by_modality:
         failures = [f"text: {f}" for f in failures]
     text_failures = list(failures)
