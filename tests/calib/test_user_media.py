@@ -134,7 +134,7 @@ def test_saved_dataset_with_image_audio_and_caption_columns(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "omniq.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "omniq.cli", *args], capture_output=True, text=True, timeout=1800)
 
 
 def test_cli_refuses_a_folder_with_no_usable_file(tmp_path):
