@@ -47,7 +47,7 @@ from omniq.errors import GateFailed, OmniqError
 from omniq.manifest import MANIFEST
 from omniq.model import names
 from omniq.model.arch import Arch
-from omniq.model.checkpoint import Checkpoint, read_safetensors_header
+from omniq.model.checkpoint import Checkpoint, TensorReader, read_rows, read_safetensors_header
 from omniq.quiet import quiet
 from omniq.quant.plan import NVFP4_GROUP, LayerPlan
 
@@ -290,10 +290,16 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
     if problems:
         _fail(problems)
 
+    # Every output shard and source shard opened once; whole tensors only where whole ones are compared
+    # (scales, passthrough), quantized weights read as CHECK_ROWS row slices on both sides.
     handles = {f: safe_open(str(f), framework="pt") for f in {v[2] for v in found.values()}}
+    source = TensorReader(ckpt)
 
     def get(name):
         return handles[found[name][2]].get_tensor(name)
+
+    def rows_of(name, rows):
+        return read_rows(handles[found[name][2]], name, rows)
 
     # Scales: finite and positive (engines reject zero or non-finite scales).
     for name, e in expected.items():
@@ -301,12 +307,12 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
             v = get(name).float()
             if not bool(v.isfinite().all()) or not bool((v > 0).all()):
                 problems.append(f"{name} has non-finite or non-positive values")
-    # Passthrough tensors: the source's, bit for bit, in the exported dtype.
-    passthrough = [n for n, e in expected.items() if e.kind == "passthrough"]
-    for name, src in ckpt.read(passthrough).items():
-        out = get(name)
+    # Passthrough tensors: the source's, bit for bit, in the exported dtype (one at a time).
+    for name in (n for n, e in expected.items() if e.kind == "passthrough"):
+        out, src = get(name), source.get(name)
         if not torch.equal(out, src.to(out.dtype)):
             problems.append(f"{name} differs from the source checkpoint")
+        del out, src
     if problems:
         _fail(problems)
     # Quantized weights: close to their own source weight once dequantized (on CHECK_ROWS evenly spaced rows,
@@ -315,14 +321,15 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
     for k, name in enumerate(weights):
         fmt = expected[name].fmt
         module = name[: -len(".weight")]
-        src = ckpt.read([name])[name]
-        rows = torch.linspace(0, src.shape[0] - 1, min(src.shape[0], CHECK_ROWS)).round().long().unique()
+        n_rows = expected[name].shape[0]
+        rows = torch.linspace(0, n_rows - 1, min(n_rows, CHECK_ROWS)).round().long().unique().tolist()
+        src = source.rows(name, rows)
         if fmt == "fp8":
-            deq = formats.fp8_dequantize(get(name)[rows], get(f"{module}.weight_scale"))
+            deq = formats.fp8_dequantize(rows_of(name, rows), get(f"{module}.weight_scale"))
         else:
-            deq = formats.nvfp4_dequantize(get(name)[rows], get(f"{module}.weight_scale")[rows],
+            deq = formats.nvfp4_dequantize(rows_of(name, rows), rows_of(f"{module}.weight_scale", rows),
                                            get(f"{module}.weight_scale_2"), src.shape[-1])
-        err = _relative_error(deq, src[rows])
+        err = _relative_error(deq, src)
         if not err <= MAX_WEIGHT_ERROR[fmt]:
             problems.append(f"{name} ({fmt}) dequantizes to relative error {err:.3f} against its source weight")
         if progress and ((k + 1) % 64 == 0 or k + 1 == len(weights)):

@@ -38,19 +38,19 @@ _E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, F
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """Values already divided by their block scale -> E2M1 codes (uint8 0..15)."""
     a = x.abs()
-    mag = torch.zeros(x.shape, dtype=torch.uint8)
+    mag = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
     for threshold, tie_up in _E2M1_STEPS:
         mag += (a >= threshold if tie_up else a > threshold).to(torch.uint8)
     return ((x < 0).to(torch.uint8) << 3) | mag
 
 
-def _e2m1_table() -> torch.Tensor:
-    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32)
+def _e2m1_table(device=None) -> torch.Tensor:
+    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
     return torch.cat([mags, -mags])                  # index = code
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
-    return _e2m1_table()[codes.long()]
+    return _e2m1_table(codes.device)[codes.long()]
 
 
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:
@@ -73,15 +73,15 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
 
 
-def _byte_table() -> torch.Tensor:
+def _byte_table(device=None) -> torch.Tensor:
     """(256, 2): the two E2M1 values (low nibble first) of every packed byte."""
-    codes = torch.arange(256)
-    return _e2m1_table()[torch.stack([codes & 0x0F, codes >> 4], dim=-1)]
+    codes = torch.arange(256, device=device)
+    return _e2m1_table(device)[torch.stack([codes & 0x0F, codes >> 4], dim=-1)]
 
 
 def e2m1_unpack_values(packed: torch.Tensor) -> torch.Tensor:
     """[..., n/2] packed bytes -> [..., n] float32 E2M1 values."""
-    return _byte_table()[packed.long()].flatten(-2)
+    return _byte_table(packed.device)[packed.long()].flatten(-2)
 
 
 # ----- NVFP4 ---------------------------------------------------------------------------------------------
