@@ -499,6 +499,8 @@ def check_keep_bf16(seen: Seen) -> list[Finding]:
         m = n.rpartition(".")[0]
         family = keep_bf16_family(seen, m)
         dtype = seen.headers[n].dtype
+        if family == "tower" and dtype in ("I64", "I32") and not n.endswith(".weight"):
+            continue      # integer buffers of the real towers (RADIO summary_idxs, BatchNorm num_batches_tracked)
         if family is None and not n.endswith(".weight"):
             out.append(Finding("quantized-undeclared", "error", n,
                                f"stored {dtype}, but only linear weights are ever quantized: engines load this "
