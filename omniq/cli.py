@@ -51,6 +51,8 @@ def validate(
     report: Optional[Path] = typer.Option(None, "--report", help="Write the machine-readable JSON report here."),
     positions: bool = typer.Option(False, "--positions", help="Also break KL and top-1 down by position in the row."),
     media_samples: Optional[int] = typer.Option(None, "--media-samples", min=0, help="Omni checkpoints: image+text and audio+text evaluation samples per modality (bundled eval split; 0 skips them). [default: 32]"),
+    device: str = typer.Option("cpu", "--device", help="Where the layer stream runs: cpu, cuda or cuda:N (the CUDA path is untested: no GPU in CI)."),
+    no_noise_floor: bool = typer.Option(False, "--no-noise-floor", help="Skip the third stream (the reference as a BF16 engine runs it) and the report's noise_floor."),
 ):
     """Compare a quantized artifact with its BF16 reference from the files; exit 1 when a gate fails."""
     from rich.console import Console
@@ -62,7 +64,7 @@ def validate(
         result = run_validate(reference, candidate, eval_set=eval_set, samples=samples, seq_len=seq_len,
                               max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio,
                               report_path=report, positions=positions, progress=progress,
-                              media_samples=media_samples)
+                              media_samples=media_samples, device=device, noise_floor=not no_noise_floor)
     console = Console()
     console.print(summary_table(result))
     for w in result["warnings"]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from omniq.calib import data as calib_data
 from omniq.calib import media
 from omniq.errors import OmniqError
+from omniq.model import names
 
 DEFAULT_OMNI_MIX = "text:0.5,image:0.25,audio:0.25"
 TEXT_BATCH = 4
@@ -195,17 +196,14 @@ class ModalityCounter:
 
     def per_layer(self, plan) -> dict[str, dict[str, int]]:
         """Quantized layer (hub name) -> tokens of each modality it saw during calibration."""
-        import re
-
         out = {}
-        expert = re.compile(r"\.layers\.(\d+)\.mixer\.experts\.(\d+)\.")
         for lin in plan.quantized:
             if lin.name.endswith("lm_head"):
                 counts = dict(self.last)
             else:
-                m = expert.search(lin.name + ".")
-                if m and int(m[1]) in self.experts:
-                    row = self.experts[int(m[1])][int(m[2])]
+                m = names.expert_of(lin.name)
+                if m and m[0] in self.experts:
+                    row = self.experts[m[0]][m[1]]
                     counts = {mod: int(row[k]) for k, mod in enumerate(MODALITIES)}
                 else:
                     counts = dict(self.total)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 import shutil
 import time
 import warnings
@@ -46,6 +45,7 @@ from omniq.atomic import Staged, staged_dir
 from omniq.checksums import sha256_file
 from omniq.errors import GateFailed, OmniqError
 from omniq.manifest import MANIFEST
+from omniq.model import names
 from omniq.model.arch import Arch
 from omniq.model.checkpoint import Checkpoint, TensorReader, read_rows, read_safetensors_header
 from omniq.quiet import quiet
@@ -114,20 +114,13 @@ def modelopt_export(model, stage: Stage) -> dict:
 
 
 # ----- 2. tensors in the hub layout ----------------------------------------------------------------------
-_FUSED_EXPERT = re.compile(r"^(?P<base>.*\.mixer\.experts)\.(?P<proj>up_proj|down_proj)(?:\.weight)?$")
-
-
 def hub_names(name: str, tensor, arch: Arch) -> list[tuple[str, object]]:
     """One exported tensor -> [(hub-layout name, tensor)]: `model.` -> `backbone.`, `embedding` ->
     `embeddings`, and a fused 3-D expert tensor split into one tensor per expert."""
-    local = name[len(arch.prefix):] if arch.prefix and name.startswith(arch.prefix) else name
-    if local.startswith("model."):
-        local = "backbone." + local[len("model."):]
-    if local == "backbone.embedding.weight":
-        local = "backbone.embeddings.weight"
-    m = _FUSED_EXPERT.match(local)
-    if m and getattr(tensor, "dim", lambda: 0)() == 3:
-        return [(f"{arch.prefix}{m['base']}.{e}.{m['proj']}.weight", tensor[e].contiguous())
+    local = names.hub_local(names.without_prefix(name, arch.prefix))
+    fused = names.fused_expert(local)
+    if fused and getattr(tensor, "dim", lambda: 0)() == 3:
+        return [(arch.prefix + names.expert_weight(fused[0], e, fused[1]), tensor[e].contiguous())
                 for e in range(tensor.shape[0])]
     return [(arch.prefix + local, tensor)]
 

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 from omniq.errors import OmniqError
-from omniq.model import omni
+from omniq.model import names, omni
 from omniq.model.arch import Arch, from_config
 from omniq.quiet import quiet
 
@@ -271,9 +271,8 @@ def open_checkpoint(name_or_path: str, *, allow_pickle: bool = False, revision: 
     return ckpt
 
 
-# Names some writers use for a hub-layout tensor: transformers 5's `save_pretrained` (and ModelOpt's export
-# through it) writes the embedding as `backbone.embedding.weight`, NVIDIA's checkpoints `embeddings`.
-NAME_ALIASES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
+# Names some writers use for a hub-layout tensor (the name codec, omniq.model.names).
+NAME_ALIASES = names.ALIASES
 
 
 def canonicalize_names(headers: dict[str, TensorInfo], prefix: str = "") -> None:

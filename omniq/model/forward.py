@@ -1,9 +1,16 @@
-"""A plain-torch NemotronH forward over hub-layout tensors (no cache, float32), for CPU.
+"""A plain-torch NemotronH forward over hub-layout tensors (no cache, float32), on any device.
 
 Used to train the bundled model and, in `validate`, to evaluate both the BF16 reference and a candidate read
 from its files: the candidate passes a `linear` that dequantizes weights and simulates activation
 quantization, and a `kv` hook that simulates the FP8 KV cache. Its Mamba-2 scan is `mamba2.ssd_chunked`,
 right at any sequence length. Tests tie it to transformers' `NemotronHForCausalLM` on short sequences.
+`decoder_layer` runs one layer, so a caller can hold one layer's weights at a time (the layer-streamed
+validate); every tensor made here is made on the inputs' device (tests/model/test_devices.py runs it on the
+`meta` device).
+
+A `linear` hook is a callable `linear(name, x)`; a hook that quantizes activations may also offer
+`input_key(name)` (equal keys: the same input transformation), `prepare(name, x)` (that transformation) and
+`matmul(name, x_prepared)`, so the MoE quantizes a layer input once for all its routed experts.
 """
 
 from __future__ import annotations
@@ -54,18 +61,54 @@ def relu2(x):
     return torch.relu(x).square()
 
 
+def expert_counts(counts: torch.Tensor, total: int) -> list[int]:
+    """Tokens per expert as Python ints (the loop bounds of the expert loop: one device-to-host copy per MoE
+    layer). Tensors on the `meta` device carry no values (the device test, tests/model/test_devices.py): there
+    every expert gets an even share of the `total` token-slots, so the whole expert loop still runs."""
+    if counts.device.type == "meta":
+        n = counts.numel()
+        return [total // n + (e < total % n) for e in range(n)]
+    return counts.tolist()
+
+
+def _input_once(linear: LinearFn, names: list[str], x: torch.Tensor) -> torch.Tensor | None:
+    """`x` as every one of `names` quantizes its input, computed once, when the hook says they quantize it
+    alike (`input_key`, e.g. one shared input_scale for a layer's routed experts); else None. Per-tensor FP8
+    and per-row-block NVFP4 act on each token row alone, so quantizing the layer input once and then taking an
+    expert's rows is exactly quantizing the expert's rows."""
+    key = getattr(linear, "input_key", None)
+    if key is None:
+        return None
+    keys = {key(n) for n in names}
+    return linear.prepare(names[0], x) if len(keys) == 1 else None
+
+
 def moe(arch: Arch, weights, p: str, x: torch.Tensor, linear: LinearFn, stats: dict | None, layer: int):
+    """Routed experts (tokens grouped by expert once: a stable sort of the chosen experts, so each expert sees
+    its tokens in ascending order) plus the shared expert."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     idx, w = route(arch, weights, p, flat)
-    out = torch.zeros_like(flat)
-    counts = torch.bincount(idx.flatten(), minlength=arch.n_routed_experts)
+    k = idx.shape[1]
+    chosen = idx.flatten()
+    order = chosen.argsort(stable=True)
+    tok, slot = order // k, order % k
+    counts = torch.zeros(arch.n_routed_experts, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, chosen, torch.ones_like(chosen))
     if stats is not None:
         stats[layer] = stats.get(layer, 0) + counts
-    for e in torch.nonzero(counts).flatten().tolist():
-        tok, slot = torch.nonzero(idx == e, as_tuple=True)
-        h = linear(f"{p}.experts.{e}.down_proj", relu2(linear(f"{p}.experts.{e}.up_proj", flat[tok])))
-        out.index_add_(0, tok, h * w[tok, slot, None])
+    ups = [f"{p}.experts.{e}.up_proj" for e in range(arch.n_routed_experts)]
+    shared_input = _input_once(linear, ups, flat)
+    out = torch.zeros_like(flat)
+    start = 0
+    for e, c in enumerate(expert_counts(counts, chosen.numel())):
+        if not c:
+            continue
+        t, s = tok[start: start + c], slot[start: start + c]
+        start += c
+        up = linear.matmul(ups[e], shared_input[t]) if shared_input is not None else linear(ups[e], flat[t])
+        h = linear(f"{p}.experts.{e}.down_proj", relu2(up))
+        out.index_add_(0, t, h * w[t, s, None])
     if arch.n_shared_experts:
         out = out + linear(f"{p}.shared_experts.down_proj", relu2(linear(f"{p}.shared_experts.up_proj", flat)))
     return out.view(shape)
@@ -95,35 +138,55 @@ def mamba(arch: Arch, weights, p: str, x: torch.Tensor, linear: LinearFn, recurr
     return linear(f"{p}.out_proj", y)
 
 
+def decoder_layer(arch: Arch, weights: Mapping[str, torch.Tensor], i: int, x: torch.Tensor, *,
+                  linear: LinearFn | None = None, kv: KvFn | None = None, route_stats: dict | None = None,
+                  recurrent: bool = False) -> torch.Tensor:
+    """Decoder layer `i` (pre-norm mixer plus residual) on float32 hidden states (b, L, hidden). `weights`
+    needs only this layer's tensors: the layer-streamed validate passes one layer at a time."""
+    linear = linear or plain_linear(weights)
+    lp = arch.layer_prefix(i)
+    kind = arch.kinds[i]
+    h = rms_norm(x, weights[f"{lp}.norm.weight"], arch.norm_eps)
+    p = f"{lp}.mixer"
+    if kind == MAMBA:
+        h = mamba(arch, weights, p, h, linear, recurrent)
+    elif kind == ATTENTION:
+        h = attention(arch, p, h, linear, kv, i)
+    elif kind == MOE:
+        h = moe(arch, weights, p, h, linear, route_stats, i)
+    elif kind == MLP:
+        h = linear(f"{p}.down_proj", relu2(linear(f"{p}.up_proj", h)))
+    return x + h
+
+
+def embed(arch: Arch, weights: Mapping[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+    return F.embedding(input_ids, weights[f"{arch.prefix}backbone.embeddings.weight"]).float()
+
+
+def final_norm(arch: Arch, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return rms_norm(x, weights[f"{arch.prefix}backbone.norm_f.weight"], arch.norm_eps)
+
+
+def lm_head(arch: Arch, weights: Mapping[str, torch.Tensor], h: torch.Tensor,
+            linear: LinearFn | None = None) -> torch.Tensor:
+    """Logits from final normed hidden states (the embedding matrix when tied)."""
+    if arch.tie_word_embeddings:
+        return F.linear(h, weights[f"{arch.prefix}backbone.embeddings.weight"].float())
+    return (linear or plain_linear(weights))(f"{arch.prefix}lm_head", h)
+
+
 def hidden_states(arch: Arch, weights: Mapping[str, torch.Tensor], input_ids=None, *, inputs_embeds=None,
                   linear: LinearFn | None = None, kv: KvFn | None = None, route_stats: dict | None = None,
                   recurrent: bool = False) -> torch.Tensor:
     """Final normed hidden states (b, L, hidden) in float32."""
     linear = linear or plain_linear(weights)
-    pre = arch.prefix
-    if inputs_embeds is None:
-        inputs_embeds = F.embedding(input_ids, weights[f"{pre}backbone.embeddings.weight"])
-    x = inputs_embeds.float()
-    for i, kind in enumerate(arch.kinds):
-        lp = arch.layer_prefix(i)
-        h = rms_norm(x, weights[f"{lp}.norm.weight"], arch.norm_eps)
-        p = f"{lp}.mixer"
-        if kind == MAMBA:
-            h = mamba(arch, weights, p, h, linear, recurrent)
-        elif kind == ATTENTION:
-            h = attention(arch, p, h, linear, kv, i)
-        elif kind == MOE:
-            h = moe(arch, weights, p, h, linear, route_stats, i)
-        elif kind == MLP:
-            h = linear(f"{p}.down_proj", relu2(linear(f"{p}.up_proj", h)))
-        x = x + h
-    return rms_norm(x, weights[f"{pre}backbone.norm_f.weight"], arch.norm_eps)
+    x = embed(arch, weights, input_ids) if inputs_embeds is None else inputs_embeds.float()
+    for i in range(arch.num_layers):
+        x = decoder_layer(arch, weights, i, x, linear=linear, kv=kv, route_stats=route_stats, recurrent=recurrent)
+    return final_norm(arch, weights, x)
 
 
 def logits(arch: Arch, weights: Mapping[str, torch.Tensor], input_ids=None, *, linear: LinearFn | None = None,
            **kw) -> torch.Tensor:
     linear = linear or plain_linear(weights)
-    h = hidden_states(arch, weights, input_ids, linear=linear, **kw)
-    if arch.tie_word_embeddings:
-        return F.linear(h, weights[f"{arch.prefix}backbone.embeddings.weight"].float())
-    return linear(f"{arch.prefix}lm_head", h)
+    return lm_head(arch, weights, hidden_states(arch, weights, input_ids, linear=linear, **kw), linear)

@@ -1,4 +1,4 @@
-"""A numerically right Mamba-2 (SSD) scan for CPU, at any sequence length.
+"""A numerically right Mamba-2 (SSD) scan in plain torch (CPU or CUDA), at any sequence length.
 
 transformers' CPU fallback (`NemotronHMamba2Mixer.torch_forward`) carries the state between chunks over
 the wrong axis, so it is wrong past `chunk_size` (reference notes: transformers issue #47246), and it
@@ -7,7 +7,8 @@ and a plain loop over chunks for the inter-chunk recurrence; `ssd_recurrent` is 
 definition the tests check it against.
 
 Shapes: x (b, L, h, p), dt (b, L, h) already discretised (softplus + bias, limited), A (h,) negative,
-B and C (b, L, g, n) with h divisible by g, D (h,).
+B and C (b, L, g, n) with h divisible by g, D (h,). Every tensor made here is made on the inputs' device
+(tests/model/test_devices.py runs the scan on the `meta` device).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def ssd_recurrent(x, dt, A, B, C, D, initial_state=None):
     b, L, h, p = x.shape
     Bh, Ch = _heads(B, h).float(), _heads(C, h).float()
     x, dt = x.float(), dt.float()
-    state = torch.zeros(b, h, p, Bh.shape[-1]) if initial_state is None else initial_state.float().clone()
+    state = x.new_zeros(b, h, p, Bh.shape[-1]) if initial_state is None else initial_state.float().clone()
     ys = []
     for t in range(L):
         decay = torch.exp(dt[:, t] * A)                                    # (b, h)
@@ -62,7 +63,7 @@ def ssd_chunked(x, dt, A, B, C, D, chunk_size: int, initial_state=None):
     # Intra-chunk (diagonal blocks): y_i = sum_{j<=i} C_i.B_j exp(cs_i - cs_j) dt_j x_j
     cs_h = cs.permute(0, 1, 3, 2)                # (b, c, h, Q)
     diff = cs_h[..., :, None] - cs_h[..., None, :]
-    causal = torch.ones(Q, Q, dtype=torch.bool).tril()
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     decay = torch.exp(diff.masked_fill(~causal, float("-inf")))           # (b, c, h, Q, Q)
     scores = torch.einsum("bcihn,bcjhn->bchij", Ch, Bh) * decay
     y = torch.einsum("bchij,bcjhp->bcihp", scores, xdt)
@@ -72,7 +73,7 @@ def ssd_chunked(x, dt, A, B, C, D, chunk_size: int, initial_state=None):
     chunk_states = torch.einsum("bcjhn,bcjhp->bchpn", Bh * to_end[..., None], xdt)
 
     # Inter-chunk recurrence over chunks (sequential and exact), then the off-diagonal contribution.
-    state = torch.zeros(b, h, p, n) if initial_state is None else initial_state.float()
+    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.float()
     chunk_decay = torch.exp(cs[:, :, -1, :])                               # (b, c, h)
     entering = []
     for k in range(c):

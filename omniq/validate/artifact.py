@@ -9,7 +9,10 @@ declaration and reads the scales from the tensors:
     X.weight F8_E4M3 + X.weight_scale (fp32, per tensor or channel)  -> "fp8"
     X.weight U8 [out, in/2] + X.weight_scale F8_E4M3 [out, in/16] + X.weight_scale_2 -> "nvfp4"
 
-Weights are dequantized once into float32. Activations are quantized in the `linear` hook from
+Nothing is read whole: `read_artifact` reads the headers, the declaration and the small companion tensors
+(scales), and keeps the shards open; a weight is read from its shard when it is used (`Artifact.unit`: one
+decoder layer's tensors, in their stored dtype, on the device) and dequantized into float32 per matrix on
+use (`UnitWeights`), so memory is one layer per artifact, not the model. Activations are quantized in the `linear` hook from
 `X.input_scale` (static per-tensor FP8, or dynamic per-16-block NVFP4 with the per-tensor global scale, see
 `omniq.quant.formats`), after `X.pre_quant_scale` when present; K and V in the `kv` hook from
 `k_proj.k_scale` / `v_proj.v_scale` when the KV cache is declared FP8. An attention layer's FP8 q / k / v
@@ -28,12 +31,15 @@ import fnmatch
 import math
 import os
 from dataclasses import dataclass, field, replace
+from functools import cached_property
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from omniq.errors import OmniqError
+from omniq.model import names
 from omniq.model.arch import Arch
 from omniq.model.checkpoint import Checkpoint, open_checkpoint
 from omniq.quant import formats
@@ -65,13 +71,42 @@ class Layer:
     pre_quant_scale: torch.Tensor | None = None
 
 
+class ShardReader:
+    """The checkpoint's safetensors files, opened once (safetensors memory-maps them) and read tensor by
+    tensor: a tensor is copied out of its shard only when asked for."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self._handles: dict = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        info = self.ckpt.headers.get(name)
+        if info is None:
+            raise OmniqError(f"{_where(self.ckpt)}: tensor {name!r} is not in the checkpoint")
+        f = info.file
+        if f not in self._handles:
+            if not f.is_file():
+                raise OmniqError(f"{_where(self.ckpt)}: shard {f.name} disappeared while validating; "
+                                 "the checkpoint changed under omniq")
+            self._handles[f] = safe_open(str(f), framework="pt")
+        try:
+            return self._handles[f].get_tensor(info.stored or name)
+        except Exception as e:  # noqa: BLE001 - a truncated or rewritten shard: the user's to fix
+            raise OmniqError(f"{_where(self.ckpt)}: cannot read {name} from {f.name} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); re-download or re-export it") from None
+
+
 @dataclass
 class Artifact:
     checkpoint: Checkpoint
-    weights: dict[str, torch.Tensor]                 # every base tensor, dequantized, float32
     layers: dict[str, Layer]                         # every module with a `.weight`
     kv_scales: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)   # layer -> {"k","v"}
     warnings: list[str] = field(default_factory=list)
+    small: dict[str, torch.Tensor] = field(default_factory=dict)  # companion tensors read up front (scales)
+    common_scale: dict[str, torch.Tensor] = field(default_factory=dict)  # fused FP8 q/k/v: module -> scale
+    reader: ShardReader | None = None
 
     @property
     def arch(self) -> Arch:
@@ -109,22 +144,96 @@ class Artifact:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def linear(self) -> LinearFn:
+    # ----- tensors, on use --------------------------------------------------------------------------------
+    @cached_property
+    def base_names(self) -> list[str]:
+        """Every tensor that is not a quantizer's companion (weights, norms, biases, towers), in file order."""
+        return [n for n in self.checkpoint.headers if _companion(n) is None]
+
+    def logical_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of a base tensor once dequantized."""
+        info = self.checkpoint.headers[name]
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        layer = self.layers.get(module) if module else None
+        if layer is None or layer.weight_format == "bf16":
+            return info.shape
+        logical = self.arch.tensor_by_name.get(name)
+        if logical is not None:
+            return logical.shape
+        return info.shape if layer.weight_format == "fp8" else (*info.shape[:-1], 2 * info.shape[-1])
+
+    def stored_names(self, names) -> list[str]:
+        """The base tensors `names` and the companions their dequantization reads from the shards."""
+        out = []
+        for n in names:
+            out.append(n)
+            module = n[: -len(".weight")] if n.endswith(".weight") else None
+            layer = self.layers.get(module) if module else None
+            if layer is not None and layer.weight_format == "nvfp4":
+                out.append(f"{module}.weight_scale")
+        return out
+
+    def unit_bytes(self, names) -> int:
+        """Bytes the stored tensors of `names` take (what `unit` holds)."""
+        h = self.checkpoint.headers
+        return sum(h[n].nbytes for n in self.stored_names(names))
+
+    def unit(self, names, device: torch.device | str = "cpu", keep_float32_below: int = 0) -> "UnitWeights":
+        """The tensors `names` (e.g. one decoder layer's) read from the shards in their stored dtype onto
+        `device` (checked for corrupt codes on the way), dequantized to float32 when used."""
+        stored = {n: self.reader.get(n) for n in self.stored_names(names)}
+        for n in names:
+            if n.endswith(".weight"):
+                self._check_codes(n[: -len(".weight")], stored)
+        return UnitWeights(self, {n: t.to(device) for n, t in stored.items()}, list(names), keep_float32_below)
+
+    @property
+    def weights(self) -> "LazyWeights":
+        """Every base tensor, read and dequantized when asked for (nothing kept): for callers that want one
+        tensor at a time, e.g. tests and benchmarks; the validate run uses `unit` per layer."""
+        return LazyWeights(self)
+
+    def _check_codes(self, module: str, stored: dict[str, torch.Tensor]) -> None:
+        """Refuse a quantized weight whose codes or scales are corrupt (NaN), read on the CPU."""
+        layer = self.layers.get(module)
+        where = _where(self.checkpoint)
+        if layer is None or layer.weight_format == "bf16":
+            return
+        if layer.weight_format == "fp8":
+            t, s = stored[f"{module}.weight"], self.small[f"{module}.weight_scale"]
+            if ((t.view(torch.uint8) & 0x7F) == 0x7F).any() or not torch.isfinite(s).all() or (s <= 0).any():
+                raise OmniqError(f"{where}: {module} has NaN FP8 codes or a non-positive weight_scale; the artifact "
+                                 "is corrupt; re-export it")
+        elif not torch.isfinite(stored[f"{module}.weight_scale"].view(torch.float8_e4m3fn).float()).all():
+            raise OmniqError(f"{where}: {module}.weight_scale has NaN entries; the artifact is corrupt; re-export it")
+
+    def dequantize(self, name: str, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Base tensor `name` in float32 from its stored tensors (on their device)."""
+        t = stored[name]
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        layer = self.layers.get(module) if module else None
+        fmt = layer.weight_format if layer else "bf16"
+        if fmt == "fp8":
+            q = t.view(torch.float8_e4m3fn)
+            s = self.small[f"{module}.weight_scale"].float().to(t.device)
+            s = s.reshape(()) if s.numel() == 1 else s.reshape(-1, *([1] * (t.dim() - 1)))
+            common = self.common_scale.get(module)
+            if common is not None:
+                # re-rounded to the fused q/k/v scale via bf16, as TensorRT-LLM does (`_fuse_qkv_fp8`)
+                common = common.to(t.device)
+                return formats.fp8_dequantize(formats.cast_e4m3((q.to(torch.bfloat16) * s) / common), common)
+            return formats.fp8_dequantize(q, s)
+        if fmt == "nvfp4":
+            logical = self.arch.tensor_by_name[name].shape if name in self.arch.tensor_by_name else None
+            bs = stored[f"{module}.weight_scale"].view(torch.float8_e4m3fn)
+            s2 = self.small[f"{module}.weight_scale_2"].to(t.device)
+            return formats.nvfp4_dequantize(t, bs, s2, None if logical is None else logical[-1])
+        return t.float()
+
+    # ----- hooks -------------------------------------------------------------------------------------------
+    def linear(self, weights: Mapping[str, torch.Tensor] | None = None) -> "EngineLinear":
         """The forward's hook: dequantized weight, activations quantized as the layer's engine kernel does."""
-        weights, layers = self.weights, self.layers
-
-        def linear(name: str, x: torch.Tensor) -> torch.Tensor:
-            layer = layers.get(name)
-            if layer is not None and layer.pre_quant_scale is not None:
-                x = x * layer.pre_quant_scale
-            if layer is not None and layer.input_scale is not None:
-                if layer.activation == "fp8":
-                    x = formats.fp8_fake_quant(x, layer.input_scale)
-                elif layer.activation == "nvfp4":
-                    x = formats.nvfp4_fake_quant(x, layer.input_scale)
-            return F.linear(x, weights[f"{name}.weight"], weights.get(f"{name}.bias"))
-
-        return linear
+        return EngineLinear(self.layers, self.weights if weights is None else weights)
 
     def kv(self) -> KvFn | None:
         if not self.kv_scales:
@@ -133,17 +242,126 @@ class Artifact:
 
         def kv(layer: int, which: str, t: torch.Tensor) -> torch.Tensor:
             s = scales.get(layer, {}).get(which)
-            return t if s is None else formats.fp8_fake_quant(t, s)
+            return t if s is None else formats.fp8_fake_quant(t, s.to(t.device))
 
         return kv
 
 
-def bf16_compute_hooks(weights: dict[str, torch.Tensor]) -> tuple[LinearFn, KvFn]:
+class UnitWeights(Mapping):
+    """Some of an artifact's tensors, held as stored; `w[name]` is float32, dequantized on use. A unit whose
+    float32 form is smaller than `keep_float32_below` bytes keeps it after first use (the bundled model's
+    layers: converting once per layer, not once per batch); a larger one converts per matrix every time."""
+
+    def __init__(self, artifact: Artifact, stored: dict[str, torch.Tensor], names: list[str],
+                 keep_float32_below: int = 0):
+        self.artifact, self.stored, self.names = artifact, stored, names
+        self._float32: dict[str, torch.Tensor] | None = None
+        if keep_float32_below and 4 * sum(math.prod(artifact.logical_shape(n)) for n in names) < keep_float32_below:
+            self._float32 = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.stored or _companion(name) is not None:
+            raise KeyError(name)
+        if self._float32 is not None:
+            if name not in self._float32:
+                self._float32[name] = self.artifact.dequantize(name, self.stored)
+            return self._float32[name]
+        return self.artifact.dequantize(name, self.stored)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype `name` is stored in, when it is kept in high precision (None for a quantized weight)."""
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        layer = self.artifact.layers.get(module) if module else None
+        if layer is not None and layer.weight_format != "bf16":
+            return None
+        t = self.stored.get(name)
+        return None if t is None else t.dtype
+
+
+class LazyWeights(Mapping):
+    """All of an artifact's base tensors, each read from its shard and dequantized when asked for."""
+
+    def __init__(self, artifact: Artifact):
+        self.artifact = artifact
+        self.names = artifact.base_names
+        self._known = set(self.names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self.artifact.unit([name])[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._known
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+
+class EngineLinear:
+    """The candidate's linear layers as an engine runs them: the input scaled by `pre_quant_scale` and
+    quantized (static per-tensor FP8, or dynamic per-16-block NVFP4 with the static global scale), then a
+    float32 GEMM with the dequantized weight. `input_key` / `prepare` / `matmul` let the MoE quantize a
+    layer input once for all experts that quantize it alike (omniq.model.forward)."""
+
+    def __init__(self, layers: dict[str, Layer], weights: Mapping[str, torch.Tensor]):
+        self.layers, self.weights = layers, weights
+        self._on: dict = {}
+
+    def _device(self, t: torch.Tensor | None, device) -> torch.Tensor | None:
+        if t is None or t.device == device:
+            return t
+        key = (id(t), device)
+        if key not in self._on:
+            self._on[key] = t.to(device)
+        return self._on[key]
+
+    def input_key(self, name: str):
+        layer = self.layers.get(name)
+        if layer is None:
+            return None
+        return (layer.activation if layer.input_scale is not None else None,
+                None if layer.input_scale is None else float(layer.input_scale),
+                None if layer.pre_quant_scale is None else name)
+
+    def prepare(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layers.get(name)
+        if layer is not None and layer.pre_quant_scale is not None:
+            x = x * self._device(layer.pre_quant_scale, x.device)
+        if layer is not None and layer.input_scale is not None:
+            s = self._device(layer.input_scale, x.device)
+            if layer.activation == "fp8":
+                x = formats.fp8_fake_quant(x, s)
+            elif layer.activation == "nvfp4":
+                x = formats.nvfp4_fake_quant(x, s)
+        return x
+
+    def matmul(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weights[f"{name}.weight"], self.weights.get(f"{name}.bias"))
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(name, self.prepare(name, x))
+
+
+def bf16_compute_hooks(weights: Mapping[str, torch.Tensor]) -> tuple[LinearFn, KvFn]:
     """Hooks that run every linear as a BF16 engine does (bf16 inputs and weights, fp32 accumulation, bf16
-    output) and keep K / V in bf16. Used for the noise floor: a bf16 forward against the float32 one."""
+    output) and keep K / V in bf16. Used for the noise floor: a bf16 forward against the float32 one. A
+    weight stored in BF16 (`UnitWeights.stored_dtype`) is used as it is: rounding it again changes nothing."""
+    stored_dtype = getattr(weights, "stored_dtype", lambda name: None)
 
     def linear(name: str, x: torch.Tensor) -> torch.Tensor:
-        w = weights[f"{name}.weight"].to(torch.bfloat16).float()
+        w = weights[f"{name}.weight"]
+        if stored_dtype(f"{name}.weight") != torch.bfloat16:
+            w = w.to(torch.bfloat16).float()
         b = weights.get(f"{name}.bias")
         y = F.linear(x.to(torch.bfloat16).float(), w, None if b is None else b.to(torch.bfloat16).float())
         return y.to(torch.bfloat16).float()
@@ -224,24 +442,12 @@ def _scalar(t: torch.Tensor, what: str, where: str) -> torch.Tensor:
     return t.reshape(())
 
 
-def _memory_check(ckpt: Checkpoint) -> None:
-    """Refuse early when the float32 weights cannot fit in this machine's memory."""
-    need = sum(4 * math.prod(t.shape) * (2 if t.dtype == "U8" else 1) for t in ckpt.headers.values())
-    try:
-        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return
-    if need > 0.8 * have:
-        raise OmniqError(f"{_where(ckpt)}: validating needs about {need / 2**30:.1f} GiB of float32 weights but "
-                         f"this machine has {have / 2**30:.1f} GiB; run validate on a machine with more memory")
-
-
 def read_artifact(name_or_path) -> Artifact:
-    """Open a checkpoint directory (or bundled name) and read it as an engine would run it."""
+    """Open a checkpoint directory (or bundled name) to be read as an engine would run it: headers, the
+    declaration and the scales now; the weights from the shards when used (`Artifact.unit`)."""
     ckpt = open_checkpoint(str(name_or_path), check_shapes=False)
     where = _where(ckpt)
     arch = ckpt.arch
-    _memory_check(ckpt)
     declared = _declared(ckpt)
     warnings: list[str] = []
 
@@ -269,34 +475,18 @@ def read_artifact(name_or_path) -> Artifact:
             raise OmniqError(f"{where}: tensor {t.name} has shape {list(ckpt.headers[t.name].shape)} but "
                              f"config.json implies {list(t.shape)}; config and weights do not match")
 
-    raw = ckpt.read()
-    weights: dict[str, torch.Tensor] = {}
-    for n in base:
-        t = raw[n]
-        m = n[: -len(".weight")] if n.endswith(".weight") else None
-        f = fmt_of.get(m, "bf16") if m else "bf16"
-        if f == "fp8":
-            q = t.view(torch.float8_e4m3fn)
-            s = raw[f"{m}.weight_scale"].float()
-            if ((t.view(torch.uint8) & 0x7F) == 0x7F).any() or not torch.isfinite(s).all() or (s <= 0).any():
-                raise OmniqError(f"{where}: {m} has NaN FP8 codes or a non-positive weight_scale; the artifact "
-                                 "is corrupt; re-export it")
-            s = s.reshape(()) if s.numel() == 1 else s.reshape(-1, *([1] * (t.dim() - 1)))
-            weights[n] = formats.fp8_dequantize(q, s)
-        elif f == "nvfp4":
-            logical = arch.tensor_by_name[n].shape if n in arch.tensor_by_name else None
-            s2 = _scalar(raw[f"{m}.weight_scale_2"], f"{m}.weight_scale_2", where)
-            s = raw[f"{m}.weight_scale"].view(torch.float8_e4m3fn)
-            if not torch.isfinite(s.float()).all():
-                raise OmniqError(f"{where}: {m}.weight_scale has NaN entries; the artifact is corrupt; re-export it")
-            weights[n] = formats.nvfp4_dequantize(t, s, s2, None if logical is None else logical[-1])
-        else:
-            weights[n] = t.float()
-
-    layers = _layers(ckpt, fmt_of, raw, declared, warnings)
-    _fuse_qkv_fp8(arch, layers, raw, weights)
-    kv_scales = _kv_scales(ckpt, raw, declared)
-    return Artifact(checkpoint=ckpt, weights=weights, layers=layers, kv_scales=kv_scales, warnings=warnings)
+    reader = ShardReader(ckpt)
+    # the small companions (every scale but NVFP4's per-block weight_scale) are read now
+    small = {}
+    for n in ckpt.headers:
+        c = _companion(n)
+        if c is not None and not (c[1] == "weight_scale" and fmt_of.get(c[0]) == "nvfp4"):
+            small[n] = reader.get(n)
+    layers = _layers(ckpt, fmt_of, small, declared, warnings)
+    common = _fuse_qkv_fp8(arch, layers, small)
+    kv_scales = _kv_scales(ckpt, small, declared)
+    return Artifact(checkpoint=ckpt, layers=layers, kv_scales=kv_scales, warnings=warnings, small=small,
+                    common_scale=common, reader=reader)
 
 
 def _corrupted(name: str) -> bool:
@@ -390,27 +580,29 @@ def _layers(ckpt: Checkpoint, fmt_of: dict[str, str], raw: dict, declared: dict,
     return layers
 
 
-def _fuse_qkv_fp8(arch: Arch, layers: dict[str, Layer], raw: dict, weights: dict[str, torch.Tensor]) -> None:
+def _fuse_qkv_fp8(arch: Arch, layers: dict[str, Layer], small: dict) -> dict[str, torch.Tensor]:
     """Engines run an attention layer's q / k / v as one GEMM with one weight scale and one input scale, the
     largest of the three (TensorRT-LLM's `FP8QDQLinearMethod.rescale_fused_weights`, vLLM's
     `requantize_with_max_scale`): each FP8 weight is re-rounded to the common scale (via bf16, as
-    TensorRT-LLM does) and the input quantized with the common input scale."""
+    TensorRT-LLM does; `Artifact.dequantize` applies it on use) and the input quantized with the common input
+    scale. Returns module -> common weight scale, for the modules whose own scale is smaller."""
+    common_scale: dict[str, torch.Tensor] = {}
     for i in arch.attention_layers:
         names = [f"{arch.layer_prefix(i)}.mixer.{x}_proj" for x in "qkv"]
         group = [layers.get(n) for n in names]
-        if any(g is None or g.weight_format != "fp8" or raw[f"{g.name}.weight_scale"].numel() != 1 for g in group):
+        if any(g is None or g.weight_format != "fp8" or small[f"{g.name}.weight_scale"].numel() != 1 for g in group):
             continue
-        scales = [raw[f"{n}.weight_scale"].float().reshape(()) for n in names]
+        scales = [small[f"{n}.weight_scale"].float().reshape(()) for n in names]
         s_max = max(scales)
         for n, s in zip(names, scales):
             if s != s_max:
-                w = (raw[f"{n}.weight"].view(torch.float8_e4m3fn).to(torch.bfloat16) * s) / s_max
-                weights[f"{n}.weight"] = formats.fp8_dequantize(formats.cast_e4m3(w), s_max)
+                common_scale[n] = s_max
         inputs = [g.input_scale for g in group]
         if all(x is not None for x in inputs):
             common = max(inputs)
             for n, g in zip(names, group):
                 layers[n] = replace(g, input_scale=common)
+    return common_scale
 
 
 def _kv_scales(ckpt: Checkpoint, raw: dict, declared: dict) -> dict[int, dict[str, torch.Tensor]]:
@@ -419,11 +611,10 @@ def _kv_scales(ckpt: Checkpoint, raw: dict, declared: dict) -> dict[int, dict[st
     kv_algo = declared.get("kv_cache_quant_algo")
     found: dict[int, dict[str, torch.Tensor]] = {}
     for i in arch.attention_layers:
-        p = f"{arch.layer_prefix(i)}.mixer"
-        for which in ("k", "v"):
-            t = raw.get(f"{p}.{which}_proj.{which}_scale")
+        for which, name in names.kv_scales(f"{arch.layer_prefix(i)}.mixer").items():
+            t = raw.get(name)
             if t is not None:
-                found.setdefault(i, {})[which] = _scalar(t, f"{p}.{which}_proj.{which}_scale", where)
+                found.setdefault(i, {})[which] = _scalar(t, name, where)
     if kv_algo is None:
         if found:
             raise OmniqError(f"{where}: has k_scale / v_scale tensors but declares no kv_cache_quant_algo; "
@@ -459,11 +650,10 @@ def check_same_model(reference: Artifact, candidate: Artifact) -> None:
         what = f"has {extra[0]} that the reference lacks" if extra else f"lacks the reference's {lost[0]}"
         raise OmniqError(f"{_where(cand)}: not the reference's model: it {what}")
     for n in ref_names:
-        if n not in candidate.weights or n not in reference.weights:
-            continue
-        if reference.weights[n].shape != candidate.weights[n].shape:
+        a, b = reference.logical_shape(n), candidate.logical_shape(n)
+        if a != b:
             raise OmniqError(f"{_where(cand)}: not the reference's model: {n} has shape "
-                             f"{list(candidate.weights[n].shape)}, the reference {list(reference.weights[n].shape)}")
+                             f"{list(b)}, the reference {list(a)}")
     _check_same_tokenizer(reference, candidate)
 
 
@@ -489,14 +679,24 @@ def _check_same_tokenizer(reference: Artifact, candidate: Artifact) -> None:
     if a(probe, add_special_tokens=False)["input_ids"] != b(probe, add_special_tokens=False)["input_ids"]:
         raise OmniqError(f"{where}: not the reference's model: its tokenizer splits text differently")
 
-def changed_unquantized(reference: Artifact, candidate: Artifact) -> dict[str, float]:
-    """Tensors the candidate keeps in high precision whose values differ from the reference's (e.g. a router
-    saved in BF16 instead of FP32): name -> largest absolute difference."""
-    out = {}
-    for name, ref in reference.weights.items():
+def unquantized_names(reference: Artifact, candidate: Artifact, names) -> list[str]:
+    """Those of `names` the candidate keeps in high precision (the ones compared value for value)."""
+    out = []
+    for name in names:
         module = name[: -len(".weight")] if name.endswith(".weight") else None
-        if module in candidate.quantized or name not in candidate.weights:
-            continue
-        if not torch.equal(ref, candidate.weights[name]):
-            out[name] = (ref - candidate.weights[name]).abs().max().item()
+        if module not in candidate.quantized and name in candidate.checkpoint.headers:
+            out.append(name)
+    return out
+
+
+def changed_unquantized(reference: Mapping[str, torch.Tensor], candidate: Mapping[str, torch.Tensor],
+                        names) -> dict[str, float]:
+    """Of `names` (tensors the candidate keeps in high precision, see `unquantized_names`), those whose values
+    differ from the reference's (e.g. a router saved in BF16 instead of FP32): name -> largest absolute
+    difference. `reference` / `candidate` are float32 mappings: one layer's `UnitWeights`, or `weights`."""
+    out = {}
+    for name in names:
+        ref, cand = reference[name], candidate[name]
+        if not torch.equal(ref, cand):
+            out[name] = (ref - cand).abs().max().item()
     return out

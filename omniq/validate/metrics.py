@@ -33,33 +33,48 @@ def bucket_names(seq_len: int, edges=POSITION_BUCKETS) -> list[tuple[str, int, i
 
 @dataclass
 class Comparison:
-    """Running sums over evaluated batches."""
+    """Running sums over evaluated tokens, kept on the logits' device until `summary`."""
 
-    kl: list[torch.Tensor] = field(default_factory=list)          # per-token KL, float64, (b*L,) per batch
+    kl: list[torch.Tensor] = field(default_factory=list)          # per-token KL, float64, per chunk
     agree: list[torch.Tensor] = field(default_factory=list)       # per-token bool
     positions: list[torch.Tensor] = field(default_factory=list)   # per-token position in its row
-    nll_ref: float = 0.0
-    nll_cand: float = 0.0
+    nll: list[torch.Tensor] = field(default_factory=list)         # per chunk: (reference, candidate) sums
     tokens: int = 0
 
-    def add(self, ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """logits (b, L, vocab) of both models on the same input rows; targets (b, L) the next tokens."""
-        b, L, v = ref_logits.shape
-        lr = torch.log_softmax(ref_logits.reshape(-1, v).double(), dim=-1)
-        lc = torch.log_softmax(cand_logits.reshape(-1, v).double(), dim=-1)
-        self.kl.append((lr.exp() * (lr - lc)).sum(-1).clamp_min(0.0))
+    def add(self, ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: torch.Tensor,
+            positions: torch.Tensor | None = None) -> None:
+        """logits (b, L, vocab) of both models on the same input rows; targets (b, L) the next tokens (or
+        (n, vocab) / (n,) flattened chunks with their `positions` in the row)."""
+        lr = log_probs(ref_logits)
+        self.add_log_probs(lr, log_probs(cand_logits), targets, positions)
+
+    def add_log_probs(self, lr: torch.Tensor, lc: torch.Tensor, targets: torch.Tensor,
+                      positions: torch.Tensor | None = None, pr: torch.Tensor | None = None) -> None:
+        """The same from float64 log-probabilities (n, vocab): a reference's (and its probabilities `pr`,
+        lr.exp()), computed once, can serve several candidates."""
+        if positions is None:
+            b, L = targets.shape
+            positions = torch.arange(L, device=lr.device).repeat(b)
+        self.kl.append(((lr.exp() if pr is None else pr) * (lr - lc)).sum(-1).clamp_min(0.0))
         self.agree.append(lr.argmax(-1) == lc.argmax(-1))
-        self.positions.append(torch.arange(L).repeat(b))
+        self.positions.append(positions.reshape(-1))
         t = targets.reshape(-1, 1)
-        self.nll_ref -= lr.gather(1, t).sum().item()
-        self.nll_cand -= lc.gather(1, t).sum().item()
-        self.tokens += b * L
+        self.nll.append(torch.stack([-lr.gather(1, t).sum(), -lc.gather(1, t).sum()]))
+        self.tokens += t.shape[0]
+
+    @property
+    def nll_ref(self) -> float:
+        return sum(x[0].item() for x in self.nll)
+
+    @property
+    def nll_cand(self) -> float:
+        return sum(x[1].item() for x in self.nll)
 
     def summary(self, position_buckets: bool = False) -> dict:
         if not self.tokens:
             raise ValueError("no tokens were evaluated")
-        kl = torch.cat(self.kl)
-        agree = torch.cat(self.agree)
+        kl = torch.cat(self.kl).cpu()
+        agree = torch.cat(self.agree).cpu()
         ppl_ref = math.exp(self.nll_ref / self.tokens)
         ppl_cand = math.exp(self.nll_cand / self.tokens)
         out = {
@@ -72,7 +87,7 @@ class Comparison:
             "tokens": self.tokens,
         }
         if position_buckets:
-            pos = torch.cat(self.positions)
+            pos = torch.cat(self.positions).cpu()
             seq_len = int(pos.max().item()) + 1
             out["positions"] = {}
             for name, lo, hi in bucket_names(seq_len):
@@ -84,16 +99,30 @@ class Comparison:
         return out
 
 
-def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio of candidate against reference, in dB (inf when identical)."""
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(..., vocab) logits -> (n, vocab) float64 log-softmax."""
+    return torch.log_softmax(logits.reshape(-1, logits.shape[-1]).double(), dim=-1)
+
+
+def sqnr_sums(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """(signal, noise) sums of squares in float64, on the tensors' device (no host copy: `sqnr_from_sums`
+    turns them into dB once the run is over)."""
     ref = reference.double()
-    noise = (ref - candidate.double()).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
+    return torch.stack([ref.pow(2).sum(), (ref - candidate.double()).pow(2).sum()])
+
+
+def sqnr_from_sums(sums: torch.Tensor) -> float:
+    signal, noise = (float(v) for v in sums.cpu())
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of candidate against reference, in dB (inf when identical)."""
+    return sqnr_from_sums(sqnr_sums(reference, candidate))
 
 
 def layers_sqnr(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor],

@@ -4,9 +4,10 @@ Samples: the bundled generated `eval` split (`omniq.calib.media`; calibration us
 a different seed, so no evaluation sample was seen while calibrating). Each sample is a prompt with the media
 placeholder and its caption; both checkpoints embed the media with their own towers and projectors (omniq's
 torch functions, `omni.multimodal_embeds`; an artifact's towers are the source's byte for byte, so this also
-covers a tower changed by mistake), splice the embeddings at the context tokens and run the same float32
-forward as the text evaluation (`omniq.model.forward`, the candidate dequantized with its activations and KV
-cache quantized as an engine would).
+covers a tower changed by mistake; the towers run first, one artifact's at a time, `items`), splice the
+embeddings at the context tokens and go through the same layer stream as the text rows
+(`omniq.validate.stream`, the candidate dequantized with its activations and KV cache quantized as an engine
+would, beside the reference's BF16-engine noise floor).
 
 Metrics per modality (KL(reference || candidate), top-1 agreement, perplexity of both and their ratio) are
 taken over the caption: the predictions of the text tokens after the media, the tokens a user reads. Each
@@ -20,9 +21,8 @@ import torch
 
 from omniq.calib import media
 from omniq.errors import OmniqError
-from omniq.model import forward, omni, towers
+from omniq.model import omni, towers
 from omniq.validate import gates as gates_mod
-from omniq.validate.metrics import Comparison
 
 DEFAULT_MEDIA_SAMPLES = 32
 MEDIA_MODALITIES = ("image", "audio")
@@ -40,47 +40,64 @@ def available(cfg: dict, headers) -> tuple[list[str], str | None]:
     return wanted, None
 
 
-@torch.inference_mode()
-def compare_modality(reference, candidate, modality: str, samples: int, *, progress=None) -> dict:
-    """Metrics of the candidate against the reference on `samples` bundled eval samples of one modality."""
+def sample_inputs(reference, modality: str, samples: int) -> list:
+    """The bundled eval samples of one modality as model inputs (token ids, tiles or features; no tower run)."""
     cfg = reference.checkpoint.config
     tokens = omni.context_tokens(cfg, reference.tokenizer)
-    linear, kv = candidate.linear(), candidate.kv()
-    cmp = Comparison()
-    for k, sample in enumerate(media.bundled(modality, "eval", samples)):
+    out = []
+    for sample in media.bundled(modality, "eval", samples):
         x = media.model_inputs(sample, cfg, reference.tokenizer, tokens)
-        L = x.num_tokens
-        if x.target_start >= L:
+        if x.target_start >= x.num_tokens:
             raise OmniqError(f"{x.source}: the sample has no caption to evaluate")
-        kw = {"pixels": x.pixels, "features": x.features, "tokens": tokens}
-        e_ref = omni.multimodal_embeds(cfg, reference.arch, reference.weights, x.input_ids, **kw)
-        e_cand = omni.multimodal_embeds(cfg, candidate.arch, candidate.weights, x.input_ids, **kw)
-        ref = forward.logits(reference.arch, reference.weights, inputs_embeds=e_ref)
-        cand = forward.logits(candidate.arch, candidate.weights, inputs_embeds=e_cand, linear=linear, kv=kv)
-        sel = slice(x.target_start - 1, L - 1)            # predictions of the caption tokens
-        cmp.add(ref[:, sel], cand[:, sel], x.input_ids[:, x.target_start:])
-        if progress is not None:
-            progress(k + 1, samples)
-    return cmp.summary()
+        out.append(x)
+    return out
 
 
-def evaluate(reference, candidate, *, samples: int = DEFAULT_MEDIA_SAMPLES, max_kl=None, min_top1=None,
-             max_ppl_ratio=None, progress=None) -> tuple[dict, list[str]]:
-    """{modality: metrics + gates + failures + passed} for every media modality of an Omni checkpoint, and
-    warnings (e.g. towers omniq cannot run: then only the text set is evaluated, said so)."""
+def tower_names(artifact, modality: str) -> list[str]:
+    comps = {"image": ("vision_tower", "vision_projector"), "audio": ("audio_encoder", "audio_projector")}[modality]
+    return [n for n in artifact.base_names if omni.component_of(n) in comps]
+
+
+@torch.inference_mode()
+def items(reference, candidate, modality: str, inputs: list, device="cpu") -> list:
+    """Stream items (`omniq.validate.stream.Item`) of one modality: each artifact's towers (read as one unit,
+    then released) embed every sample; the language model then runs in the layer stream."""
+    from omniq.validate.stream import KEEP_FLOAT32_BYTES, Item
+
+    cfg = reference.checkpoint.config
+    embeds: dict[str, list] = {}
+    for stream, art in (("reference", reference), ("candidate", candidate)):
+        u = art.unit(tower_names(art, modality), device, KEEP_FLOAT32_BYTES)
+        if modality == "image":
+            embeds[stream] = [towers.image_embeds(towers.vision_spec(cfg), u, x.pixels.to(device)) for x in inputs]
+        else:
+            embeds[stream] = [towers.audio_embeds(towers.sound_spec(cfg), u, x.features.to(device)) for x in inputs]
+        del u
+    return [Item(modality, x.input_ids, x.input_ids[:, x.target_start:], slice(x.target_start - 1, x.num_tokens - 1),
+                 {s: {modality: embeds[s][k]} for s in embeds})
+            for k, x in enumerate(inputs)]
+
+
+def modality_report(modality: str, metrics: dict, fmt: str, samples: int, *, max_kl=None, min_top1=None,
+                    max_ppl_ratio=None, noise_floor: dict | None = None) -> dict:
+    """The report entry of one media modality: metrics, its gates and failures, what was evaluated."""
+    gate = gates_mod.gates_for(fmt, max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio)
+    failures = [f"{modality}: {f}" for f in gates_mod.check(metrics, gate)]
+    out = {**{k: metrics[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate",
+                                       "ppl_ratio", "tokens")},
+           "passed": not failures, "gates": gate.as_dict(), "failures": failures,
+           "eval": {"set": f"bundled-{modality}:eval", "samples": samples, "scored": "caption tokens",
+                    **media.identity(modality, "eval")}}
+    if noise_floor is not None:
+        out["noise_floor"] = noise_floor
+    return out
+
+
+def wanted(reference, samples: int) -> tuple[list[str], list[str]]:
+    """The media modalities to evaluate on this checkpoint, and warnings (e.g. towers omniq cannot run: then
+    only the text set is evaluated, said so)."""
     ckpt = reference.checkpoint
     if not ckpt.is_omni or samples <= 0:
-        return {}, []
-    wanted, why = available(ckpt.config, ckpt.headers)
-    warnings = [f"image / audio evaluation skipped: {why}"] if why else []
-    out = {}
-    for m in wanted:
-        metrics = compare_modality(reference, candidate, m, samples, progress=progress)
-        gate = gates_mod.gates_for(candidate.format, max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio)
-        failures = [f"{m}: {f}" for f in gates_mod.check(metrics, gate)]
-        out[m] = {**{k: metrics[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference",
-                                              "ppl_candidate", "ppl_ratio", "tokens")},
-                  "passed": not failures, "gates": gate.as_dict(), "failures": failures,
-                  "eval": {"set": f"bundled-{m}:eval", "samples": samples, "scored": "caption tokens",
-                           **media.identity(m, "eval")}}
-    return out, warnings
+        return [], []
+    modalities, why = available(ckpt.config, ckpt.headers)
+    return modalities, [f"image / audio evaluation skipped: {why}"] if why else []

@@ -1,12 +1,14 @@
 """`omniq validate REFERENCE CANDIDATE`: compare what ships with what it was made from, from the files.
 
-Both checkpoints are read by `artifact.read_artifact` (the candidate dequantized, its activations and KV
-cache quantized as an engine would) and run through the same float32 forward (`omniq.model.forward`,
-whose Mamba-2 scan is right at any length) on held-out text: documents wrapped `<s> doc </s>`, tokenized
+Both checkpoints are opened by `artifact.read_artifact` and run side by side, one decoder layer at a time
+(`omniq.validate.stream`: the candidate dequantized on use, its activations and KV cache quantized as an
+engine would, next to the float32 reference and the reference as a BF16 engine runs it, the noise floor),
+through the same forward (`omniq.model.forward`, whose Mamba-2 scan is right at any length) on held-out text: documents wrapped `<s> doc </s>`, tokenized
 with the reference's tokenizer, concatenated and cut into rows of `seq_len` inputs (plus the next token as
 the last target). The report's top-level keys are fixed: `kl_mean`, `kl_p95`, `top1_agreement`,
 `ppl_reference`, `ppl_candidate`, `ppl_ratio`, `tokens`, `passed`; the rest (`gates`, `failures`, `format`,
-`layers_sqnr`, ...) add detail.
+`layers_sqnr`, `noise_floor`, ...) add detail. `--device cuda[:N]` runs the stream on a GPU (untested here:
+no GPU in CI; the meta-device test checks that every tensor is made on the inputs' device).
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ import torch
 from omniq.atomic import write_atomic
 from omniq.calib import docstrings
 from omniq.errors import OmniqError
-from omniq.model import forward
 from omniq.validate import gates as gates_mod
-from omniq.validate.artifact import Artifact, changed_unquantized, check_same_model, read_artifact
-from omniq.validate.metrics import Comparison, layers_sqnr
+from omniq.validate import stream
+from omniq.validate.artifact import Artifact, check_same_model, read_artifact
+from omniq.validate.stream import BATCH_ROWS  # noqa: F401  (rows per batch; benchmarks import it here)
 
 DEFAULT_SAMPLES = 64
 DEFAULT_SEQ_LEN = 256
-BATCH_ROWS = 8
 
 Progress = Callable[[int, int], None]
 
@@ -93,22 +94,59 @@ def token_rows(tokenizer, docs: Iterable[str], samples: int, seq_len: int) -> to
 
 
 # ----- the comparison -------------------------------------------------------------------------------------
-@torch.inference_mode()
+def text_items(rows: torch.Tensor) -> list:
+    """Stream items of the text set: batches of BATCH_ROWS rows, inputs ids[:, :-1], targets ids[:, 1:]."""
+    return [stream.Item("text", rows[s: s + BATCH_ROWS, :-1], rows[s: s + BATCH_ROWS, 1:])
+            for s in range(0, rows.shape[0], BATCH_ROWS)]
+
+
 def compare(reference: Artifact, candidate: Artifact, rows: torch.Tensor, *, positions: bool = False,
-            progress: Progress | None = None) -> dict:
-    """Metrics of the candidate against the reference on the given token rows."""
-    linear, kv = candidate.linear(), candidate.kv()
-    cmp = Comparison()
-    n = rows.shape[0]
-    for start in range(0, n, BATCH_ROWS):
-        batch = rows[start: start + BATCH_ROWS]
-        x, y = batch[:, :-1], batch[:, 1:]
-        ref = forward.logits(reference.arch, reference.weights, x)
-        cand = forward.logits(candidate.arch, candidate.weights, x, linear=linear, kv=kv)
-        cmp.add(ref, cand, y)
-        if progress is not None:
-            progress(min(n, start + BATCH_ROWS), n)
-    return cmp.summary(position_buckets=positions)
+            progress: Progress | None = None, device="cpu", noise_floor: bool = False) -> dict:
+    """Metrics of the candidate against the reference on the given token rows (the layer stream)."""
+    outcome = stream.run(reference, candidate, text_items(rows), device=device, noise_floor=noise_floor,
+                         progress=progress)
+    metrics, _, _ = outcome.summary(positions)
+    return metrics["text"]["candidate"]
+
+
+def torch_device(spec: str) -> torch.device:
+    """`--device`: cpu, or cuda / cuda:N when CUDA has that device (exit 2 otherwise)."""
+    spec = (spec or "cpu").strip()
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise OmniqError(f"--device {spec}: this machine has no CUDA device (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda or 'none'}); pass --device cpu")
+        index = int(spec[5:]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise OmniqError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device("cuda", index)
+    raise OmniqError(f"--device {spec}: expected cpu, cuda or cuda:N")
+
+
+def preflight(reference: Artifact, candidate: Artifact, tokens: int, device: torch.device,
+              noise_floor: bool = True, batch_tokens: int | None = None) -> dict:
+    """Refuse (exit 2) before reading any weight when the run cannot fit: the per-step estimate (largest
+    layer of both artifacts, hidden states of every token, a logits chunk; `stream.estimate_bytes`) against
+    the memory limit of this process (`omniq.memory_limit`: its cgroup, else MemAvailable), or the GPU's
+    free memory with --device cuda."""
+    from omniq import memory_limit
+
+    est = stream.estimate_bytes(reference, candidate, tokens, noise_floor, batch_tokens)
+    need = est["total_bytes"]
+    have, source = memory_limit.available_bytes(), memory_limit.limit_source()
+    if device.type == "cuda":
+        have, source = torch.cuda.mem_get_info(device)[0], f"free memory of {device}"
+    est.update(available_bytes=have, limit_source=source)
+    if device.type in ("cpu", "cuda") and need > have:
+        largest = est["largest_step_bytes"] / 2**30
+        raise OmniqError(f"validate needs about {need / 2**30:.2f} GiB (largest layer of both checkpoints "
+                         f"{largest:.2f} GiB, hidden states of {tokens} tokens "
+                         f"{est['hidden_states_bytes'] / 2**30:.2f} GiB) but {have / 2**30:.2f} GiB is available "
+                         f"({source}); pass fewer --samples / a shorter --seq-len"
+                         + ("" if not noise_floor else " or --no-noise-floor") + ", or run where more memory is")
+    return est
 
 
 def _finite(obj):
@@ -139,47 +177,67 @@ def _sqnr_by_role(reference: Artifact, sqnr: dict[str, float]) -> dict[str, dict
     return {role: {"min": min(v), "median": statistics.median(v), "layers": len(v)} for role, v in by_role.items()}
 
 
+METRIC_KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate", "ppl_ratio", "tokens")
+NOISE_FLOOR_KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_ratio", "tokens")
+
+
 def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMPLES,
              seq_len: int = DEFAULT_SEQ_LEN, max_kl: float | None = None, min_top1: float | None = None,
              max_ppl_ratio: float | None = None, report_path=None, positions: bool = False,
-             progress: Progress | None = None, media_samples: int | None = None) -> dict:
-    """Read both checkpoints from their files, compare next-token distributions, apply the gates.
+             progress: Progress | None = None, media_samples: int | None = None, device: str = "cpu",
+             noise_floor: bool = True) -> dict:
+    """Read both checkpoints from their files, layer by layer, compare next-token distributions (and the
+    reference's BF16-engine noise floor), apply the gates.
 
     Returns the report (and writes it to `report_path` when given); `report["passed"]` says whether every
-    gate held. Raises OmniqError (exit 2) for input that cannot be compared."""
+    gate held. Raises OmniqError (exit 2) for input that cannot be compared or a run that cannot fit."""
+    from omniq.validate import multimodal
+
     t0 = time.perf_counter()
+    dev = torch_device(device)
     ref = read_artifact(reference)
     cand = read_artifact(candidate)
     check_same_model(ref, cand)
     label, docs = eval_texts(eval_set)
     rows = token_rows(ref.tokenizer, docs, samples, seq_len)
+    n_media = multimodal.DEFAULT_MEDIA_SAMPLES if media_samples is None else media_samples
+    modalities, mm_warnings = multimodal.wanted(ref, n_media)
+    media_inputs = {m: multimodal.sample_inputs(ref, m, n_media) for m in modalities}
+    tokens = rows.shape[0] * (rows.shape[1] - 1) + sum(x.num_tokens for v in media_inputs.values() for x in v)
+    batch_tokens = max([BATCH_ROWS * (rows.shape[1] - 1)] + [x.num_tokens for v in media_inputs.values() for x in v])
+    memory = preflight(ref, cand, tokens, dev, noise_floor, batch_tokens)
+
     t_eval = time.perf_counter()
-    metrics = compare(ref, cand, rows, positions=positions, progress=progress)
+    items = text_items(rows)
+    for m, inputs in media_inputs.items():
+        items += multimodal.items(ref, cand, m, inputs, dev)
+    outcome = stream.run(ref, cand, items, device=dev, noise_floor=noise_floor, progress=progress)
+    by_set, sqnr, changed = outcome.summary(positions)
     eval_seconds = time.perf_counter() - t_eval
+    metrics = by_set["text"]["candidate"]
+    floor = ({k: by_set["text"]["noise_floor"][k] for k in NOISE_FLOOR_KEYS} if noise_floor else None)
 
     gate = gates_mod.gates_for(cand.format, max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio)
     failures = gates_mod.check(metrics, gate)
     # Omni: image+text and audio+text evaluation sets, each with its own gates (omniq.validate.multimodal)
-    from omniq.validate import multimodal
-
-    by_modality, mm_warnings = multimodal.evaluate(
-        ref, cand, samples=multimodal.DEFAULT_MEDIA_SAMPLES if media_samples is None else media_samples,
-        max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio)
+    by_modality = {
+        m: multimodal.modality_report(
+            m, by_set[m]["candidate"], cand.format, n_media, max_kl=max_kl, min_top1=min_top1,
+            max_ppl_ratio=max_ppl_ratio,
+            noise_floor={k: by_set[m]["noise_floor"][k] for k in NOISE_FLOOR_KEYS} if noise_floor else None)
+        for m in modalities}
     if by_modality:
         failures = [f"text: {f}" for f in failures]
     text_failures = list(failures)
     for m in by_modality.values():
         failures += m["failures"]
-    sqnr = layers_sqnr(ref.weights, cand.weights, sorted(cand.quantized))
-    changed = changed_unquantized(ref, cand)
     warnings = ref.warnings + cand.warnings + mm_warnings
     if changed:
         first = max(changed, key=changed.get)
         warnings.append(f"{len(changed)} unquantized tensors differ from the reference (largest: {first}, "
                         f"{changed[first]:.3g}); the metrics include their effect")
     report = {
-        **{k: metrics[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate",
-                                   "ppl_ratio", "tokens")},
+        **{k: metrics[k] for k in METRIC_KEYS},
         "passed": not failures,
         "gates": gate.as_dict(),
         "failures": failures,
@@ -193,14 +251,19 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
         "sqnr_by_role": _sqnr_by_role(ref, sqnr),
         "unquantized_changed": changed,
         "warnings": warnings,
+        "device": str(dev),
+        "memory": {k: int(v) if isinstance(v, (int, float)) else v for k, v in memory.items()},
         "seconds": round(time.perf_counter() - t0, 2),
         "tokens_per_second": round(metrics["tokens"] / eval_seconds, 1) if eval_seconds > 0 else None,
     }
+    if floor is not None:
+        report["noise_floor"] = floor
     if by_modality:
-        text = {k: report[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate",
-                                       "ppl_ratio", "tokens")}
+        text = {k: report[k] for k in METRIC_KEYS}
         report["modalities"] = {"text": {**text, "passed": not text_failures, "gates": gate.as_dict(),
-                                         "failures": text_failures, "eval": report["eval"]}, **by_modality}
+                                         "failures": text_failures, "eval": report["eval"],
+                                         **({"noise_floor": floor} if floor is not None else {})},
+                                **by_modality}
     if positions:
         report["positions"] = metrics["positions"]
     if report_path is not None:

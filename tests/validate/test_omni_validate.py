@@ -10,6 +10,8 @@ from omniq.calib import media
 from omniq.cli import main
 from omniq.validate.run import validate
 
+import golden
+
 # The tiny model's audio captions sit near the default NVFP4 perplexity-ratio gate (1.05) at small sample
 # counts (1.058 on 8 samples, 1.041 on 64); these structural tests relax that one gate.
 SMALL = {"samples": 4, "seq_len": 128, "media_samples": 8, "max_ppl_ratio": 1.2}
@@ -40,6 +42,10 @@ def test_each_modality_has_its_metrics_and_gates(report):
     assert mods["image"]["eval"]["split"] == mods["audio"]["eval"]["split"] == "eval"
     assert mods["image"]["eval"]["scored"] == "caption tokens"
     assert report["passed"]
+
+
+def test_streamed_report_equals_the_whole_model_golden(report, mm):
+    golden.check("omni-mm", "omni-mm", report, mm)
 
 
 def test_media_eval_split_is_disjoint_from_calibration():

@@ -17,6 +17,8 @@ from omniq.validate import gates
 from omniq.validate.artifact import read_artifact
 from omniq.validate.run import validate
 
+import golden
+
 # Small evaluation for tests: 8 rows of 128 tokens of the held-out "eval" text.
 EVAL = {"samples": 8, "seq_len": 128}
 REPORT_KEYS = {"kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate", "ppl_ratio", "tokens",
@@ -56,6 +58,7 @@ def test_reader_finds_each_layers_format_and_rebuilds_the_export_bit_for_bit(art
 
 
 def test_fp8_and_nvfp4_artifacts_pass_the_default_gates(artifacts, tmp_path):
+    """... and the layer-streamed validate reproduces today's whole-model reports field for field."""
     results = {}
     for name in ("fp8", "nvfp4", "nvfp4-kv", "mixed"):
         report_path = tmp_path / f"{name}.json"
@@ -67,6 +70,7 @@ def test_fp8_and_nvfp4_artifacts_pass_the_default_gates(artifacts, tmp_path):
         assert r["format"] == name.split("-")[0]
         assert r["gates"]["source"] == f"default {r['format']}"
         assert r["kv_cache"] == ("fp8" if name.endswith("-kv") else None)
+        golden.check(name, name, r, artifacts[name])
         results[name] = r
     # the comparison sees quantization: NVFP4 is measurably further from the reference than FP8
     assert 0 < results["fp8"]["kl_mean"] < results["nvfp4"]["kl_mean"]
@@ -137,5 +141,6 @@ def test_reference_and_candidate_swapped_is_refused(artifacts):
 
 def test_position_buckets(artifacts):
     r = validate("tiny", artifacts["nvfp4"], samples=2, seq_len=160, positions=True)
+    golden.check("nvfp4-positions", "nvfp4", r, artifacts["nvfp4"])
     assert set(r["positions"]) == {"0-128", "128-512"}
     assert sum(b["tokens"] for b in r["positions"].values()) == r["tokens"] == 320

@@ -1,0 +1,253 @@
+"""The layer-streamed evaluation behind `omniq validate`: the reference and the candidate side by side, one
+decoder layer at a time, on the same token rows.
+
+Three streams run through every layer on every row: the float32 reference, the reference as a BF16 engine
+runs it (the noise floor: every linear's input, weight and output rounded to bf16, K / V in bf16,
+`artifact.bf16_compute_hooks`) and the candidate as its engine runs it (`artifact.EngineLinear`). Per step:
+
+  towers       (Omni) each artifact's vision / audio towers embed the media samples, then are released;
+  embeddings   both embedding matrices: the rows' input embeddings (media embeddings spliced in);
+  layer i      layer i of both artifacts, read from the shards in their stored dtype onto the device
+               (`Artifact.unit`), dequantized to float32 per matrix on use; every row of every evaluation
+               set goes through it in batches; then both are released;
+  head         final norm and lm_head of both; logits in chunks of tokens (`LOGITS_CHUNK_BYTES`: a
+               131,072-entry vocabulary in float64 is 1 MiB per token), each chunk scored and dropped.
+
+So memory is the hidden states of the rows (three streams) plus one layer of each artifact plus a logits
+chunk, whatever the depth (`estimate_bytes`). The per-layer diagnostics (weight SQNR of every quantized
+matrix, unquantized tensors that differ) are computed from the layer while it is loaded. Everything stays on
+the device until the run is over (`Outcome.summary`), so the same code runs on CPU, CUDA and, in the
+tests, PyTorch's `meta` device.
+
+Why not transformers' model with accelerate offloading: its CPU Mamba path is wrong past chunk_size
+(tests/validate/test_forward.py), and the candidate must run with engine numerics (quantized activations,
+fused q/k/v scales, FP8 KV cache) that no library model applies to an exported checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from omniq.model import forward, omni
+from omniq.validate.artifact import (Artifact, bf16_compute_hooks, changed_unquantized, unquantized_names)
+from omniq.validate.metrics import Comparison, log_probs, sqnr_from_sums, sqnr_sums
+
+BATCH_ROWS = 8                     # rows per forward batch inside a layer
+LOGITS_CHUNK_BYTES = 256 * 2**20   # float64 log-probabilities of one chunk, both models
+KEEP_FLOAT32_BYTES = 64 * 2**20    # a layer smaller than this in float32 keeps its dequantized matrices
+STREAMS = ("reference", "noise_floor", "candidate")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Item:
+    """One batch of rows of one evaluation set: input ids (b, L), the scored predictions `select` (positions
+    of the inputs whose next token is scored) and their targets (b, S); media embeddings for Omni sets."""
+
+    set: str
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    select: slice = field(default_factory=lambda: slice(None))
+    media: dict = field(default_factory=dict)      # stream -> {"image": embeds, "audio": embeds}
+
+
+@dataclass
+class Outcome:
+    """What a run leaves, still on the device: per set and stream a Comparison against the reference, the
+    per-module SQNR sums and the unquantized tensors' largest differences."""
+
+    comparisons: dict[str, dict[str, Comparison]]
+    sqnr: dict[str, torch.Tensor]
+    changed: dict[str, torch.Tensor]
+    changed_elsewhere: dict[str, float]
+
+    def summary(self, positions: bool = False) -> dict:
+        """{set: {stream: metrics}}, {module: SQNR dB}, {tensor: largest difference}: host numbers."""
+        metrics = {s: {k: c.summary(position_buckets=positions and s == "text") for k, c in by.items()}
+                   for s, by in self.comparisons.items()}
+        sqnr = {m: sqnr_from_sums(v) for m, v in sorted(self.sqnr.items())}
+        changed = {n: float(v) for n, v in self.changed.items() if not float(v) == 0.0}
+        changed.update(self.changed_elsewhere)
+        return metrics, sqnr, changed
+
+
+# ----- which tensors belong to which step ---------------------------------------------------------------
+def layer_names(artifact: Artifact, i: int) -> list[str]:
+    p = artifact.arch.layer_prefix(i) + "."
+    return [n for n in artifact.base_names if n.startswith(p)]
+
+
+def head_names(artifact: Artifact) -> list[str]:
+    a = artifact.arch
+    names = [f"{a.prefix}backbone.norm_f.weight"]
+    names.append(f"{a.prefix}backbone.embeddings.weight" if a.tie_word_embeddings else f"{a.prefix}lm_head.weight")
+    return names
+
+
+def embedding_names(artifact: Artifact) -> list[str]:
+    return [f"{artifact.arch.prefix}backbone.embeddings.weight"]
+
+
+def tower_names(artifact: Artifact) -> list[str]:
+    return [n for n in artifact.base_names if omni.component_of(n) not in ("language_model", "other")]
+
+
+def streamed_names(artifact: Artifact) -> set[str]:
+    out = set(embedding_names(artifact)) | set(head_names(artifact))
+    for i in range(artifact.arch.num_layers):
+        out |= set(layer_names(artifact, i))
+    return out
+
+
+def estimate_bytes(reference: Artifact, candidate: Artifact, tokens: int, with_noise_floor: bool = True,
+                   batch_tokens: int | None = None) -> dict:
+    """Peak memory of a run, from the headers: the largest step of each artifact (stored dtype, plus its
+    float32 form where it is kept, plus one float32 matrix), the hidden states of every evaluated token for
+    each stream, one batch's activations inside a layer (`batch_tokens`, default all tokens: the Mamba
+    in_proj output and scan blocks, the routed experts' inputs) and a logits chunk."""
+    arch = reference.arch
+
+    def step(art: Artifact, names: list[str]) -> int:
+        stored = art.unit_bytes(names)
+        f32 = [4 * _numel(art.logical_shape(n)) for n in names]
+        kept = sum(f32) if sum(f32) < KEEP_FLOAT32_BYTES else 0
+        return stored + kept + 3 * (max(f32) if f32 else 0)
+
+    steps = [embedding_names(reference), head_names(reference), tower_names(reference)]
+    steps += [layer_names(reference, i) for i in range(arch.num_layers)]
+    largest = max(step(reference, s) + step(candidate, s) for s in steps if s)
+    n_streams = 3 if with_noise_floor else 2
+    hidden = n_streams * tokens * arch.hidden_size * 4
+    bt = min(tokens, batch_tokens or tokens)
+    per_token = (4 * arch.in_proj_out + 3 * arch.mamba_num_heads * arch.chunk_size
+                 + 2 * arch.num_experts_per_tok * max(arch.moe_intermediate_size, arch.hidden_size)
+                 + 4 * arch.hidden_size)
+    activations = bt * per_token * 4
+    logits = 2 * LOGITS_CHUNK_BYTES + 3 * _chunk_tokens(arch.vocab_size) * arch.vocab_size * 4
+    total = largest + hidden + activations + logits
+    return {"largest_step_bytes": largest, "hidden_states_bytes": hidden, "activations_bytes": activations,
+            "logits_chunk_bytes": logits, "total_bytes": total}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _chunk_tokens(vocab: int) -> int:
+    """Tokens per logits chunk: both models' float64 log-probabilities of a chunk within LOGITS_CHUNK_BYTES."""
+    return max(1, LOGITS_CHUNK_BYTES // (2 * 8 * vocab))
+
+
+def _layer_step(reference: Artifact, candidate: Artifact, i: int, hidden: dict[str, list[torch.Tensor]], device,
+                diagnose) -> None:
+    """Layer i of both artifacts, loaded, run on every stream's hidden states (in place in `hidden`),
+    diagnosed and released when this returns."""
+    arch = reference.arch
+    names = layer_names(reference, i)
+    ref_u = reference.unit(names, device, KEEP_FLOAT32_BYTES)
+    cand_u = candidate.unit(names, device, KEEP_FLOAT32_BYTES)
+    hooks = {"reference": (ref_u, forward.plain_linear(ref_u), None),
+             "noise_floor": (ref_u, *bf16_compute_hooks(ref_u)),
+             "candidate": (cand_u, candidate.linear(cand_u), candidate.kv())}
+    for s in hidden:
+        weights, linear, kv = hooks[s]
+        hidden[s] = [forward.decoder_layer(arch, weights, i, x, linear=linear, kv=kv) for x in hidden[s]]
+    diagnose(ref_u, cand_u, names)
+
+
+# ----- the run ------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="cpu", noise_floor: bool = True,
+        progress: Progress | None = None) -> Outcome:
+    """Evaluate `items` through both artifacts layer by layer; see the module docstring."""
+    device = torch.device(device)
+    arch = reference.arch
+    streams = [s for s in STREAMS if noise_floor or s != "noise_floor"]
+    steps = arch.num_layers + 2
+    done = 0
+    sqnr: dict[str, torch.Tensor] = {}
+    changed: dict[str, torch.Tensor] = {}
+
+    def diagnose(ref_u, cand_u, names):
+        for n in names:
+            module = n[: -len(".weight")] if n.endswith(".weight") else None
+            if module in candidate.quantized:
+                sqnr[module] = sqnr_sums(ref_u[n], cand_u[n])
+        for n in unquantized_names(reference, candidate, names):
+            changed[n] = (ref_u[n] - cand_u[n]).abs().max() if ref_u[n].numel() else ref_u[n].new_zeros(())
+
+    # embeddings: every row's input (media embeddings spliced in)
+    names = embedding_names(reference)
+    ref_u, cand_u = reference.unit(names, device), candidate.unit(names, device)
+    diagnose(ref_u, cand_u, names)
+    tokens = omni.context_tokens(reference.checkpoint.config, reference.tokenizer) if any(
+        it.media for it in items) else None
+    hidden: dict[str, list[torch.Tensor]] = {s: [] for s in streams}
+    for it in items:
+        ids = it.input_ids.to(device)
+        for s, u in (("reference", ref_u), ("candidate", cand_u)):
+            if it.media:
+                m = it.media[s]
+                x = omni.splice(arch, u, ids, m.get("image"), m.get("audio"), tokens=tokens)
+            else:
+                x = forward.embed(arch, u, ids)
+            hidden[s].append(x)
+        if noise_floor:
+            hidden["noise_floor"].append(hidden["reference"][-1])
+    del ref_u, cand_u
+    done += 1
+    if progress is not None:
+        progress(done, steps)
+
+    # decoder layers
+    for i in range(arch.num_layers):
+        _layer_step(reference, candidate, i, hidden, device, diagnose)
+        done += 1
+        if progress is not None:
+            progress(done, steps)
+
+    # final norm, lm_head, scores in chunks of tokens
+    names = head_names(reference)
+    ref_u, cand_u = reference.unit(names, device), candidate.unit(names, device)
+    diagnose(ref_u, cand_u, names)
+    heads = {"reference": (ref_u, forward.plain_linear(ref_u)),
+             "noise_floor": (ref_u, bf16_compute_hooks(ref_u)[0]),
+             "candidate": (cand_u, candidate.linear(cand_u))}
+    comparisons: dict[str, dict[str, Comparison]] = {}
+    chunk = _chunk_tokens(arch.vocab_size)
+    for k, it in enumerate(items):
+        by = comparisons.setdefault(it.set, {s: Comparison() for s in streams if s != "reference"})
+        targets = it.targets.to(device)
+        b, S = targets.shape
+        flat = {}
+        for s in streams:
+            u = heads[s][0]
+            flat[s] = forward.final_norm(arch, u, hidden[s][k][:, it.select]).reshape(b * S, -1)
+            hidden[s][k] = None
+        t = targets.reshape(-1)
+        pos = torch.arange(S, device=device).repeat(b)
+        for a in range(0, b * S, chunk):
+            sl = slice(a, a + chunk)
+            lr = log_probs(forward.lm_head(arch, heads["reference"][0], flat["reference"][sl], heads["reference"][1]))
+            pr = lr.exp()
+            for s in by:
+                u, linear = heads[s]
+                lc = log_probs(forward.lm_head(arch, u, flat[s][sl], linear))
+                by[s].add_log_probs(lr, lc, t[sl], pos[sl], pr)
+    del ref_u, cand_u, heads
+    done += 1
+    if progress is not None:
+        progress(done, steps)
+
+    # the rest (towers, anything outside the language model): tensor by tensor
+    rest = [n for n in reference.base_names if n not in streamed_names(reference)]
+    elsewhere = changed_unquantized(reference.weights, candidate.weights,
+                                    unquantized_names(reference, candidate, rest))
+    return Outcome(comparisons, sqnr, changed, elsewhere)

@@ -1,0 +1,59 @@
+"""The golden reports of tests/validate/data/golden_reports.json (recorded by record_golden.py with the
+whole-model validate of commit 9fa423e) and how a streamed report is held to them: every field equal, floats to
+float32 reassociation (relative 1e-6; the streamed run reproduces them bit for bit on this machine)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+GOLDEN = json.loads((Path(__file__).resolve().parent / "data" / "golden_reports.json").read_text())
+# Fields the streamed validate adds, and fields that are not results (timings, where the files were).
+NEW_FIELDS = ("noise_floor", "device", "memory")
+VOLATILE = ("seconds", "tokens_per_second", "reference", "candidate")
+REL = 1e-6
+
+
+def _close(a, b, where: str) -> None:
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and set(a) == set(b), (where, sorted(set(a) ^ set(b)))
+        for k in b:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(b, list):
+        assert isinstance(a, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(b, float) and not isinstance(a, bool):
+        assert isinstance(a, (int, float)), where
+        if math.isinf(b) or math.isnan(b):
+            assert a == b or (math.isnan(a) and math.isnan(b)), (where, a, b)
+        else:
+            assert math.isclose(a, b, rel_tol=REL, abs_tol=1e-12), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+def weights_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def check(case: str, artifact: str, report: dict, artifact_path) -> None:
+    """`report` (the streamed validate's) equals the golden of `case` in every field, its noise floor the
+    golden's whole-model noise floor; fails, saying so, when the artifact is not the one the golden holds for."""
+    g = GOLDEN[case]
+    assert weights_sha256(artifact_path) == GOLDEN["artifacts_sha256"][artifact], (
+        f"{artifact}: not the artifact the golden was recorded on (ModelOpt or calibration changed?); "
+        "re-record with tests/validate/record_golden.py at commit 9fa423e")
+    mine = {k: v for k, v in report.items() if k not in VOLATILE + NEW_FIELDS}
+    mine = json.loads(json.dumps(mine, default=str))
+    _close(mine, {k: v for k, v in g.items() if k != "noise_floor_by_set"}, case)
+    floors = g["noise_floor_by_set"]
+    _close(report["noise_floor"], floors["text"], f"{case}.noise_floor")
+    for m, mod in (report.get("modalities") or {}).items():
+        _close(mod["noise_floor"], floors[m], f"{case}.modalities.{m}.noise_floor")

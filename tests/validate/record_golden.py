@@ -1,0 +1,132 @@
+"""Record the reports of `omniq validate` on the test artifacts, as the golden the streamed validate is held to.
+
+    python tests/validate/record_golden.py WORKDIR [--out tests/validate/data/golden_reports.json]
+
+Makes the artifacts exactly as the test fixtures do (tests/validate/conftest.py `artifacts`: make_artifacts.py
+fp8 nvfp4 nvfp4-kv mixed --rows 4 --seq 128; tests/conftest.py `omni_quantized["mm"]`: `omniq quantize
+tiny-omni --recipe omni-nvfp4` with the tests' calibration size) and runs `validate` on them with the cases of
+`CASES`, and the noise floor (`noise_floor`: the reference as a BF16 engine runs it) on the same rows. The golden checked in was recorded with the whole-model, in-memory validate of commit 9fa423e (before
+the layer-streamed one); tests/validate/test_streamed.py compares every report field against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+# name -> (reference, artifact, validate keyword arguments)
+CASES = {
+    "fp8": ("tiny", "fp8", {"samples": 8, "seq_len": 128}),
+    "nvfp4": ("tiny", "nvfp4", {"samples": 8, "seq_len": 128}),
+    "nvfp4-kv": ("tiny", "nvfp4-kv", {"samples": 8, "seq_len": 128}),
+    "mixed": ("tiny", "mixed", {"samples": 8, "seq_len": 128}),
+    "nvfp4-positions": ("tiny", "nvfp4", {"samples": 2, "seq_len": 160, "positions": True}),
+    "omni-mm": ("tiny-omni", "omni-mm", {"samples": 4, "seq_len": 128, "media_samples": 8, "max_ppl_ratio": 1.2}),
+}
+# Fields that are not results: timings and where the files were.
+VOLATILE = ("seconds", "tokens_per_second", "reference", "candidate")
+
+
+def make_artifacts(work: Path) -> dict[str, Path]:
+    from conftest import QUANTIZE_CALIB, run_cli_in_subprocess  # tests/conftest.py
+
+    from omniq.model.checkpoint import resolve
+
+    made = ("fp8", "nvfp4", "nvfp4-kv", "mixed")
+    if not all((work / m).is_dir() for m in made):
+        subprocess.run([sys.executable, str(HERE / "make_artifacts.py"), str(resolve("tiny")), str(work), *made,
+                        "--rows", "4", "--seq", "128"], check=True)
+    if not (work / "omni-mm").is_dir():
+        r = run_cli_in_subprocess(["quantize", "tiny-omni", "--recipe", "omni-nvfp4", "--out", str(work / "omni-mm"),
+                                   *QUANTIZE_CALIB], one_thread=True)
+        assert r["rc"] == 0, r["stderr"][-2000:]
+    return {m: work / m for m in (*made, "omni-mm")}
+
+
+def strip(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in VOLATILE}
+
+
+def noise_floor(reference: str, kw: dict) -> dict:
+    """The reference run as a BF16 engine runs it (`artifact.bf16_compute_hooks`) against its float32 forward,
+    on the rows validate evaluates (the text set; per media modality for an Omni reference, the towers in
+    float32 for both), with the whole-model code: what the streamed validate's third stream must reproduce."""
+    import torch
+
+    from omniq.calib import media
+    from omniq.model import forward, omni
+    from omniq.validate import multimodal
+    from omniq.validate.artifact import bf16_compute_hooks, read_artifact
+    from omniq.validate.metrics import Comparison
+    from omniq.validate.run import BATCH_ROWS, eval_texts, token_rows
+
+    keys = ("kl_mean", "kl_p95", "top1_agreement", "ppl_ratio", "tokens")
+    ref = read_artifact(reference)
+    linear, kv = bf16_compute_hooks(ref.weights)
+    rows = token_rows(ref.tokenizer, eval_texts(kw.get("eval_set"))[1], kw["samples"], kw["seq_len"])
+    cmp = Comparison()
+    with torch.inference_mode():
+        for s in range(0, rows.shape[0], BATCH_ROWS):
+            x, y = rows[s: s + BATCH_ROWS, :-1], rows[s: s + BATCH_ROWS, 1:]
+            cmp.add(forward.logits(ref.arch, ref.weights, x),
+                    forward.logits(ref.arch, ref.weights, x, linear=linear, kv=kv), y)
+        out = {"text": {k: cmp.summary()[k] for k in keys}}
+        if ref.checkpoint.is_omni:
+            cfg = ref.checkpoint.config
+            tokens = omni.context_tokens(cfg, ref.tokenizer)
+            for m in multimodal.available(cfg, ref.checkpoint.headers)[0]:
+                cmp = Comparison()
+                for sample in media.bundled(m, "eval", kw["media_samples"]):
+                    x = media.model_inputs(sample, cfg, ref.tokenizer, tokens)
+                    e = omni.multimodal_embeds(cfg, ref.arch, ref.weights, x.input_ids, pixels=x.pixels,
+                                               features=x.features, tokens=tokens)
+                    sel = slice(x.target_start - 1, x.num_tokens - 1)
+                    cmp.add(forward.logits(ref.arch, ref.weights, inputs_embeds=e)[:, sel],
+                            forward.logits(ref.arch, ref.weights, inputs_embeds=e, linear=linear, kv=kv)[:, sel],
+                            x.input_ids[:, x.target_start:])
+                out[m] = {k: cmp.summary()[k] for k in keys}
+    return out
+
+
+def weights_sha256(path: Path) -> str:
+    """One digest over an artifact's safetensors files (the golden holds only for the same artifact)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def record(paths: dict[str, Path]) -> dict:
+    from omniq.validate.run import validate
+
+    out = {"artifacts_sha256": {name: weights_sha256(p) for name, p in paths.items()}}
+    for name, (ref, art, kw) in CASES.items():
+        out[name] = strip(json.loads(json.dumps(validate(ref, paths[art], **kw), default=str)))
+        out[name]["noise_floor_by_set"] = noise_floor(ref, kw)
+        print(name, out[name]["kl_mean"], out[name]["noise_floor_by_set"], flush=True)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--out", type=Path, default=HERE / "data" / "golden_reports.json")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    golden = record(make_artifacts(args.work))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The layer-streamed validate: at most one layer of each checkpoint in memory, every tensor on the run's
+device (run on PyTorch's `meta` device), the memory preflight and `--device` refusals, `--no-noise-floor`.
+(That its reports equal today's whole-model ones field for field: test_validate.py / test_omni_validate.py
+against tests/validate/data/golden_reports.json.)"""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+
+from omniq import memory_limit
+from omniq.cli import main
+from omniq.errors import OmniqError
+from omniq.validate import artifact as artifact_mod
+from omniq.validate import stream
+from omniq.validate.artifact import read_artifact
+from omniq.validate.run import eval_texts, text_items, token_rows, validate
+
+META = torch.device("meta")
+
+
+@pytest.fixture(scope="module")
+def pair(artifacts):
+    return read_artifact("tiny"), read_artifact(artifacts["nvfp4-kv"])
+
+
+def _rows(ref, samples=4, seq_len=96):
+    return token_rows(ref.tokenizer, eval_texts("eval")[1], samples, seq_len)
+
+
+def test_the_whole_stream_runs_on_the_meta_device(pair):
+    """Weights read from the shards are moved to `meta`; a tensor made on the CPU anywhere in the forward,
+    the hooks (dequantization, FP8 / NVFP4 activations, FP8 KV cache, fused q/k/v scales), the logits
+    chunks or the metrics raises 'not on the expected device'."""
+    ref, cand = pair
+    out = stream.run(ref, cand, text_items(_rows(ref, 10)), device=META)     # 2 batches, one ragged
+    by = out.comparisons["text"]
+    assert set(by) == {"noise_floor", "candidate"}
+    for c in by.values():
+        assert c.tokens == 10 * 96
+        assert all(t.device == META for t in c.kl + c.agree + c.positions + c.nll)
+    assert set(out.sqnr) == set(cand.quantized) and all(v.device == META for v in out.sqnr.values())
+    assert out.changed and all(v.device == META for v in out.changed.values())
+
+
+def test_at_most_one_layer_of_each_checkpoint_is_held(pair, monkeypatch):
+    ref, cand = pair
+    alive: list[weakref.ref] = []
+    most = {}
+    real_init = artifact_mod.UnitWeights.__init__
+
+    def init(self, art, stored, names, keep=0):
+        real_init(self, art, stored, names, keep)
+        if len(names) > 1 or any(".layers." in n for n in names):     # a step, not LazyWeights' one tensor
+            mine = [r for r in alive if r() is not None and r().artifact is art]
+            most[id(art)] = max(most.get(id(art), 0), len(mine) + 1)
+            alive.append(weakref.ref(self))
+
+    monkeypatch.setattr(artifact_mod.UnitWeights, "__init__", init)
+    stream.run(ref, cand, text_items(_rows(ref)))
+    assert most == {id(ref): 1, id(cand): 1}
+
+
+def test_estimate_counts_the_largest_layer_of_both_and_the_hidden_states(pair):
+    ref, cand = pair
+    est = stream.estimate_bytes(ref, cand, tokens=1000)
+    moe = stream.layer_names(ref, ref.arch.layers_of("E")[0])
+    assert est["largest_step_bytes"] >= ref.unit_bytes(moe) + cand.unit_bytes(moe)
+    assert est["hidden_states_bytes"] == 3 * 1000 * ref.arch.hidden_size * 4
+    assert stream.estimate_bytes(ref, cand, 1000, with_noise_floor=False)["hidden_states_bytes"] == 2 * 1000 * 256 * 4
+
+
+def test_preflight_refuses_before_reading_weights(artifacts, monkeypatch, capsys):
+    monkeypatch.setattr(memory_limit, "available_bytes", lambda *a, **kw: 10 * 2**20)
+    monkeypatch.setattr(memory_limit, "limit_source", lambda *a, **kw: "cgroup v1 /fake")
+    read = []
+    monkeypatch.setattr(artifact_mod.ShardReader, "get", lambda self, n, real=artifact_mod.ShardReader.get:
+                        read.append(n) or real(self, n))
+    code = main(["validate", "tiny", str(artifacts["fp8"]), "--samples", "2", "--seq-len", "32"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "GiB" in err and "cgroup v1 /fake" in err and "--samples" in err
+    assert not [n for n in read if n.endswith(".weight")]          # only the scales were read
+
+
+def test_device_cuda_without_cuda_is_refused(artifacts, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for spec, words in (("cuda", "no CUDA device"), ("cuda:1", "no CUDA device"), ("tpu", "expected cpu")):
+        code = main(["validate", "tiny", str(artifacts["fp8"]), "--samples", "2", "--seq-len", "32",
+                     "--device", spec])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (spec, err)
+
+
+def test_no_noise_floor_and_the_device_in_the_report(artifacts, tmp_path):
+    rep = tmp_path / "r.json"
+    assert main(["validate", "tiny", str(artifacts["fp8"]), "--samples", "2", "--seq-len", "64",
+                 "--device", "cpu", "--no-noise-floor", "--report", str(rep)]) == 0
+    data = json.loads(rep.read_text())
+    assert "noise_floor" not in data and data["device"] == "cpu"
+    assert data["memory"]["total_bytes"] < data["memory"]["available_bytes"] and data["memory"]["limit_source"]
+    with_floor = validate("tiny", artifacts["fp8"], samples=2, seq_len=64)
+    assert with_floor["kl_mean"] == data["kl_mean"]                  # the third stream changes nothing else
+    assert 0 < with_floor["noise_floor"]["kl_mean"] < with_floor["kl_mean"]
