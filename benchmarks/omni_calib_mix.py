@@ -23,6 +23,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--media-samples", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--calib", nargs=2, type=int, default=(16, 128), metavar=("SAMPLES", "SEQ_LEN"))
+    ap.add_argument("--eval", nargs=2, type=int, default=(16, 128), metavar=("SAMPLES", "SEQ_LEN"),
+                    help="text evaluation rows (benchmarks/figures.py --quick passes small sizes)")
     args = ap.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="omni-calib-mix-"))
     omniq = [str(Path(sys.executable).parent / "omniq")]
@@ -31,10 +34,11 @@ def main() -> None:
         art = root / f"art{k}"
         if not art.exists():
             subprocess.run([*omniq, "quantize", "tiny-omni", "--recipe", "omni-nvfp4", "--out", str(art),
-                            "--calib-samples", "16", "--calib-seq-len", "128", *mix], check=True,
-                           capture_output=True)
+                            "--calib-samples", str(args.calib[0]), "--calib-seq-len", str(args.calib[1]), *mix],
+                           check=True, capture_output=True)
         rep = root / f"report{k}.json"
-        subprocess.run([*omniq, "validate", "tiny-omni", str(art), "--samples", "16", "--seq-len", "128",
+        subprocess.run([*omniq, "validate", "tiny-omni", str(art), "--samples", str(args.eval[0]),
+                        "--seq-len", str(args.eval[1]),
                         "--media-samples", str(args.media_samples), "--report", str(rep)], capture_output=True)
         r = json.loads(rep.read_text())
         rows.append((label, r["modalities"]))

@@ -42,12 +42,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--sets", default="eval,eval2")
+    ap.add_argument("--candidates", default=",".join(CANDIDATES),
+                    help="artifact directory names under ART_DIR to compare (benchmarks/figures.py adds mixed)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
     ref = read_artifact(args.reference)
     cands = {"noise floor": (ref, bf16_compute_hooks(ref.weights))}
-    for name in CANDIDATES:
+    for name in args.candidates.split(","):
         if (args.artifacts / name).is_dir():
             art = read_artifact(args.artifacts / name)
             cands[name] = (art, (art.linear(), art.kv()))

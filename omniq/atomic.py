@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -130,12 +131,15 @@ def staged_dir(dest: str | os.PathLike, *, tag: str, replace: bool = False, fsyn
         if (dest.exists() or dest.is_symlink()) and not replace:
             raise OmniqError(appeared or f"{dest} appeared while omniq was writing it; pass --force to replace it")
         replace_dir(stage.final, dest, fsync=fsync)
-    except BaseException:
+    except BaseException as e:
         if stage is not None:
             shutil.rmtree(stage.root, ignore_errors=True)
         for p in created:                      # innermost first
             with contextlib.suppress(OSError):
                 p.rmdir()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:     # a full disk: one line, nothing left behind
+            raise OmniqError(f"{dest}: no space left on the device while writing it; free space or choose "
+                             "another destination (nothing was left there)", exit_code=1) from None
         raise
     else:
         shutil.rmtree(stage.root, ignore_errors=True)

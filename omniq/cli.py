@@ -53,6 +53,8 @@ def validate(
     media_samples: Optional[int] = typer.Option(None, "--media-samples", min=0, help="Omni checkpoints: image+text and audio+text evaluation samples per modality (bundled eval split; 0 skips them). [default: 32]"),
     device: str = typer.Option("cpu", "--device", help="Where the layer stream runs: cpu, cuda or cuda:N (the CUDA path is untested: no GPU in CI)."),
     no_noise_floor: bool = typer.Option(False, "--no-noise-floor", help="Skip the third stream (the reference as a BF16 engine runs it) and the report's noise_floor."),
+    eval_media: Optional[str] = typer.Option(None, "--eval-media", help="Omni: your own captioned evaluation media instead of the bundled eval split (a folder or datasets dataset, as quantize --calib-media); each sample needs a caption."),
+    bad_media: str = typer.Option("skip", "--bad-media", help="Unreadable or uncaptioned --eval-media files or rows: skip (one warning line each) or fail."),
 ):
     """Compare a quantized artifact with its BF16 reference from the files; exit 1 when a gate fails."""
     from rich.console import Console
@@ -64,7 +66,8 @@ def validate(
         result = run_validate(reference, candidate, eval_set=eval_set, samples=samples, seq_len=seq_len,
                               max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio,
                               report_path=report, positions=positions, progress=progress,
-                              media_samples=media_samples, device=device, noise_floor=not no_noise_floor)
+                              media_samples=media_samples, device=device, noise_floor=not no_noise_floor,
+                              eval_media=eval_media, bad_media=bad_media)
     console = Console()
     console.print(summary_table(result))
     for w in result["warnings"]:
@@ -228,6 +231,8 @@ def quantize(
     calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration rows."),
     calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="Tokens per calibration row."),
     calib_mix: Optional[str] = typer.Option(None, "--calib-mix", help="Shares of calibration tokens per modality, e.g. text:0.5,image:0.25,audio:0.25. Default: that mix for Omni checkpoints (modalities it has towers for), text:1 for text-only models."),
+    calib_media: Optional[str] = typer.Option(None, "--calib-media", help="Omni: your own calibration media instead of the bundled set: a folder of images (PNG / JPEG) and audio (WAV / FLAC) with captions in prompts.jsonl or NAME.txt, or a datasets dataset (saved folder or hub NAME[:CONFIG]) with image / audio and caption columns."),
+    bad_media: str = typer.Option("skip", "--bad-media", help="Unreadable media files or rows: skip (one warning line each) or fail."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept a checkpoint whose weights are only pickled (.bin / .pt)."),
     device: str = typer.Option("cpu", "--device", help="Where calibration runs: cpu, or cuda (ModelOpt's CUDA kernels then pack the export)."),
@@ -245,7 +250,8 @@ def quantize(
         result = run_quantize(model, recipe, out, kv_cache=kv_cache, calib=calib, calib_column=calib_column,
                               calib_split=calib_split, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                               force=force, allow_pickle=allow_pickle, progress=progress, device=device,
-                              calib_mix=calib_mix, expert_policy=policy)
+                              calib_mix=calib_mix, expert_policy=policy, calib_media=calib_media,
+                              bad_media=bad_media)
     plan = result.plan
     counts = ", ".join(f"{n} {fmt}" for fmt, n in sorted(result.counts.items(), key=lambda kv: -kv[1]) if n)
     sec = result.seconds
@@ -271,6 +277,8 @@ def quantize(
     if result.lint:
         typer.echo(f"lint: {result.lint.get('error', 0)} errors, {result.lint.get('warning', 0)} warnings "
                    "(lint.json)")
+    for line in result.media_skipped:
+        typer.echo(f"warning: --calib-media skipped {line}", err=True)
     for name in result.restored:
         typer.echo(f"warning: ModelOpt left {name} patched; restored it", err=True)
     if result.dropped:

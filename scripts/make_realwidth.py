@@ -45,9 +45,39 @@ def config_for(pattern: str, base: Path = REAL_CONFIG) -> dict:
     return cfg
 
 
-def random_tensor(t, cfg: dict, gen):
+POOL = 1 << 26                    # standard normal values drawn once (256 MB fp32)
+
+
+class Normal:
+    """N(0, 1) values for a tensor: consecutive runs of one pool drawn once, each tensor from its own random
+    offsets. Drawing 3.4 B fresh normals costs minutes of CPU on a busy 2-core machine; slicing a pool costs a
+    copy. Tensors differ from each other (different offsets) and each value is a standard normal draw, which is
+    all the scaled random weights are for (finite activations, realistic shapes and sizes)."""
+
+    def __init__(self, gen):
+        import torch
+
+        self.gen = gen
+        self.pool = torch.randn(POOL, generator=gen)
+
+    def __call__(self, shape):
+        import torch
+
+        n = math.prod(shape)
+        parts, left = [], n
+        while left:
+            k = min(left, POOL // 2)
+            off = int(torch.randint(0, POOL - k + 1, (1,), generator=self.gen))
+            parts.append(self.pool[off:off + k])
+            left -= k
+        return (parts[0].clone() if len(parts) == 1 else torch.cat(parts)).view(shape)
+
+
+def random_tensor(t, cfg: dict, gen, normal=None):
     """One tensor of `omniq.model.arch.Arch.tensors`, random with the scale described in the module docs."""
     import torch
+
+    normal = normal or (lambda shape: torch.randn(shape, generator=gen))
 
     name, shape = t.name, tuple(t.shape)
     dtype = torch.float32 if t.dtype == "F32" else torch.bfloat16
@@ -65,13 +95,13 @@ def random_tensor(t, cfg: dict, gen):
     elif name.endswith("e_score_correction_bias"):
         x = torch.zeros(shape)
     elif name.endswith("conv1d.weight"):
-        x = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+        x = normal(shape) / math.sqrt(shape[-1])
     elif name.endswith("conv1d.bias") or name.endswith(".bias"):
         x = torch.zeros(shape)
     elif leaf in ("embeddings",) or name.endswith("lm_head.weight"):
-        x = torch.randn(shape, generator=gen)
+        x = normal(shape)
     else:                                          # linear weights (out, in), router (E, hidden)
-        x = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+        x = normal(shape) / math.sqrt(shape[-1])
     return x.to(dtype)
 
 
@@ -103,11 +133,12 @@ def write(out: Path, pattern: str, *, seed: int = 0, shard_gb: float = 2.0, forc
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
+    normal = Normal(gen)
     n = len(shards)
     weight_map = {}
     for k, group in enumerate(shards):
         fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        save_file({t.name: random_tensor(t, cfg, gen) for t in group}, str(tmp / fname), metadata={"format": "pt"})
+        save_file({t.name: random_tensor(t, cfg, gen, normal) for t in group}, str(tmp / fname), metadata={"format": "pt"})
         weight_map.update({t.name: fname for t in group})
         print(f"  {fname}: {len(group)} tensors, {sum(nbytes[t.name] for t in group) / 2**30:.2f} GiB", flush=True)
     if n > 1:

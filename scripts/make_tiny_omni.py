@@ -1,6 +1,15 @@
 """Build the bundled tiny Nemotron 3 Nano Omni (`omniq/bundled/tiny-omni`) reproducibly on CPU.
 
     python scripts/make_tiny_omni.py [--steps 300] [--out omniq/bundled/tiny-omni]
+    python scripts/make_tiny_omni.py --layout real [--steps 120]      # -> omniq/bundled/tiny-omni-real
+
+`--layout real` builds `tiny-omni-real` instead: the real Omni's layout and config shape with no modeling
+code at all (no `auto_map`): a tiny C-RADIO (`vision_config.args` as vLLM's RADIO config reads it, CPE
+position table, class and register tokens, `norm_mean` / `norm_std` top-level) and a tiny Parakeet encoder
+(relative-position attention, no attention / feed-forward biases, a `sound_config` that loads as a
+`ParakeetEncoderConfig`), both run through transformers' own `RadioModel` / `ParakeetEncoder`
+(`omniq.model.radio`, `omniq.model.parakeet`), `template` and `image_tag_type` top-level as vLLM's
+`NemotronH_Nano_VL_V2` reads them. Training is the same as below.
 
 The layout of `nvidia/Nemotron-3-Nano-Omni-30B-A3B-Reasoning-BF16` at tiny sizes: a top-level config.json
 (`NemotronH_Nano_Omni_Reasoning_V3`, `llm_config`, `vision_config`, `sound_config`, context token ids,
@@ -43,6 +52,7 @@ from omniq.model.arch import from_config  # noqa: E402
 
 TINY = ROOT / "omniq" / "bundled" / "tiny"
 CODE_DIR = ROOT / "omniq" / "bundled" / "tiny-omni"
+REAL_DIR = ROOT / "omniq" / "bundled" / "tiny-omni-real"
 CODE_FILES = ("configuration_tiny_omni.py", "modeling_tiny_omni.py")
 CARRIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 LM_SHARD, TOWER_SHARD = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
@@ -66,6 +76,37 @@ SOUND_CONFIG = {
 }
 
 
+REAL_VISION_CONFIG = {
+    "model_type": "radio", "patch_size": PATCH, "preferred_resolution": [IMAGE_SIZE, IMAGE_SIZE],
+    "video_temporal_patch_size": 1, "separate_video_embedder": True,
+    # vLLM reads `model` (a timm name) for the widths; a tiny ViT is no timm size, so the widths are given too
+    "args": {"model": "vit_small_patch16_224", "hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+             "intermediate_size": 384, "cpe_max_size": 2 * IMAGE_SIZE, "cls_token_per_teacher": True,
+             "teachers": [{"name": "teacher-0"}, {"name": "teacher-1"}], "register_multiple": 4},
+}
+REAL_SOUND_CONFIG = {
+    "model_type": "parakeet", "num_mel_bins": 64, "hidden_size": 96, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "intermediate_size": 384, "hidden_act": "silu", "conv_kernel_size": 9,
+    "convolution_bias": True, "subsampling_factor": 8, "subsampling_conv_channels": 32,
+    "subsampling_conv_kernel_size": 3, "subsampling_conv_stride": 2, "projection_hidden_size": 256,
+    "projection_bias": True, "sampling_rate": media.AUDIO_RATE, "n_fft": 512, "win_length": 400, "hop_length": 160,
+    "preemphasis": 0.97,
+}
+NORM_MEAN, NORM_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def real_omni_config(llm: dict) -> dict:
+    """NVIDIA's Omni config shape (shared/reference/omni-layout.md; the keys vLLM's NemotronH_Nano_VL_V2
+    reads), tiny widths, no auto_map."""
+    cfg = omni_config(llm)
+    del cfg["auto_map"]
+    cfg.update({"vision_config": REAL_VISION_CONFIG, "sound_config": REAL_SOUND_CONFIG,
+                "template": "nemotron-h-omni", "image_tag_type": "internvl", "norm_mean": NORM_MEAN,
+                "norm_std": NORM_STD, "use_thumbnail": True, "max_dynamic_patch": 12,
+                "vit_hidden_size": REAL_VISION_CONFIG["args"]["hidden_size"]})
+    return cfg
+
+
 def omni_config(llm: dict) -> dict:
     auto = {"AutoConfig": "configuration_tiny_omni.NemotronH_Nano_Omni_Reasoning_V3_Config",
             "AutoModel": "modeling_tiny_omni.NemotronH_Nano_Omni_Reasoning_V3",
@@ -84,24 +125,30 @@ def omni_config(llm: dict) -> dict:
 
 OUTPUT_LAYERS = ("attn.proj.weight", "mlp.fc2.weight", "o_proj.weight", "linear2.weight", "pointwise_conv2.weight",
                  "mlp1.3.weight")
+NOT_TRAINED = ("running_mean", "running_var", "norm_mean", "norm_std", "summary_idxs", "num_batches_tracked")
 
 
 def init_towers(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     v = cfg["vision_config"]
+    mean, std = cfg.get("norm_mean") or v["norm_mean"], cfg.get("norm_std") or v["norm_std"]
     out = {}
     for name, shape in towers.tower_tensors(cfg).items():
+        if name.endswith(("summary_idxs", "num_batches_tracked")):
+            n = math.prod(shape)                # summary_idxs: 0, 1, ...; num_batches_tracked: 0
+            out[name] = (torch.arange(n) if name.endswith("summary_idxs") else torch.zeros(n)).long().reshape(shape)
+            continue
         if name.endswith("norm_mean"):
-            t = torch.tensor(v["norm_mean"]).view(3, 1, 1)
+            t = torch.tensor(mean).view(3, 1, 1)
         elif name.endswith("norm_std"):
-            t = torch.tensor(v["norm_std"]).view(3, 1, 1)
+            t = torch.tensor(std).view(3, 1, 1)
         elif name.endswith("running_var"):
             t = torch.ones(shape)
         elif name.endswith(("running_mean", ".bias")):
             t = torch.zeros(shape)
         elif len(shape) == 1 or "norm" in name.rsplit(".", 2)[-2] or name.endswith("mlp1.0.weight"):
             t = torch.ones(shape)                                  # LayerNorm / RMSNorm / batch-norm scales
-        elif name.endswith(("pos_embed", "cls_token.token")):
+        elif name.endswith(("pos_embed", "cls_token.token", "bias_u", "bias_v")):
             t = torch.randn(shape, generator=g) * 0.02
         else:
             fan_in = math.prod(shape[1:])
@@ -229,7 +276,9 @@ def attribute_accuracy(arch, lm, tw, cfg, tokens, tokenizer, samples, modality) 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(CODE_DIR))
+    ap.add_argument("--layout", choices=("simplified", "real"), default="simplified",
+                    help="real: the real Omni's towers and config shape, no modeling code (tiny-omni-real)")
+    ap.add_argument("--out", default=None, help="default omniq/bundled/tiny-omni (-real)")
     ap.add_argument("--tiny", default=str(TINY), help="the trained tiny NemotronH to use as language model")
     ap.add_argument("--steps", type=int, default=250, help="optimizer steps, each on an image and an audio batch")
     ap.add_argument("--batch", type=int, default=16)
@@ -244,7 +293,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     t0 = time.time()
-    out = Path(args.out)
+    real = args.layout == "real"
+    out = Path(args.out or (REAL_DIR if real else CODE_DIR))
     tiny = Path(args.tiny)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -253,7 +303,7 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     llm_cfg = json.loads((tiny / "config.json").read_text())
-    cfg = omni_config(llm_cfg)
+    cfg = real_omni_config(llm_cfg) if real else omni_config(llm_cfg)
     arch = from_config(llm_cfg, prefix=omni.LLM_PREFIX)
     lm_raw = {}
     with safe_open(str(tiny / "model.safetensors"), framework="pt") as f:
@@ -265,8 +315,7 @@ def main(argv=None):
     assert (tokens.image_start, tokens.image_end, tokens.sound_start, tokens.sound_end) == (6, 7, 8, 9), tokens
 
     tw = init_towers(cfg, args.seed)
-    params = {k: torch.nn.Parameter(v) for k, v in tw.items()
-              if not k.endswith(("running_mean", "running_var", "norm_mean", "norm_std"))}
+    params = {k: torch.nn.Parameter(v) for k, v in tw.items() if not k.endswith(NOT_TRAINED)}
     fixed = {k: v for k, v in tw.items() if k not in params}
     decay = [p for k, p in params.items() if p.ndim >= 2 and not k.endswith(("pos_embed", "cls_token.token"))]
     no_decay = [p for k, p in params.items() if not (p.ndim >= 2 and not k.endswith(("pos_embed", "cls_token.token")))]
@@ -303,8 +352,9 @@ def main(argv=None):
             print(f"step {step:4d}  loss {losses}  lr {lr_at(step):.2e}  {time.time() - t0:.0f}s", flush=True)
 
     # What is saved is BF16: evaluate that.
-    trained = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in all_tw.items()}
-    tw_eval = {k: v.float() for k, v in trained.items()}
+    trained = {k: (v.detach().to(torch.bfloat16) if v.is_floating_point() else v.detach()).contiguous()
+               for k, v in all_tw.items()}
+    tw_eval = {k: (v.float() if v.is_floating_point() else v) for k, v in trained.items()}
     after = {m: effect(arch, lm, tw_eval, cfg, tokens, tokenizer, evals[m], m) for m in evals}
     print(f"after: {json.dumps(after)}", flush=True)
     acc = {m: attribute_accuracy(arch, lm, tw_eval, cfg, tokens, tokenizer, evals[m][:32], m) for m in evals}
@@ -321,14 +371,14 @@ def main(argv=None):
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     for name in CARRIED:
         shutil.copyfile(tiny / name, out / name)
-    if out.resolve() != CODE_DIR.resolve():
+    if not real and out.resolve() != CODE_DIR.resolve():
         for name in CODE_FILES:
             shutil.copyfile(CODE_DIR / name, out / name)
     tiny_training = json.loads((tiny / "training.json").read_text()) if (tiny / "training.json").is_file() else {}
     tower_params = sum(v.numel() for v in trained.values())
     (out / "training.json").write_text(json.dumps({
         "script": "scripts/make_tiny_omni.py", "seed": args.seed, "steps": args.steps, "batch": args.batch,
-        "lr": args.lr, "language_model": "omniq/bundled/tiny (frozen, byte-identical)",
+        "lr": args.lr, "layout": args.layout, "language_model": "omniq/bundled/tiny (frozen, byte-identical)",
         "language_model_training": tiny_training, "trained": "vision tower, mlp1, sound encoder, sound projection",
         "train_data": {m: media.identity(m, "train") for m in ("image", "audio")},
         "eval_data": {m: dict(media.identity(m, "eval"), samples=n_eval) for m in ("image", "audio")},

@@ -118,3 +118,12 @@ class _OmniQuantized(_Quantized):
 def omni_quantized(tmp_path_factory) -> _OmniQuantized:
     """`omni_quantized["mm" | "text"]` -> {"path", "rc", "stdout", "stderr", "recipe", "kv"}, made on first use."""
     return _OmniQuantized(tmp_path_factory.mktemp("omni-quantized"))
+
+
+@pytest.fixture(scope="session")
+def omni_real_quantized(tmp_path_factory) -> dict:
+    """`omniq quantize tiny-omni-real --recipe omni-nvfp4` with the default multimodal mix (no remote code)."""
+    out = tmp_path_factory.mktemp("omni-real") / "nvfp4"
+    r = run_cli_in_subprocess(["quantize", "tiny-omni-real", "--recipe", "omni-nvfp4", "--out", str(out),
+                               *QUANTIZE_CALIB], one_thread=True)
+    return dict(r, path=out)

@@ -27,6 +27,32 @@ def omni_config(llm: dict) -> dict:
     }
 
 
+def omni_real_config(llm: dict) -> dict:
+    """The Omni config.json in the shape NVIDIA's real checkpoint has and vLLM's `NemotronH_Nano_VL_V2` reads
+    (shared/reference/omni-layout.md for the widths; vLLM's nano_nemotron_vl.py for the keys it reads:
+    `template`, `image_tag_type`, `vision_config.args`, `norm_mean` / `norm_std`, a `sound_config` that loads
+    as a Parakeet config). C-RADIOv4-H's class / register tokens: transformers' RadioConfig defaults (3 + 7),
+    written as vLLM's args express them (one class token per teacher, registers up to a multiple of 10; the
+    teacher names and `template` value are placeholders, vLLM only counts the names and stores the template).
+    Parakeet heads (8), subsampling channels (256) and `projection_bias` are not in the reference: transformers'
+    ParakeetEncoderConfig defaults (parakeet-ctc-1.1b) and an assumption; none changes a tensor name."""
+    cfg = omni_config(llm)
+    cfg.update({
+        "template": "nemotron-h-omni", "image_tag_type": "internvl",
+        "norm_mean": [0.48145466, 0.4578275, 0.40821073], "norm_std": [0.26862954, 0.26130258, 0.27577711],
+        "vision_config": {"model_type": "radio", "patch_size": 16, "preferred_resolution": [512, 512],
+                          "video_temporal_patch_size": 2, "separate_video_embedder": True,
+                          "args": {"model": "vit_huge_patch16_224", "cpe_max_size": 2048, "register_multiple": 10,
+                                   "cls_token_per_teacher": True,
+                                   "teachers": [{"name": f"teacher-{i}"} for i in range(3)]}},
+        "sound_config": {"model_type": "parakeet", "num_mel_bins": 128, "hidden_size": 1024,
+                         "num_hidden_layers": 24, "num_attention_heads": 8, "intermediate_size": 4096,
+                         "subsampling_conv_channels": 256, "subsampling_factor": 8, "conv_kernel_size": 9,
+                         "projection_hidden_size": 4096, "projection_bias": True, "sampling_rate": 16000},
+    })
+    return cfg
+
+
 def manifest_fields(recipe: dict | None = None, modules: dict | None = None, files: dict | None = None) -> dict:
     """The keys `omniq quantize` writes into omniq.json and omniq's exact reader checks (omniq.manifest), with
     small values, for fixtures that write an omniq.json by hand (`files` is added when given)."""

@@ -246,8 +246,13 @@ def test_memory_defaults_are_what_quantize_calibrates_with(capsys):
     from omniq.commands import quantize
 
     assert inspect.signature(quantize.quantize).parameters["calib_seq_len"].default == plan_report.CALIB_SEQ_LEN
-    m = run_json(capsys, CONFIG, "--recipe", "fp8")["memory"]
+    assert inspect.signature(quantize.quantize).parameters["calib_samples"].default == plan_report.QUANTIZE_SAMPLES
+    doc = run_json(capsys, CONFIG, "--recipe", "fp8")
+    m = doc["memory"]
     assert (m["batch"], m["seq_len"]) == (calibrate.BATCH_SIZE, plan_report.CALIB_SEQ_LEN)
+    st = doc["memory_streamed"]       # what quantize's preflight compares with the memory limit
+    assert (st["samples"], st["seq_len"]) == (plan_report.QUANTIZE_SAMPLES, plan_report.CALIB_SEQ_LEN)
+    assert 0 < st["peak_bytes"] < m["peak_bytes"]
 
 
 def test_bundled_omni_checkpoint(capsys):

@@ -46,11 +46,11 @@ on the router's implementation.
 from __future__ import annotations
 
 import contextlib
-import re
 import statistics
 from dataclasses import dataclass, field
 
 from omniq.errors import GateFailed, OmniqError
+from omniq.model import names
 
 POLICIES = ("all", "routed")
 FILLS = ("none", "layer-max")
@@ -215,7 +215,7 @@ class ExpertCoverage:
 
 
 def _find(modules: dict, layer: int) -> str:
-    pat = re.compile(rf"(^|\.)layers\.{layer}\.mixer\.experts$")
+    pat = names.experts_module_pattern(layer)
     hits = [n for n in modules if pat.search(n)]
     if len(hits) != 1:
         raise RuntimeError(f"expected one experts module of MoE layer {layer}, found {hits or 'none'}")

@@ -229,15 +229,32 @@ class MediaInputs:
         return int(self.input_ids.shape[-1])
 
 
-def image_tiles(image: np.ndarray, size: int):
-    """(H, W, 3) in [0, 1] -> one tile (1, 3, size, size), resized with antialiased bilinear filtering."""
+def image_tiles(image: np.ndarray, size: int, max_tiles: int = 1, thumbnail: bool = True):
+    """(H, W, 3) in [0, 1] -> tiles (n, 3, size, size), resized with antialiased bilinear filtering.
+
+    `max_tiles` 1 (the simplified layout): one tile of the whole image. Above 1 (the real layout): InternVL's
+    dynamic tiling as the Omni's processor does it (`radio.tile_grid`: the grid of at most `max_tiles` tiles
+    closest to the image's aspect ratio, tiles in row-major order, plus a thumbnail of the whole image when the
+    grid has more than one tile)."""
     import torch
     import torch.nn.functional as F
 
+    def resize(x, h, w):
+        if x.shape[-2:] == (h, w):
+            return x
+        return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x.clamp(0.0, 1.0)
+    if max_tiles <= 1:
+        return resize(x, size, size).clamp(0.0, 1.0)
+    from omniq.model import radio
+
+    cols, rows = radio.tile_grid(x.shape[-1], x.shape[-2], max_tiles, size)
+    big = resize(x, rows * size, cols * size)
+    tiles = [big[..., r * size:(r + 1) * size, c * size:(c + 1) * size] for r in range(rows) for c in range(cols)]
+    if thumbnail and len(tiles) > 1:
+        tiles.append(resize(x, size, size))
+    return torch.cat(tiles).clamp(0.0, 1.0)
 
 
 def resample(y: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -293,10 +310,22 @@ def log_mel(clip: np.ndarray, spec) -> "torch.Tensor":  # noqa: F821
 
 
 def audio_clips(y: np.ndarray, rate: int, spec, max_clips: int = 8) -> "torch.Tensor":  # noqa: F821
-    """A waveform -> (clips, frames, mel_bins): resampled, cut into clips (last one zero-padded)."""
+    """A waveform -> (clips, frames, mel_bins): resampled, cut into clips (last one zero-padded).
+
+    The real Parakeet layout (`parakeet.ParakeetSpec`) cuts as vLLM's extractor does (30 s clips, the last one
+    the remainder, per-feature normalised log-mel); clips of different lengths come back as a list of
+    (1, frames_i, mel_bins) tensors."""
     import torch
 
+    from omniq.model import parakeet
+
     y = resample(np.asarray(y, dtype=np.float32), rate, spec.sampling_rate)
+    if isinstance(spec, parakeet.ParakeetSpec):
+        sizes = spec.clip_sizes(len(y))[:max_clips]
+        y = np.pad(y, (0, max(0, sum(sizes) - len(y))))
+        starts = np.cumsum([0] + sizes[:-1])
+        feats = [parakeet.log_mel(y[a:a + n], spec) for a, n in zip(starts, sizes)]
+        return torch.stack(feats) if len({f.shape[0] for f in feats}) == 1 else [f[None] for f in feats]
     n = spec.clip_samples
     clips = max(1, min(max_clips, math.ceil(len(y) / n)))
     y = np.pad(y[: clips * n], (0, max(0, clips * n - len(y))))
@@ -343,14 +372,14 @@ def model_inputs(sample: MediaSample, cfg: dict, tokenizer, tokens=None, *, with
         if not cfg.get("vision_config"):
             raise OmniqError("this checkpoint has no vision tower; it cannot take image samples")
         v = towers.vision_spec(cfg)
-        pixels = image_tiles(sample.image, v.image_size)
+        pixels = image_tiles(sample.image, v.image_size, getattr(v, "max_tiles", 1), getattr(v, "use_thumbnail", True))
         n_ctx = pixels.shape[0] * v.tokens_per_tile
     else:
         if not cfg.get("sound_config"):
             raise OmniqError("this checkpoint has no audio encoder; it cannot take audio samples")
         s = towers.sound_spec(cfg)
         features = audio_clips(sample.wave, sample.rate, s, max_clips)
-        n_ctx = features.shape[0] * s.tokens(features.shape[1])
+        n_ctx = sum(f.shape[0] * s.tokens(f.shape[1]) for f in (features if isinstance(features, list) else [features]))
     ids, target_start = encode(sample, tokenizer, tokens, n_ctx, with_target=with_target)
     return MediaInputs(torch.tensor([ids], dtype=torch.int64), pixels, features, target_start, sample.modality,
                        sample.source)

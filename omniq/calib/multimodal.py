@@ -29,20 +29,22 @@ from dataclasses import dataclass, field
 from omniq.calib import data as calib_data
 from omniq.calib import media
 from omniq.errors import OmniqError
+from omniq.model import names
 
 DEFAULT_OMNI_MIX = "text:0.5,image:0.25,audio:0.25"
 TEXT_BATCH = 4
 MODALITIES = media.MODALITIES     # ("text", "image", "audio"); index = omni.token_modalities' code
 
 
-def default_mix(is_omni: bool, cfg: dict | None = None) -> str:
+def default_mix(is_omni: bool, cfg: dict | None = None, media_source=None) -> str:
     """The mix used without --calib-mix: text for a text-only model; for an Omni checkpoint text plus every
-    modality it has a tower for."""
+    modality it has a tower for (with --calib-media: every such modality the user's media has)."""
     if not is_omni:
         return "text:1"
     cfg = cfg or {}
     parts = ["text:0.5"]
-    has = [m for m, key in (("image", "vision_config"), ("audio", "sound_config")) if cfg.get(key)]
+    has = [m for m, key in (("image", "vision_config"), ("audio", "sound_config")) if cfg.get(key)
+           and (media_source is None or media_source.samples.get(m))]
     parts += [f"{m}:{0.5 / len(has):g}" for m in has]
     return ",".join(parts) if has else "text:1"
 
@@ -82,8 +84,10 @@ def _sha(t) -> str:
 
 def build(ckpt, mix: dict[str, float], *, calib: str = calib_data.DEFAULT, calib_column: str = "text",
           calib_split: str = "train", samples: int = 64, seq_len: int = 256, weights=None,
-          dtype: str = "bfloat16") -> MultimodalSet:
-    """The calibration batches of an Omni checkpoint for `mix` (shares of modalities)."""
+          dtype: str = "bfloat16", media_source=None) -> MultimodalSet:
+    """The calibration batches of an Omni checkpoint for `mix` (shares of modalities). `media_source`
+    (`omniq.calib.user_media.MediaSource`, from --calib-media): the user's samples instead of the bundled
+    calib split, for every modality it has."""
     import torch
 
     from omniq.model import omni, towers
@@ -118,8 +122,10 @@ def build(ckpt, mix: dict[str, float], *, calib: str = calib_data.DEFAULT, calib
             names.append(f"{ckpt.arch.prefix}backbone.embeddings.weight")
             weights = {k: v.float() for k, v in ckpt.read(names).items()}
         for m in wanted:
-            inputs = (media.model_inputs(s, ckpt.config, tok, tokens) for s in media.bundled(m, "calib"))
-            chosen = media.take(inputs, budget[m], f"bundled-{m} (calib split)")
+            own = media_source.samples.get(m) if media_source is not None else None
+            where = f"{media_source.spec} ({m})" if own else f"bundled-{m} (calib split)"
+            inputs = (media.model_inputs(s, ckpt.config, tok, tokens) for s in (own or media.bundled(m, "calib")))
+            chosen = media.take(inputs, budget[m], where)
             for x in chosen:
                 with torch.no_grad():
                     emb = omni.multimodal_embeds(ckpt.config, ckpt.arch, weights, x.input_ids, pixels=x.pixels,
@@ -127,7 +133,7 @@ def build(ckpt, mix: dict[str, float], *, calib: str = calib_data.DEFAULT, calib
                 emb = emb.to(getattr(torch, dtype))
                 batches.append(Batch({"inputs_embeds": emb}, omni.token_modalities(x.input_ids, tokens),
                                      _sha(x.input_ids)))
-            identity[m] = media.identity(m, "calib")
+            identity[m] = media_source.identity(m) if own else media.identity(m, "calib")
             counts[m] = len(chosen)
     return MultimodalSet(batches=batches, mix=dict(mix), budget=budget, identity=identity, samples=counts)
 
@@ -195,17 +201,14 @@ class ModalityCounter:
 
     def per_layer(self, plan) -> dict[str, dict[str, int]]:
         """Quantized layer (hub name) -> tokens of each modality it saw during calibration."""
-        import re
-
         out = {}
-        expert = re.compile(r"\.layers\.(\d+)\.mixer\.experts\.(\d+)\.")
         for lin in plan.quantized:
             if lin.name.endswith("lm_head"):
                 counts = dict(self.last)
             else:
-                m = expert.search(lin.name + ".")
-                if m and int(m[1]) in self.experts:
-                    row = self.experts[int(m[1])][int(m[2])]
+                m = names.expert_of(lin.name)
+                if m and m[0] in self.experts:
+                    row = self.experts[m[0]][m[1]]
                     counts = {mod: int(row[k]) for k, mod in enumerate(MODALITIES)}
                 else:
                     counts = dict(self.total)

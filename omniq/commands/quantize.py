@@ -4,10 +4,12 @@ Cheap checks come first, so a bad input fails in a second and before anything is
 the recipe, the checkpoint (missing, pickle-only, not NemotronH, already quantized, config/tensor mismatch),
 the plan's ModelOpt config and the calibration data (read and tokenized; for an Omni checkpoint the
 `--calib-mix` of text, image and audio samples, media embedded by its own towers: `omniq.calib.multimodal`).
-An Omni checkpoint's language model alone is loaded and quantized; its towers and projectors are copied into
-the artifact byte for byte (`hf_checkpoint.copy_raw_tensors`); see docs/omni.md. Then the model is loaded
-(NaN / inf refused), calibrated and exported into a staged directory that only becomes `--out` when every
-check has passed.
+An Omni checkpoint's language model alone is quantized; its towers and projectors are copied into the artifact
+byte for byte (`hf_checkpoint.copy_raw_tensors`); see docs/omni.md. A preflight (`omniq.quant.memory.preflight`)
+refuses, before anything is loaded, a run whose predicted peak does not fit the process's memory limit. Then
+the model is calibrated and exported layer by layer (`omniq.export.streamed`: one decoder layer in memory,
+read from the shards, NaN / inf refused, docs/streamed.md) into a staged directory that only becomes `--out`
+when every check has passed.
 
 The checks that end every run (docs/trust.md), each exit 1 with nothing left at `--out`: expert coverage
 (`omniq.calib.experts`: tokens per routed expert counted, and under the default policy topped up, during
@@ -18,7 +20,6 @@ format), and `omniq lint` on the finished artifact (`lint_stage`; its report shi
 
 from __future__ import annotations
 
-import gc
 import platform
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class QuantizeResult:
     lint: dict = field(default_factory=dict)               # counts of the lint run at the end (lint.json)
     predicted_peak_bytes: int = 0                          # the preflight's streamed estimate (quant/memory.py)
     bytes_read: int = 0                                    # source tensors read by the streamed run
+    media_skipped: list[str] = field(default_factory=list)  # --calib-media files / rows skipped, one line each
 
 
 def open_source(model: str, *, allow_pickle: bool = False) -> Checkpoint:
@@ -88,8 +90,9 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
              calib_column: str = "text", calib_split: str = "train", calib_samples: int = 64,
              calib_seq_len: int = 256, force: bool = False, allow_pickle: bool = False,
              progress: Progress | None = None, device: str = "cpu",
-             calib_mix: str | None = None, expert_policy=None) -> QuantizeResult:
-    from omniq.calib import media, multimodal
+             calib_mix: str | None = None, expert_policy=None, calib_media: str | None = None,
+             bad_media: str = "skip") -> QuantizeResult:
+    from omniq.calib import media, multimodal, user_media
     from omniq.export import hf_checkpoint as export
     from omniq.export import streamed
     from omniq.quant import calibrate as cal
@@ -118,12 +121,24 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
     enabled = enabled_quantizers(plan)
     dropped = sorted(set(ckpt.headers) - set(ckpt.arch.tensor_by_name)     # e.g. mtp.* (not in the model)
                      - set(export.tower_tensors(ckpt)))                     # Omni towers: copied as they are
-    mix = media.parse_calib_mix(calib_mix or multimodal.default_mix(ckpt.is_omni, ckpt.config))
+    own_media = None
+    if calib_media is not None:
+        if not ckpt.is_omni:
+            raise OmniqError("--calib-media: this checkpoint is a text-only NemotronH; image / audio calibration "
+                             "needs an Omni checkpoint")
+        own_media = user_media.load(calib_media, bad=bad_media, what="--calib-media")
+    mix = media.parse_calib_mix(calib_mix or multimodal.default_mix(ckpt.is_omni, ckpt.config, own_media))
     media.check_mix(mix, ckpt.config, ckpt.is_omni)
+    if own_media is not None:
+        lacking = [m for m in ("image", "audio") if mix.get(m) and not own_media.samples.get(m)]
+        if lacking:
+            raise OmniqError(f"--calib-mix asks for {' and '.join(lacking)} but --calib-media {calib_media} has "
+                             f"no usable {' or '.join(lacking)} sample; drop it from the mix or add files")
     mm = None
     if ckpt.is_omni:
         mm = multimodal.build(ckpt, mix, calib=calib, calib_column=calib_column, calib_split=calib_split,
-                              samples=calib_samples, seq_len=calib_seq_len, dtype=cal.LOAD_DTYPE)
+                              samples=calib_samples, seq_len=calib_seq_len, dtype=cal.LOAD_DTYPE,
+                              media_source=own_media)
         calib_set = calib_data.CalibSet(rows=None, identity=mm.identity,
                                         sample_sha256=tuple(b.sha256 for b in mm.batches))
     else:
@@ -177,16 +192,18 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
             "modules": dict(plan.formats),
             "experts": coverage.manifest(),
         }
+        t = time.perf_counter()
         exported = export.finish_written(stage, plan, ckpt, manifest, modelopt_qc, progress)
         lint_counts = lint_stage(stage, out)
     seconds.update({f"export_{k}": v for k, v in exported.seconds.items()})
-    seconds["export"] = time.perf_counter() - t
+    seconds["export"] = seconds["export_layers"] + time.perf_counter() - t   # packing + writing, checks, lint
     seconds["total"] = time.perf_counter() - t0
     return QuantizeResult(out=exported.path, plan=plan, counts=exported.counts, files=exported.files,
                           output_bytes=exported.bytes, seconds=seconds, manifest=exported.manifest,
                           restored=run.restored, dropped=dropped, modality_tokens=modality_tokens,
                           experts=coverage.summary(), lint=lint_counts, predicted_peak_bytes=predicted.total,
-                          bytes_read=run.bytes_read)
+                          bytes_read=run.bytes_read,
+                          media_skipped=list(own_media.skipped) if own_media is not None else [])
 
 
 def lint_stage(stage, out) -> dict:

@@ -38,7 +38,9 @@ from packaging.version import InvalidVersion, Version
 from omniq.errors import OmniqError
 from omniq.deploy import gpu_memory
 from omniq.gpus import Gpu
+from omniq.model import names
 from omniq.model.arch import Arch
+from omniq.quant import formats as qformats
 
 DEFAULT_TRTLLM_VERSION = "1.3.0rc27"   # the release whose LLM-API reference the option keys were checked against
 MIN_VERSION = "1.2.0"
@@ -52,8 +54,8 @@ DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_SEQ_LEN = 32768
 DEFAULT_MAX_NUM_TOKENS = 8192
 FREE_GPU_MEMORY_FRACTION = 0.8      # as NVIDIA's NemotronH serving recipes; leaves room for the Omni towers
-NVFP4_GROUP = 16
-WEIGHT_ALGOS = ("FP8", "NVFP4")
+NVFP4_GROUP = qformats.NVFP4.group_size
+WEIGHT_ALGOS = tuple(qformats.BY_QUANT_ALGO)
 KV_DTYPES = {None: "bf16", "FP8": "fp8", "NVFP4": "nvfp4"}       # declared KV algorithm -> cache dtype
 KV_OPTION = {"bf16": "auto", "fp8": "fp8", "nvfp4": "nvfp4"}      # cache dtype -> kv_cache_config.dtype
 LAYER_GROUPS = ("mamba", "attention", "routed_experts", "shared_experts", "mlp", "lm_head")
@@ -67,7 +69,8 @@ GROUP_OF_ROLE = {
 }
 # Row-parallel layers: their input dimension is what tensor parallelism splits.
 ROW_PARALLEL = {"mamba_out", "attn_o", "shared_down", "mlp_down", "expert_down"}
-STORED_ALGO = {"F8_E4M3": "FP8", "U8": "NVFP4", "BF16": "BF16", "F16": "BF16", "F32": "BF16"}
+STORED_ALGO = {**{d: f.quant_algo for d, f in qformats.BY_WEIGHT_DTYPE.items()}, "BF16": "BF16", "F16": "BF16",
+               "F32": "BF16"}
 
 
 def parse_version(text: str) -> Version:
@@ -103,11 +106,7 @@ class Declared:
 def _name_variants(name: str, prefix: str) -> list[str]:
     """The engine matches exclude names with `backbone` rewritten to `model`; Omni names may come with or
     without the `language_model.` prefix."""
-    out = [name]
-    if prefix and name.startswith(prefix):
-        out.append(name[len(prefix):])
-    out += [n.replace("backbone.", "model.", 1) for n in list(out) if "backbone." in n]
-    return out
+    return names.engine_spellings(name, prefix)
 
 
 def _kv_from_scheme(scheme) -> str | None:

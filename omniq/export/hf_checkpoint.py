@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 import shutil
 import time
 import warnings
@@ -46,8 +45,9 @@ from omniq.atomic import Staged, staged_dir
 from omniq.checksums import sha256_file
 from omniq.errors import GateFailed, OmniqError
 from omniq.manifest import MANIFEST
+from omniq.model import names
 from omniq.model.arch import Arch
-from omniq.model.checkpoint import Checkpoint, read_safetensors_header
+from omniq.model.checkpoint import Checkpoint, TensorReader, read_rows, read_safetensors_header
 from omniq.quiet import quiet
 from omniq.quant.plan import NVFP4_GROUP, LayerPlan
 
@@ -114,20 +114,13 @@ def modelopt_export(model, stage: Stage) -> dict:
 
 
 # ----- 2. tensors in the hub layout ----------------------------------------------------------------------
-_FUSED_EXPERT = re.compile(r"^(?P<base>.*\.mixer\.experts)\.(?P<proj>up_proj|down_proj)(?:\.weight)?$")
-
-
 def hub_names(name: str, tensor, arch: Arch) -> list[tuple[str, object]]:
     """One exported tensor -> [(hub-layout name, tensor)]: `model.` -> `backbone.`, `embedding` ->
     `embeddings`, and a fused 3-D expert tensor split into one tensor per expert."""
-    local = name[len(arch.prefix):] if arch.prefix and name.startswith(arch.prefix) else name
-    if local.startswith("model."):
-        local = "backbone." + local[len("model."):]
-    if local == "backbone.embedding.weight":
-        local = "backbone.embeddings.weight"
-    m = _FUSED_EXPERT.match(local)
-    if m and getattr(tensor, "dim", lambda: 0)() == 3:
-        return [(f"{arch.prefix}{m['base']}.{e}.{m['proj']}.weight", tensor[e].contiguous())
+    local = names.hub_local(names.without_prefix(name, arch.prefix))
+    fused = names.fused_expert(local)
+    if fused and getattr(tensor, "dim", lambda: 0)() == 3:
+        return [(arch.prefix + names.expert_weight(fused[0], e, fused[1]), tensor[e].contiguous())
                 for e in range(tensor.shape[0])]
     return [(arch.prefix + local, tensor)]
 
@@ -297,10 +290,16 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
     if problems:
         _fail(problems)
 
+    # Every output shard and source shard opened once; whole tensors only where whole ones are compared
+    # (scales, passthrough), quantized weights read as CHECK_ROWS row slices on both sides.
     handles = {f: safe_open(str(f), framework="pt") for f in {v[2] for v in found.values()}}
+    source = TensorReader(ckpt)
 
     def get(name):
         return handles[found[name][2]].get_tensor(name)
+
+    def rows_of(name, rows):
+        return read_rows(handles[found[name][2]], name, rows)
 
     # Scales: finite and positive (engines reject zero or non-finite scales).
     for name, e in expected.items():
@@ -308,12 +307,12 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
             v = get(name).float()
             if not bool(v.isfinite().all()) or not bool((v > 0).all()):
                 problems.append(f"{name} has non-finite or non-positive values")
-    # Passthrough tensors: the source's, bit for bit, in the exported dtype.
-    passthrough = [n for n, e in expected.items() if e.kind == "passthrough"]
-    for name, src in ckpt.read(passthrough).items():
-        out = get(name)
+    # Passthrough tensors: the source's, bit for bit, in the exported dtype (one at a time).
+    for name in (n for n, e in expected.items() if e.kind == "passthrough"):
+        out, src = get(name), source.get(name)
         if not torch.equal(out, src.to(out.dtype)):
             problems.append(f"{name} differs from the source checkpoint")
+        del out, src
     if problems:
         _fail(problems)
     # Quantized weights: close to their own source weight once dequantized (on CHECK_ROWS evenly spaced rows,
@@ -322,14 +321,15 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
     for k, name in enumerate(weights):
         fmt = expected[name].fmt
         module = name[: -len(".weight")]
-        src = ckpt.read([name])[name]
-        rows = torch.linspace(0, src.shape[0] - 1, min(src.shape[0], CHECK_ROWS)).round().long().unique()
+        n_rows = expected[name].shape[0]
+        rows = torch.linspace(0, n_rows - 1, min(n_rows, CHECK_ROWS)).round().long().unique().tolist()
+        src = source.rows(name, rows)
         if fmt == "fp8":
-            deq = formats.fp8_dequantize(get(name)[rows], get(f"{module}.weight_scale"))
+            deq = formats.fp8_dequantize(rows_of(name, rows), get(f"{module}.weight_scale"))
         else:
-            deq = formats.nvfp4_dequantize(get(name)[rows], get(f"{module}.weight_scale")[rows],
+            deq = formats.nvfp4_dequantize(rows_of(name, rows), rows_of(f"{module}.weight_scale", rows),
                                            get(f"{module}.weight_scale_2"), src.shape[-1])
-        err = _relative_error(deq, src[rows])
+        err = _relative_error(deq, src)
         if not err <= MAX_WEIGHT_ERROR[fmt]:
             problems.append(f"{name} ({fmt}) dequantizes to relative error {err:.3f} against its source weight")
         if progress and ((k + 1) % 64 == 0 or k + 1 == len(weights)):

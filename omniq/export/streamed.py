@@ -1,15 +1,15 @@
 """Layer-streamed quantize: calibrate and export one decoder layer at a time, straight from the shards.
 
 Memory is about one decoder layer (its BF16 tensors, ModelOpt's quantizer state, the packed result) plus the
-calibration hidden states of every row (rows x seq_len x hidden in BF16, twice: a layer's inputs and
-outputs) plus one output shard buffer, whatever the model's depth. Nothing holds the whole model.
+calibration hidden states of every row (rows x seq_len x hidden in BF16), whatever the model's depth.
+Nothing holds the whole model, nor a whole output shard.
 
 How (the same numbers as a whole-model `mtq.quantize` + `export_hf_checkpoint`, byte for byte on the bundled
-models: tests/export/test_streamed.py against tests/data/golden/quantize_tiny.json):
+models: tests/export/test_quantize_streamed.py against tests/data/golden/quantize_tiny.json):
 1. `Skeleton`: transformers' own `NemotronHForCausalLM` built on the `meta` device (no storage) from the
    checkpoint's config, in bf16, with omniq's Mamba forward (`calibrate.patch_mamba_mixers`). Its module tree
    gives ModelOpt the module names and classes it knows; a layer's parameters are materialized from the
-   safetensors shards (shard handles kept open; routed experts stacked into transformers' fused 3-D tensors,
+   safetensors shards (shard handles kept open; routed experts copied in place into transformers' fused 3-D tensors,
    the router weight in F32 as `calibrate.restore_router_fp32` does, buffers in their stored dtype) when that
    layer is calibrated, and dropped after it is written.
 2. Inputs: every calibration batch runs through the skeleton's own `forward` once with each decoder block
@@ -26,40 +26,48 @@ models: tests/export/test_streamed.py against tests/data/golden/quantize_tiny.js
 4. Per layer export with ModelOpt's own export steps on the shell, the ones `export_hf_checkpoint` runs on a
    whole model: `_prepare_moe_inputs`, the shared-input fusion of q/k/v (`preprocess_linear_fusion`, which
    ModelOpt finds with a dummy forward of the whole model; here from the architecture: in NemotronH only an
-   attention layer's q/k/v share an input), `_process_quantized_modules` (packing),
-   `_reconstruct_fused_moe_linear`, `postprocess_state_dict` (KV scales = amax / 448), then hub-layout names
-   (`hf_checkpoint.hub_names`). The tensors go into the output shard being filled; a shard is written when it
-   reaches `SHARD_BYTES`.
+   attention layer's q/k/v share an input), `_process_quantized_modules` (packing; it splits fused experts
+   into per-expert modules named like the hub's `experts.{e}.up_proj`, and frees the fused BF16 tensors, so
+   the whole-model export's `_reconstruct_fused_moe_linear`, which stacks them again for transformers' reverse
+   conversion to split, is skipped: one packed copy less), `postprocess_state_dict` (KV scales = amax / 448),
+   then hub-layout names (`hf_checkpoint.hub_names`). The tensors are written at their offsets in the output
+   shards laid out from the plan up front (`ShardWriter`).
 
-Why not ModelOpt's own layer-by-layer tools (nvidia-modelopt 0.47; checked here, transformers 5.14, CPU):
+Why not ModelOpt's own layer-by-layer tools (nvidia-modelopt 0.47, transformers 5.14, CPU):
 `LayerwiseConfig` / `layerwise_calib.LayerActivationCollector` and the streaming `export_hf_checkpoint`
-(`unified_export_hf_streaming.py`) both need the whole model instantiated with accelerate offload hooks.
-transformers 5 loads NemotronH's routed experts through a load-time conversion (per-expert tensors merged into
-fused 3-D tensors), so a disk-offloaded model is a converted copy of the whole checkpoint written to
-`offload_folder` first (63 GB more disk for the real model) and read back per layer; the streaming export
-writes its own shard layout and names. Here the layer's tensors come straight from the source shards and the
-calibration, packing and scale arithmetic are still ModelOpt's (`mtq.quantize` and its export functions), only
-the loop over layers is omniq's. `LayerActivationCollector.is_supported` is true for NemotronH and it has no
-split rules, so the offloaded route would run given the disk; it is not used.
+(`unified_export_hf_streaming.py`) both work on the whole model instantiated with accelerate offload hooks
+(the streaming export refuses anything else). What was checked here: `LayerActivationCollector.is_supported`
+is true for transformers' NemotronH and its conversion mapping has no split rules (so the streaming export
+would not refuse it). What was not run: the offloaded route itself. transformers 5 loads NemotronH's routed
+experts through a load-time conversion (per-expert tensors merged into fused 3-D tensors), so an offloaded
+model's weights are the converted ones, which accelerate keeps in its `offload_folder` (a second copy of the
+checkpoint on disk, 63 GB for the real model) rather than reading the source shards; and the streaming export
+writes its own shard layout. Here each layer's tensors come straight from the source shards, and the
+calibration, packing and scale arithmetic are still ModelOpt's (`mtq.quantize` and its export functions);
+only the loop over layers is omniq's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from omniq.errors import OmniqError
-from omniq.model.arch import ATTENTION, MOE
-from omniq.model.checkpoint import Checkpoint
+from omniq.model.arch import ATTENTION
+from omniq.model.checkpoint import Checkpoint, TensorReader
 
 Progress = Callable[[str, int, int], None]
-SHARD_BYTES = 5 * 10**9          # as ModelOpt's export (max_shard_size "5GB"); see `ShardWriter`
+# Output shards of at most 1 GB (ModelOpt's export writes 5 GB ones; the buffer of one shard is part of the
+# streamed peak, `omniq.quant.memory.streamed_estimate`). The bundled models fit one shard either way.
+from omniq.quant.memory import STREAM_SHARD_BYTES as SHARD_BYTES  # noqa: E402
 KV_MAX_BOUND = 448
 
 
@@ -68,34 +76,6 @@ class _Stop(Exception):
 
 
 # ----- the model without storage, and a layer's tensors from the shards ------------------------------------
-class Source:
-    """The checkpoint's tensors, read by name from shard handles opened once."""
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self._handles: dict[Path, object] = {}
-
-    def get(self, name: str):
-        from safetensors import safe_open
-
-        meta = self.ckpt.headers.get(name)
-        if meta is None:
-            raise OmniqError(f"{self.ckpt.path}: tensor {name} is missing from the checkpoint")
-        f = Path(meta.file)
-        if f not in self._handles:
-            if not f.is_file():
-                raise OmniqError(f"{f}: shard missing (it was there when quantize started); restore it and rerun")
-            self._handles[f] = safe_open(str(f), framework="pt")
-        try:
-            return self._handles[f].get_tensor(name)
-        except Exception as e:  # noqa: BLE001 - a shard truncated or replaced mid-run is a user-fixable input
-            raise OmniqError(f"{f}: cannot read tensor {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                             "the shard changed or is damaged") from None
-
-    def close(self) -> None:
-        self._handles.clear()
-
-
 def build_skeleton(ckpt: Checkpoint):
     """transformers' NemotronHForCausalLM of the checkpoint on the meta device, bf16, omniq's Mamba forward."""
     import torch
@@ -116,7 +96,7 @@ def build_skeleton(ckpt: Checkpoint):
     return model
 
 
-def materialize(module, native_prefix: str, source: Source) -> int:
+def materialize(module, native_prefix: str, source: TensorReader) -> int:
     """Give `module` (part of the skeleton, named `native_prefix`) its tensors from the checkpoint, checked for
     NaN / inf; returns the bytes loaded."""
     import torch
@@ -130,7 +110,12 @@ def materialize(module, native_prefix: str, source: Source) -> int:
         full = f"{native_prefix}.{name}" if native_prefix else name
         if old.dim() == 3 and name.endswith(("experts.up_proj", "experts.down_proj")):
             parts = [hub_name_of(full, ckpt, e) for e in range(old.shape[0])]
-            t = torch.stack([source.get(p) for p in parts])
+            first = source.get(parts[0])
+            t = torch.empty((len(parts), *first.shape), dtype=first.dtype)    # filled in place: no second copy
+            t[0].copy_(first)
+            for e in range(1, len(parts)):
+                t[e].copy_(source.get(parts[e]))
+            del first
         else:
             parts = [hub_name_of(full, ckpt)]
             t = source.get(parts[0])
@@ -284,7 +269,6 @@ def export_layer(shell, model, arch) -> LayerResult:
     import torch
     from modelopt.torch.export.quant_utils import get_quant_config, postprocess_state_dict, preprocess_linear_fusion
     from modelopt.torch.export.unified_export_hf import _prepare_moe_inputs, _process_quantized_modules
-    from modelopt.torch.quantization.plugins.huggingface import _reconstruct_fused_moe_linear
 
     from omniq.export.hf_checkpoint import hub_names
     from omniq.quant.calibrate import modelopt_isolation
@@ -305,7 +289,6 @@ def export_layer(shell, model, arch) -> LayerResult:
                 preprocess_linear_fusion(qkv)
         qc = get_quant_config(shell)
         _process_quantized_modules(shell, torch.bfloat16, False)
-        _reconstruct_fused_moe_linear(shell)
         kv = qc["quantization"].get("kv_cache_quant_algo")
         sd = postprocess_state_dict(shell.state_dict(), KV_MAX_BOUND, kv)
     out: dict = {}
@@ -316,73 +299,169 @@ def export_layer(shell, model, arch) -> LayerResult:
 
 
 # ----- 4. output shards -----------------------------------------------------------------------------------
-class ShardWriter:
-    """Tensors -> safetensors shards in the stage, one buffer at a time: a shard is written (sorted names, as
-    the whole-model rewrite does) when adding a layer would pass `limit` bytes; named model-K-of-N at the end.
-    A full disk (ENOSPC) is a one-line error; the stage (and so every part written) is removed by
-    `hf_checkpoint.staged_output`."""
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "float8_e4m3fn", "U8": "uint8",
+           "I64": "int64", "I32": "int32", "F64": "float64", "I8": "int8", "BOOL": "bool"}
 
-    def __init__(self, final: Path, limit: int = SHARD_BYTES):
-        self.final, self.limit = Path(final), limit
-        self.buffer: dict = {}
-        self.size = 0
-        self.parts: list[tuple[Path, list[str]]] = []
-        self.total = 0
+
+def _dtype_name(t) -> str:
+    import torch
+
+    return next(k for k, v in _DTYPES.items() if getattr(torch, v) == t.dtype)
+
+
+def _safetensors_order() -> dict[str, int]:
+    """dtype name -> its rank in safetensors' data order (tensors are laid out by dtype, then by name), learnt
+    from safetensors itself so the header written here is the one `save_file` writes."""
+    import struct
+
+    import torch
+    from safetensors.torch import save
+
+    raw = save({k: torch.zeros(1, dtype=getattr(torch, v)) for k, v in _DTYPES.items()})
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    return {k: rank for rank, k in enumerate(sorted(header, key=lambda k: header[k]["data_offsets"][0]))}
+
+
+@dataclass
+class _Shard:
+    path: Path
+    names: list[str]                        # in data order
+    offsets: dict[str, tuple[int, int]]     # absolute file offsets (start, end)
+    written: set = field(default_factory=set)
+    fd: int = -1
+
+
+class ShardWriter:
+    """The output shards laid out from the plan before any layer is calibrated, filled tensor by tensor.
+
+    Every output tensor's dtype and shape is known up front (`hf_checkpoint.expected_tensors`), so each shard's
+    safetensors header (the layout `save_file` writes: `__metadata__` first, tensors by dtype then name,
+    space-padded to 8 bytes) is written first, the file's full size is reserved (`posix_fallocate`: a disk too
+    small fails before calibration starts), and each layer's tensors are written at their offsets as the layer
+    is exported: no shard buffer in memory. Tensors go to shards in model order, at most `limit` bytes each.
+    A tensor the plan does not have, or of another dtype or shape, or one missing at the end, fails the run
+    (GateFailed, the coverage assertion's message). A full disk is raised as OSError(ENOSPC), which
+    `omniq.atomic.staged_dir` turns into a one-line error after removing the stage."""
+
+    def __init__(self, final: Path, layout: dict, limit: int = SHARD_BYTES):
+        """`layout`: tensor name -> (safetensors dtype name, shape), in model order."""
+        import math
+
+        self.final, self.layout = Path(final), layout
+        rank = _safetensors_order()
+        nbytes = {n: math.prod(shape) * _itemsize(dt) for n, (dt, shape) in layout.items()}
+        groups: list[list[str]] = [[]]
+        size = 0
+        for n in layout:
+            if groups[-1] and size + nbytes[n] > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(n)
+            size += nbytes[n]
+        self.shards: list[_Shard] = []
+        self.where: dict[str, _Shard] = {}
+        self.total = sum(nbytes.values())
+        for k, group in enumerate(groups):
+            order = sorted(group, key=lambda n: (rank[layout[n][0]], n))
+            header: dict = {"__metadata__": {"format": "pt"}}
+            pos = 0
+            for n in order:
+                header[n] = {"dtype": layout[n][0], "shape": list(layout[n][1]), "data_offsets": [pos, pos + nbytes[n]]}
+                pos += nbytes[n]
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            base = 8 + len(raw)
+            shard = _Shard(self.final / f".part-{k:05d}.safetensors", order,
+                           {n: (base + a, base + b) for n, (a, b) in
+                            ((n, header[n]["data_offsets"]) for n in order)})
+            shard.fd = os.open(shard.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.shards.append(shard)
+            os.pwrite(shard.fd, len(raw).to_bytes(8, "little") + raw, 0)
+            if pos:
+                try:
+                    os.posix_fallocate(shard.fd, base, pos)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):   # file systems without fallocate
+                        raise
+                    os.ftruncate(shard.fd, base + pos)
+            self.where.update({n: shard for n in order})
 
     def add(self, tensors: dict) -> None:
-        n = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.buffer and self.size + n > self.limit:
-            self.flush()
+        from omniq.errors import GateFailed
+
         for name, t in tensors.items():
-            if name in self.buffer or any(name in names for _, names in self.parts):
+            shard = self.where.get(name)
+            if shard is None:
+                raise GateFailed(f"exported checkpoint does not match the layer plan: unexpected tensor {name} "
+                                 f"({_dtype_name(t)})")
+            dt, shape = self.layout[name]
+            if _dtype_name(t) != dt or tuple(t.shape) != tuple(shape):
+                raise GateFailed(f"exported checkpoint does not match the layer plan: {name} is {_dtype_name(t)} "
+                                 f"{list(t.shape)}, expected {dt} {list(shape)}")
+            if name in shard.written:
                 raise RuntimeError(f"export wrote tensor {name} twice")
-            self.buffer[name] = t
-        self.size += n
+            import torch
 
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.buffer:
-            return
-        path = self.final / f".part-{len(self.parts):05d}.safetensors"
-        try:
-            save_file(dict(sorted(self.buffer.items())), str(path), metadata={"format": "pt"})
-        except (OSError, RuntimeError, Exception) as e:  # noqa: BLE001 - safetensors reports ENOSPC as its own error
-            if _disk_full(e, path):
-                raise OmniqError(f"{self.final.parent.parent}: no space left on the device while writing the "
-                                 f"artifact ({self.size / 2**30:.2f} GiB shard); free space or choose another --out",
-                                 exit_code=1) from None
-            raise
-        self.parts.append((path, sorted(self.buffer)))
-        self.total += self.size
-        self.buffer, self.size = {}, 0
+            data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            start, end = shard.offsets[name]
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(shard.fd, view[done:], start + done)
+            if done != end - start:
+                raise RuntimeError(f"{name}: wrote {done} bytes, the layout has {end - start}")
+            shard.written.add(name)
 
     def finish(self, extra: int = 0) -> list[str]:
-        """Name the shards (plus `extra` more written by the caller after them); returns every shard name."""
-        self.flush()
-        n = len(self.parts) + extra
+        """Check every planned tensor was written, close and name the shards (plus `extra` more written by the
+        caller after them: model-K-of-N); returns every shard name."""
+        from omniq.errors import GateFailed
+
+        missing = [n for s in self.shards for n in s.names if n not in s.written]
+        self.close()
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise GateFailed(f"exported checkpoint does not match the layer plan: "
+                             f"{'; '.join(f'missing {n}' for n in missing[:3])}{more}")
+        n = len(self.shards) + extra
         names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-        for (path, _), name in zip(self.parts, names):
-            os.replace(path, self.final / name)
+        for shard, name in zip(self.shards, names):
+            os.replace(shard.path, self.final / name)
         return names
 
+    def close(self) -> None:
+        for s in self.shards:
+            if s.fd >= 0:
+                os.close(s.fd)
+                s.fd = -1
+
     def weight_map(self, names: list[str]) -> dict[str, str]:
-        return {t: name for (_, tensors), name in zip(self.parts, names) for t in tensors}
+        return {t: name for shard, name in zip(self.shards, names) for t in shard.names}
 
 
-def _disk_full(e: Exception, path: Path) -> bool:
-    import errno
+def _itemsize(dtype: str) -> int:
+    import torch
 
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return True
-    text = str(e).lower()
-    if "no space" in text or "os error 28" in text:
-        return True
-    try:
-        st = os.statvfs(path.parent)
-        return st.f_bavail * st.f_frsize < 1 << 20
-    except OSError:
-        return False
+    return torch.empty((), dtype=getattr(torch, _DTYPES[dtype])).element_size()
+
+
+def output_layout(plan) -> dict:
+    """Every tensor the artifact's language-model shards hold -> (dtype, shape), in model order (embeddings,
+    each layer's tensors, final norm, lm_head)."""
+    from omniq.export.hf_checkpoint import expected_tensors
+
+    expected = expected_tensors(plan)
+    position = {t.name: k for k, t in enumerate(plan.arch.tensors)}
+
+    def key(name):
+        m = re.search(r"backbone\.layers\.(\d+)\.", name)
+        layer = int(m.group(1)) if m else (-1 if "embeddings" in name else 1 << 30)
+        module = name.rsplit(".", 1)[0]
+        return layer, position.get(name, position.get(module + ".weight", 1 << 30)), name
+
+    return {n: (expected[n].dtype, tuple(expected[n].shape)) for n in sorted(expected, key=key)}
 
 
 # ----- the whole run ------------------------------------------------------------------------------------
@@ -397,7 +476,7 @@ class Streamed:
     peak_layer_bytes: int = 0
 
 
-def _passthrough(source: Source, arch, name: str):
+def _passthrough(source: TensorReader, arch, name: str):
     """A tensor outside the decoder layers as the whole-model export writes it: bf16 (the load dtype) unless the
     architecture stores it in F32."""
     import torch
@@ -416,14 +495,18 @@ def _merge_quant_config(configs: list[dict]) -> dict:
 
 def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: list, final: Path, *,
         coverage=None, counter=None, device: str = "cpu", progress: Progress | None = None,
-        shard_bytes: int = SHARD_BYTES, model=None) -> Streamed:
+        shard_bytes: int = SHARD_BYTES, model=None, layer_tensors_hook=None) -> Streamed:
     """Calibrate and export every decoder layer in turn into `final` (a stage directory); `batches` are token
     tensors (rows, seq_len) or Omni `multimodal.Batch`es. The embedding, final norm and lm_head (never
     quantized) are copied from the source. `model`: the skeleton to use (`build_skeleton`), when the caller
-    has hooked it (the Omni modality counter)."""
-    import time
+    has hooked it (the Omni modality counter).
 
-    import torch
+    `layer_tensors_hook(i, tensors) -> tensors`: the hook point for weight calibration beyond max (the
+    contract with `omniq.quant.weight_calibration`): called once per decoder layer with the layer's exported
+    tensors (hub names -> packed weights and scales, as ModelOpt wrote them) before they are written; what it
+    returns is written instead (e.g. a weight and weight_scale from another algorithm; names, dtypes and shapes
+    must stay those of the plan, which the export self-check verifies)."""
+    import time
 
     from omniq.export.hf_checkpoint import copy_raw_tensors, tower_tensors
 
@@ -432,7 +515,7 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     t = time.perf_counter()
     model = model if model is not None else build_skeleton(ckpt)   # the counter's hooks may sit on it
     register_modelopt_plugins(model)
-    source = Source(ckpt)
+    source = TensorReader(ckpt)
     mm = bool(batches) and hasattr(batches[0], "kwargs")
     out.bytes_read += materialize(model.model.embeddings, "model.embeddings", source)   # token rows (Omni too)
     model.model.embeddings.to(device)
@@ -449,42 +532,50 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     def observe(k):
         return counter.observing(batches[k]) if counter is not None else contextlib.nullcontext()
 
-    writer = ShardWriter(final, shard_bytes)
-    head = [f"{arch.prefix}backbone.embeddings.weight"]
-    writer.add({n: _passthrough(source, arch, n) for n in head})
-    configs = []
+    writer = ShardWriter(final, output_layout(plan), shard_bytes)
+    configs: list[dict] = []
     counting = coverage.installed(model) if coverage is not None else contextlib.nullcontext()
     calib_s = export_s = 0.0
-    with counting:
-        for i in range(arch.num_layers):
-            t = time.perf_counter()
-            block = model.model.layers[i]
-            n = materialize(block, f"model.layers.{i}", source)
-            out.bytes_read += n
-            out.peak_layer_bytes = max(out.peak_layer_bytes, n)
-            block.to(device)
-            shell = calibrate_layer(model, i, config, hidden, kwargs, enabled=enabled, observe=observe,
-                                    restored=out.restored)
-            calib_s += time.perf_counter() - t
-            t = time.perf_counter()
-            layer = export_layer(shell, model, arch)
-            configs.append(layer.quant_config)
-            writer.add({k: v.cpu() for k, v in layer.tensors.items()})
-            del layer, shell
-            release(block)
-            model.model.layers[i] = block
-            export_s += time.perf_counter() - t
-            if progress:
-                progress("calibrate", i + 1, arch.num_layers)
-    if counter is not None:
-        for b in batches:
-            counter.count(b)
-    del hidden, kwargs
-    t = time.perf_counter()
-    tail = [f"{arch.prefix}backbone.norm_f.weight"] + ([] if arch.tie_word_embeddings else [f"{arch.prefix}lm_head.weight"])
-    writer.add({n: _passthrough(source, arch, n) for n in tail})
-    towers = tower_tensors(ckpt)
-    names = writer.finish(extra=1 if towers else 0)
+    try:
+        writer.add({n: _passthrough(source, arch, n) for n in [f"{arch.prefix}backbone.embeddings.weight"]})
+        with counting:
+            for i in range(arch.num_layers):
+                t = time.perf_counter()
+                block = model.model.layers[i]
+                n = materialize(block, f"model.layers.{i}", source)
+                out.bytes_read += n
+                out.peak_layer_bytes = max(out.peak_layer_bytes, n)
+                block.to(device)
+                shell = calibrate_layer(model, i, config, hidden, kwargs, enabled=enabled, observe=observe,
+                                        restored=out.restored)
+                calib_s += time.perf_counter() - t
+                t = time.perf_counter()
+                layer = export_layer(shell, model, arch)
+                configs.append(layer.quant_config)
+                tensors = {k: v.cpu() for k, v in layer.tensors.items()}
+                del layer, shell
+                if layer_tensors_hook is not None:
+                    tensors = layer_tensors_hook(i, tensors)
+                writer.add(tensors)
+                del tensors
+                release(block)
+                _trim()
+                export_s += time.perf_counter() - t
+                if progress:
+                    progress("calibrate", i + 1, arch.num_layers)
+        if counter is not None:
+            for b in batches:
+                counter.count(b)
+        del hidden, kwargs
+        t = time.perf_counter()
+        tail = [f"{arch.prefix}backbone.norm_f.weight"] + ([] if arch.tie_word_embeddings
+                                                             else [f"{arch.prefix}lm_head.weight"])
+        writer.add({n: _passthrough(source, arch, n) for n in tail})
+        towers = tower_tensors(ckpt)
+        names = writer.finish(extra=1 if towers else 0)
+    finally:
+        writer.close()
+        source.close()
     weight_map = writer.weight_map(names)
     total = writer.total
     if towers:
@@ -493,9 +584,21 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (final / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    source.close()
     out.seconds.update(calibrate=calib_s, export_layers=export_s + time.perf_counter() - t)
     out.quant_config = _merge_quant_config(configs)
     out.files = names
     out.bytes_written = sum((final / n).stat().st_size for n in names)
     return out
+
+
+def _trim() -> None:
+    """Give the freed layer back to the OS (glibc keeps freed heap pages; the next layer reuses them anyway,
+    but the process's RSS and its cgroup usage would show them)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

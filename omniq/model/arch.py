@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from omniq.errors import OmniqError
+from omniq.model import names
 
 # Layer kind letters of `hybrid_override_pattern` and transformers 5's `layers_block_type` words.
 MAMBA, MOE, ATTENTION, MLP = "M", "E", "*", "-"
@@ -235,17 +236,8 @@ class Arch:
 
 
 def native_name(hub_name: str, prefix: str = "") -> str:
-    """Hub-layout module name -> transformers 5 module name (``backbone.`` -> ``model.``, experts fused)."""
-    name = hub_name[len(prefix):] if prefix and hub_name.startswith(prefix) else hub_name
-    if name.startswith("backbone."):
-        name = "model." + name[len("backbone."):]
-    parts = name.split(".")
-    if "experts" in parts:
-        k = parts.index("experts")
-        if k + 1 < len(parts) and parts[k + 1].isdigit():
-            # model.layers.i.mixer.experts.{e}.up_proj -> model.layers.i.mixer.experts (up_proj[e])
-            name = ".".join(parts[: k + 1])
-    return name
+    """Hub-layout module name -> transformers 5 module name (the name codec, omniq.model.names)."""
+    return names.native_module(hub_name, prefix)
 
 
 def _get(cfg: dict, *keys, default=None):

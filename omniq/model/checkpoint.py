@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 from omniq.errors import OmniqError
-from omniq.model import omni
+from omniq.model import names, omni
 from omniq.model.arch import Arch, from_config
 from omniq.quiet import quiet
 
@@ -95,6 +95,51 @@ class Checkpoint:
         except Exception as e:  # noqa: BLE001 - turn any loader failure into a user-facing message
             raise OmniqError(f"{self.path}: cannot load the tokenizer ({type(e).__name__}: {e}); "
                              "the checkpoint directory needs tokenizer.json / tokenizer_config.json") from None
+
+
+class TensorReader:
+    """A checkpoint's tensors by name from shard handles opened once (the streamed quantize reads one layer at a
+    time, the export self-check reads rows); whole tensors or a few rows, never pickle."""
+
+    def __init__(self, ckpt: "Checkpoint"):
+        self.ckpt = ckpt
+        self._handles: dict[Path, object] = {}
+
+    def _open(self, name: str):
+        from safetensors import safe_open
+
+        meta = self.ckpt.headers.get(name)
+        if meta is None:
+            raise OmniqError(f"{self.ckpt.path}: tensor {name} is missing from the checkpoint")
+        f = Path(meta.file)
+        if f not in self._handles:
+            if not f.is_file():
+                raise OmniqError(f"{f}: shard missing (it was there when the run started); restore it and rerun")
+            self._handles[f] = safe_open(str(f), framework="pt")
+        return self._handles[f], meta.stored or name
+
+    def get(self, name: str):
+        handle, stored = self._open(name)
+        try:
+            return handle.get_tensor(stored)
+        except Exception as e:  # noqa: BLE001 - a shard truncated or replaced mid-run is a user-fixable input
+            raise OmniqError(f"{self.ckpt.headers[name].file}: cannot read tensor {name} ({type(e).__name__}); "
+                             "the shard changed or is damaged") from None
+
+    def rows(self, name: str, rows: list[int]):
+        """Rows `rows` (first dimension) of a tensor, each read as a slice."""
+        return read_rows(*self._open(name), rows)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def read_rows(handle, name: str, rows: list[int]):
+    """Rows of tensor `name` from an open safetensors handle, slice by slice (not the whole tensor)."""
+    import torch
+
+    sl = handle.get_slice(name)
+    return torch.cat([sl[r:r + 1] for r in rows])
 
 
 def bundled_names() -> list[str]:
@@ -226,9 +271,8 @@ def open_checkpoint(name_or_path: str, *, allow_pickle: bool = False, revision: 
     return ckpt
 
 
-# Names some writers use for a hub-layout tensor: transformers 5's `save_pretrained` (and ModelOpt's export
-# through it) writes the embedding as `backbone.embedding.weight`, NVIDIA's checkpoints `embeddings`.
-NAME_ALIASES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
+# Names some writers use for a hub-layout tensor (the name codec, omniq.model.names).
+NAME_ALIASES = names.ALIASES
 
 
 def canonicalize_names(headers: dict[str, TensorInfo], prefix: str = "") -> None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from omniq.model import names
+
 OMNI_ARCHS = {"NemotronH_Nano_Omni_Reasoning_V3", "NemotronH_Nano_VL_V2"}
-LLM_PREFIX = "language_model."
+LLM_PREFIX = names.LLM_PREFIX
 # component -> tensor-name prefix
 TOWER_PREFIXES = {
     "vision_tower": "vision_model.",

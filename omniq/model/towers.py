@@ -21,11 +21,17 @@ weights upcast). They mirror the layout of Nemotron 3 Nano Omni at any width:
   `sound_encoder.projection`).
 
 `tower_tensors(cfg)` lists every tensor these functions read, with its shape, so the bundled checkpoint's
-builder and the layout checks share one description. Scope: this is the layout of omniq's bundled
-tiny-omni. The real C-RADIOv4-H (register tokens, a position table interpolated from a larger grid, a video
-embedder) and Parakeet (relative-position attention with `relative_k_proj`, `bias_u`, `bias_v`; per-feature
-normalised mel) need more; `check_supported` and the spec functions refuse such a checkpoint with an
-OmniqError rather than computing wrong embeddings.
+builder and the layout checks share one description.
+
+Two layouts, one API. The functions above are the simplified layout of omniq's first bundled `tiny-omni`
+(kept while tests and goldens use it). The real Nemotron 3 Nano Omni layout (C-RADIO with register tokens and
+a CPE position table; Parakeet with relative-position attention and per-feature normalised mel) is run by
+transformers' own `RadioModel` and `ParakeetEncoder` (`omniq.model.radio`, `omniq.model.parakeet`, which say
+where each fact comes from). A config with `vision_config.args` (vLLM's RADIO config) is the real vision
+layout; a `sound_config` without `"position_encoding": "none"` is the real audio layout. `vision_spec`,
+`sound_spec`, `image_embeds`, `audio_embeds`, `vision_tensors`, `sound_tensors`, `tower_tensors` and
+`check_supported` pick the layout from the config / spec, so calibration, validation and deployment call the
+same functions for both.
 """
 
 from __future__ import annotations
@@ -44,20 +50,9 @@ SOUND = "sound_encoder.encoder."
 SOUND_PROJECTOR = "sound_projection."
 
 
-@dataclass(frozen=True)
-class VisionSpec:
-    image_size: int             # one tile, square (force_image_size)
-    patch_size: int
-    width: int                  # vit_hidden_size
-    layers: int
-    heads: int
-    mlp_width: int
-    cls_tokens: int
-    eps: float
-    downsample_ratio: float
-    ps_version: str
-    projector_width: int        # projector_hidden_size
-    llm_hidden: int
+class TileGeometry:
+    """Patch grid and tokens of one square tile (both vision layouts): `image_size`, `patch_size`,
+    `downsample_ratio` come from the spec."""
 
     @property
     def grid(self) -> int:
@@ -70,6 +65,22 @@ class VisionSpec:
     @property
     def tokens_per_tile(self) -> int:
         return (self.grid // self.shuffle) ** 2
+
+
+@dataclass(frozen=True)
+class VisionSpec(TileGeometry):
+    image_size: int             # one tile, square (force_image_size)
+    patch_size: int
+    width: int                  # vit_hidden_size
+    layers: int
+    heads: int
+    mlp_width: int
+    cls_tokens: int
+    eps: float
+    downsample_ratio: float
+    ps_version: str
+    projector_width: int        # projector_hidden_size
+    llm_hidden: int
 
 
 @dataclass(frozen=True)
@@ -114,30 +125,41 @@ class SoundSpec:
 def _unsupported(part: str, detail: str):
     from omniq.errors import OmniqError
 
-    return OmniqError(f"{part}: {detail}; omniq's own tower functions cover the RADIO-style ViT and conformer "
-                      "layout of its bundled tiny-omni, not this checkpoint's, so its image / audio embeddings "
-                      "cannot be computed here; calibrate on text only (--calib-mix text:1)")
+    return OmniqError(f"{part}: {detail}; omniq runs the real Omni towers (transformers' RadioModel and "
+                      "ParakeetEncoder) and the simplified layout of its first tiny-omni, and this checkpoint "
+                      "matches neither, so its image / audio embeddings cannot be computed here; calibrate on "
+                      "text only (--calib-mix text:1)")
 
 
-def vision_spec(cfg: dict) -> VisionSpec:
+def vision_spec(cfg: dict):
+    """The vision tower's spec: `radio.RadioSpec` for the real layout, `VisionSpec` for the simplified one."""
+    from omniq.model import radio
+
     try:
-        return _vision_spec(cfg)
+        return radio.spec(cfg) if radio.is_radio(cfg) else _vision_spec(cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise _unsupported("vision_config", f"no usable {e}") from None
 
 
-def sound_spec(cfg: dict) -> SoundSpec:
+def sound_spec(cfg: dict):
+    """The audio encoder's spec: `parakeet.ParakeetSpec` for the real layout, `SoundSpec` for the simplified one."""
+    from omniq.model import parakeet
+
     try:
-        return _sound_spec(cfg)
+        return parakeet.spec(cfg) if parakeet.is_parakeet(cfg) else _sound_spec(cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise _unsupported("sound_config", f"no usable {e}") from None
 
 
 def check_supported(cfg: dict, names) -> None:
     """The checkpoint's tower and projector tensors are exactly the ones these functions read."""
+    from omniq.model import parakeet
+
     want = tower_tensors(cfg)
     have = {n for n in names if n.startswith((VISION, PROJECTOR, "sound_encoder.", SOUND_PROJECTOR))}
-    extra, missing = sorted(have - set(want)), sorted(set(want) - have)
+    have -= {n for n in have if n.startswith(parakeet.NOT_READ)}          # extractor buffers, never read
+    optional = {n for n in want if n.endswith(parakeet.OPTIONAL)}
+    extra, missing = sorted(have - set(want)), sorted(set(want) - have - optional)
     if extra or missing:
         name = extra[0] if extra else missing[0]
         raise _unsupported("towers", f"tensor {name} is {'not expected' if extra else 'missing'}")
@@ -170,27 +192,52 @@ def _sound_spec(cfg: dict) -> SoundSpec:
 
 
 # ----- tensor inventory ---------------------------------------------------------------------------------
-def vision_tensors(v: VisionSpec) -> dict[str, tuple[int, ...]]:
+def vit_block_tensors(b: str, c: int, mlp: int) -> dict[str, tuple[int, ...]]:
+    """One RADIO ViT block's tensors under prefix `b` (the original RADIO / timm names, both layouts)."""
+    return {f"{b}norm1.weight": (c,), f"{b}norm1.bias": (c,),
+            f"{b}attn.qkv.weight": (3 * c, c), f"{b}attn.qkv.bias": (3 * c,),
+            f"{b}attn.proj.weight": (c, c), f"{b}attn.proj.bias": (c,),
+            f"{b}norm2.weight": (c,), f"{b}norm2.bias": (c,),
+            f"{b}mlp.fc1.weight": (mlp, c), f"{b}mlp.fc1.bias": (mlp,),
+            f"{b}mlp.fc2.weight": (c, mlp), f"{b}mlp.fc2.bias": (c,)}
+
+
+def projector_tensors(shuffled: int, width: int, llm_hidden: int) -> dict[str, tuple[int, ...]]:
+    """`mlp1`: RMSNorm over the pixel-shuffled width, two linears without bias (vLLM's nn.Sequential indices)."""
+    return {f"{PROJECTOR}0.weight": (shuffled,), f"{PROJECTOR}1.weight": (width, shuffled),
+            f"{PROJECTOR}3.weight": (llm_hidden, width)}
+
+
+def hf_module(model_cls, config, device: str = "meta"):
+    """A transformers model built from `config` on `device` (`meta`: shapes only, no memory), eval mode, SDPA."""
+    import torch
+
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        return model_cls(config).eval()
+
+
+def vision_tensors(v) -> dict[str, tuple[int, ...]]:
+    from omniq.model import radio
+
+    if isinstance(v, radio.RadioSpec):
+        return radio.checkpoint_tensors(v)
     c, p = v.width, v.patch_size
     t = {f"{VISION}input_conditioner.norm_mean": (3, 1, 1), f"{VISION}input_conditioner.norm_std": (3, 1, 1),
          f"{VIT}patch_generator.embedder.weight": (c, 3 * p * p),
          f"{VIT}patch_generator.pos_embed": (1, v.grid * v.grid, c),
          f"{VIT}patch_generator.cls_token.token": (v.cls_tokens, c)}
     for i in range(v.layers):
-        b = f"{VIT}blocks.{i}."
-        t.update({f"{b}norm1.weight": (c,), f"{b}norm1.bias": (c,),
-                  f"{b}attn.qkv.weight": (3 * c, c), f"{b}attn.qkv.bias": (3 * c,),
-                  f"{b}attn.proj.weight": (c, c), f"{b}attn.proj.bias": (c,),
-                  f"{b}norm2.weight": (c,), f"{b}norm2.bias": (c,),
-                  f"{b}mlp.fc1.weight": (v.mlp_width, c), f"{b}mlp.fc1.bias": (v.mlp_width,),
-                  f"{b}mlp.fc2.weight": (c, v.mlp_width), f"{b}mlp.fc2.bias": (c,)})
-    shuffled = c * v.shuffle ** 2
-    t.update({f"{PROJECTOR}0.weight": (shuffled,), f"{PROJECTOR}1.weight": (v.projector_width, shuffled),
-              f"{PROJECTOR}3.weight": (v.llm_hidden, v.projector_width)})
+        t.update(vit_block_tensors(f"{VIT}blocks.{i}.", c, v.mlp_width))
+    t.update(projector_tensors(c * v.shuffle ** 2, v.projector_width, v.llm_hidden))
     return t
 
 
-def sound_tensors(s: SoundSpec) -> dict[str, tuple[int, ...]]:
+def sound_tensors(s) -> dict[str, tuple[int, ...]]:
+    from omniq.model import parakeet
+
+    if isinstance(s, parakeet.ParakeetSpec):
+        return parakeet.checkpoint_tensors(s)
     c, ch = s.width, s.subsampling_channels
     t = {f"{SOUND}subsampling.layers.0.weight": (ch, 1, 3, 3), f"{SOUND}subsampling.layers.0.bias": (ch,)}
     for k in range(1, s.stages):
@@ -308,8 +355,12 @@ def vision_projector(v: VisionSpec, w, features: torch.Tensor) -> torch.Tensor:
     return F.linear(x, _f(w, f"{PROJECTOR}3.weight"))
 
 
-def image_embeds(v: VisionSpec, w, pixels: torch.Tensor) -> torch.Tensor:
+def image_embeds(v, w, pixels: torch.Tensor) -> torch.Tensor:
     """(n, 3, S, S) tiles -> (n, tokens_per_tile, llm_hidden): what replaces the image context tokens."""
+    from omniq.model import radio
+
+    if isinstance(v, radio.RadioSpec):
+        return radio.image_embeds(v, w, pixels)
     return vision_projector(v, w, vision_tower(v, w, pixels))
 
 
@@ -365,11 +416,16 @@ def sound_tower(s: SoundSpec, w, features: torch.Tensor) -> torch.Tensor:
 
 
 def sound_projector(s: SoundSpec, w, states: torch.Tensor) -> torch.Tensor:
-    x = _rms_norm(w, f"{SOUND_PROJECTOR}norm", states, 1e-5)
+    x = _rms_norm(w, f"{SOUND_PROJECTOR}norm", states, getattr(s, "projection_eps", 1e-5))
     x = relu2(_linear(w, f"{SOUND_PROJECTOR}linear1", x, s.projection_bias))
     return _linear(w, f"{SOUND_PROJECTOR}linear2", x, s.projection_bias)
 
 
-def audio_embeds(s: SoundSpec, w, features: torch.Tensor) -> torch.Tensor:
-    """(n_clips, frames, mel_bins) -> (n_clips, tokens, llm_hidden): what replaces the sound context tokens."""
+def audio_embeds(s, w, features) -> torch.Tensor:
+    """(n_clips, frames, mel_bins) -> (n_clips, tokens, llm_hidden): what replaces the sound context tokens
+    (real layout: also a list of clips of different lengths, see `parakeet.audio_embeds`)."""
+    from omniq.model import parakeet
+
+    if isinstance(s, parakeet.ParakeetSpec):
+        return parakeet.audio_embeds(s, w, features)
     return sound_projector(s, w, sound_tower(s, w, features))

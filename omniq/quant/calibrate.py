@@ -39,6 +39,7 @@ from typing import Callable
 
 from omniq.errors import OmniqError
 from omniq.model.arch import MOE
+from omniq.model import names
 from omniq.model.checkpoint import Checkpoint
 from omniq.quiet import quiet
 
@@ -96,15 +97,7 @@ def _llm_only(ckpt: Checkpoint) -> dict:
 
 def hub_name_of(native: str, ckpt: Checkpoint, expert: int | None = None) -> str:
     """transformers' parameter name -> the checkpoint's tensor name (for messages)."""
-    name = native
-    if name.startswith("model."):
-        name = "backbone." + name[len("model."):]
-    if name == "backbone.embeddings.weight" or name == "backbone.embedding.weight":
-        name = "backbone.embeddings.weight"
-    if expert is not None and name.endswith(("experts.up_proj", "experts.down_proj")):
-        base, proj = name.rsplit(".", 1)
-        name = f"{base}.{expert}.{proj}.weight"
-    return ckpt.arch.prefix + name
+    return names.hub_from_native(native, ckpt.arch.prefix, expert)
 
 
 def check_finite(model, ckpt: Checkpoint) -> None:

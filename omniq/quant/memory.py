@@ -230,7 +230,7 @@ def estimate(plan: LayerPlan, *, batch: int = 4, seq_len: int = 256, device: str
 
 
 # ----- the layer-streamed quantize (omniq.export.streamed) ----------------------------------------------
-STREAM_SHARD_BYTES = 10 ** 9      # the streamed export's output shard buffer (omniq.export.streamed.SHARD_BYTES)
+STREAM_SHARD_BYTES = 10 ** 9      # the streamed export's output shard size (omniq.export.streamed.SHARD_BYTES)
 
 
 def layer_bytes(arch: Arch, dtype: str = "bf16") -> dict[int, int]:
@@ -250,26 +250,24 @@ class StreamedEstimate:
     """Predicted peak of the layer-streamed quantize; `total` is what the preflight compares with the limit."""
 
     layer: int                 # the largest decoder layer as loaded
-    layer_copies: int          # the layer, plus its stacked / packed copies while it is exported
+    layer_copies: float        # the layer, plus its packed copy while it is exported (1 + packed / bf16)
     embedding: int             # held only while the block inputs are recorded (before any layer)
     hidden_states: int         # every calibration row's hidden states, kept between layers
     activations: int           # one batch's transient inside the largest layer
     quantizer_state: int
-    shard_buffer: int
     overhead: int
     samples: int = 0
     seq_len: int = 0
 
     @property
     def total(self) -> int:
-        body = max(self.layer * self.layer_copies + self.activations + self.quantizer_state + self.shard_buffer,
-                   self.embedding)
+        body = max(int(self.layer * self.layer_copies) + self.activations + self.quantizer_state, self.embedding)
         return body + self.hidden_states + self.overhead
 
     def as_dict(self) -> dict:
-        return {"layer_bytes": self.layer, "layer_copies": self.layer_copies, "embedding_bytes": self.embedding,
-                "hidden_states_bytes": self.hidden_states, "activations_bytes": self.activations,
-                "quantizer_state_bytes": self.quantizer_state, "shard_buffer_bytes": self.shard_buffer,
+        return {"layer_bytes": self.layer, "layer_copies": round(self.layer_copies, 3),
+                "embedding_bytes": self.embedding, "hidden_states_bytes": self.hidden_states,
+                "activations_bytes": self.activations, "quantizer_state_bytes": self.quantizer_state,
                 "overhead_bytes": self.overhead, "peak_bytes": self.total, "peak_gib": round(self.total / GiB, 3),
                 "samples": self.samples, "seq_len": self.seq_len}
 
@@ -278,12 +276,13 @@ def streamed_estimate(plan: LayerPlan, *, samples: int, seq_len: int, batch: int
                       dtype: str = "bf16") -> StreamedEstimate:
     """Peak memory of `omniq quantize` (layer-streamed) with `samples x seq_len` calibration tokens.
 
-    One decoder layer is resident at a time; while it is exported ModelOpt's packing and the fused experts'
-    stacking make a second copy of its size, so the layer counts twice ("about two decoder layers"). Besides
-    it: the bf16 hidden states of every calibration row (one set, replaced layer by layer, plus one batch's
-    output), one batch's transient inside the layer (`activation_parts` without the logits: lm_head never
-    runs), the quantizer state, and the output shard buffer (at most `STREAM_SHARD_BYTES`, or the whole
-    packed model when that is smaller). The embedding matrix is resident only before the first layer."""
+    One decoder layer is resident at a time (its routed experts materialized in place into the fused tensor);
+    while it is exported ModelOpt's packing holds the packed copy beside it (the plan's packed / BF16 size
+    ratio: about 0.5 for FP8, 0.3 for NVFP4). Besides it: the bf16 hidden states of every calibration row (one
+    set, replaced layer by layer, plus one batch's output), one batch's transient inside the layer
+    (`activation_parts` without the logits: lm_head never runs) and the quantizer state. Output shards are
+    written tensor by tensor at planned offsets (no shard buffer). The embedding matrix is resident only before
+    the first layer."""
     arch = plan.arch
     a = DTYPE_BYTES[dtype]
     layers = layer_bytes(arch, dtype)
@@ -292,10 +291,10 @@ def streamed_estimate(plan: LayerPlan, *, samples: int, seq_len: int, batch: int
     layer_peak = max((v for k, v in parts.items() if k not in ("hidden_states", "logits")), default=0)
     emb = arch.vocab_size * arch.hidden_size * a
     hidden = (samples + min(batch, samples)) * seq_len * arch.hidden_size * a
-    shard = min(STREAM_SHARD_BYTES, int(plan.total_bytes)) if getattr(plan, "total_bytes", None) else STREAM_SHARD_BYTES
-    return StreamedEstimate(layer=largest, layer_copies=2, embedding=emb, hidden_states=hidden,
+    packed = plan.total_bytes / plan.original_bytes if plan.original_bytes else 1.0
+    return StreamedEstimate(layer=largest, layer_copies=1 + packed, embedding=emb, hidden_states=hidden,
                             activations=parts["hidden_states"] + layer_peak,
-                            quantizer_state=quantizer_state_bytes(plan, dtype), shard_buffer=shard,
+                            quantizer_state=quantizer_state_bytes(plan, dtype),
                             overhead=OVERHEAD["cpu" if device == "cpu" else "gpu"], samples=samples,
                             seq_len=seq_len)
 
@@ -319,7 +318,7 @@ def preflight(plan: LayerPlan, *, samples: int, seq_len: int, batch: int = 4, de
         else:
             hint = "the largest layer alone does not fit; use a machine or --device with more memory"
         raise OmniqError(f"quantize needs about {est.total / GiB:.2f} GiB (layer-streamed: largest layer "
-                         f"{est.layer / GiB:.2f} GiB x{est.layer_copies}, calibration {samples} x {seq_len} tokens "
+                         f"{est.layer / GiB:.2f} GiB x{est.layer_copies:.2f}, calibration {samples} x {seq_len} tokens "
                          f"{est.hidden_states / GiB:.2f} GiB) but only {limit / GiB:.2f} GiB is available "
                          f"({memory_limit.limit_source(device)}); {hint}")
     return est

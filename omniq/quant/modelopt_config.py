@@ -29,11 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from omniq.model.arch import ATTENTION, Linear, native_name
-from omniq.quant.plan import NVFP4_GROUP, LayerPlan, check_experts_share_formats
+from omniq.quant import formats as qformats
+from omniq.quant.plan import LayerPlan, check_experts_share_formats
 
-FP8 = {"num_bits": (4, 3), "axis": None}
-NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: NVFP4_GROUP, "type": "dynamic", "scale_bits": (4, 3)}}
-QUANTIZER_CFG = {"fp8": FP8, "nvfp4": NVFP4}
+FP8 = qformats.FP8.modelopt_quantizer
+NVFP4 = qformats.NVFP4.modelopt_quantizer
+QUANTIZER_CFG = {name: f.modelopt_quantizer for name, f in qformats.FORMATS.items()}
 KV_CFG = {"fp8": FP8}
 ALGORITHM = "max"
 

@@ -11,27 +11,23 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from omniq.errors import OmniqError
-from omniq.model import omni
+from omniq.model import names, omni
 from omniq.model.arch import ATTENTION, MAMBA, Arch, Linear
+from omniq.quant import formats as qformats
 from omniq.quant.recipe import FORMATS, Recipe
 
-NVFP4_GROUP = 16
-QUANT_ALGO = {"fp8": "FP8", "nvfp4": "NVFP4"}
+NVFP4_GROUP = qformats.NVFP4.group_size
+QUANT_ALGO = {name: f.quant_algo for name, f in qformats.FORMATS.items()}
 FORMAT_OF_ALGO = {v: k for k, v in QUANT_ALGO.items()}
-# Bytes of the small per-layer companions the export writes.
-_SCALAR = 4  # fp32 scalar (weight_scale for FP8, weight_scale_2 for NVFP4, input_scale)
+_SCALAR = qformats.SCALAR_BYTES
 
 
 def weight_bytes(fmt: str, out_features: int, in_features: int) -> int:
     """Bytes on disk of one linear weight and its scale tensors in a format."""
-    n = out_features * in_features
     if fmt == "bf16":
-        return 2 * n
-    if fmt == "fp8":
-        return n + 2 * _SCALAR                      # F8_E4M3 weight + weight_scale + input_scale
-    if fmt == "nvfp4":
-        # U8 [out, in/2] + F8_E4M3 weight_scale [out, in/16] + weight_scale_2 + input_scale
-        return n // 2 + n // NVFP4_GROUP + 2 * _SCALAR
+        return 2 * out_features * in_features
+    if fmt in qformats.FORMATS:
+        return qformats.FORMATS[fmt].stored_bytes(out_features, in_features)
     raise ValueError(fmt)
 
 
@@ -96,10 +92,7 @@ class LayerPlan:
 
     @property
     def quant_algo(self) -> str | None:
-        fmts = self.quant_formats
-        if not fmts:
-            return None
-        return QUANT_ALGO[fmts[0]] if len(fmts) == 1 else "MIXED_PRECISION"
+        return qformats.quant_algo_of(self.quant_formats)
 
     @property
     def conv1d_modules(self) -> list[str]:
@@ -111,8 +104,7 @@ class LayerPlan:
             return []
         out = []
         for i in self.arch.layers_of(ATTENTION):
-            p = f"{self.arch.layer_prefix(i)}.mixer"
-            out += [f"{p}.k_proj.k_scale", f"{p}.v_proj.v_scale"]
+            out += list(names.kv_scales(f"{self.arch.layer_prefix(i)}.mixer").values())
         return out
 
     @property
@@ -132,14 +124,7 @@ class LayerPlan:
 
     def quantized_layers(self) -> dict[str, dict]:
         """Per-layer formats for MIXED_PRECISION exports, as TensorRT-LLM and vLLM read them."""
-        out = {}
-        for lin in self.quantized:
-            fmt = self.formats[lin.name]
-            entry = {"quant_algo": QUANT_ALGO[fmt]}
-            if fmt == "nvfp4":
-                entry["group_size"] = NVFP4_GROUP
-            out[lin.name] = entry
-        return out
+        return {lin.name: qformats.layer_declaration(self.formats[lin.name]) for lin in self.quantized}
 
     def hf_quant_config(self, producer: dict | None = None) -> dict:
         """The `hf_quant_config.json` this plan exports (ModelOpt's nested shape)."""

@@ -28,6 +28,7 @@ GiB = 1024 ** 3
 GB = 1000 ** 3
 TOWERS_UNKNOWN = "unknown without weights"
 CALIB_SEQ_LEN = 256          # `omniq quantize --calib-seq-len` default (a test keeps them equal)
+QUANTIZE_SAMPLES = 64        # `omniq quantize --calib-samples` default
 
 
 @dataclass
@@ -265,6 +266,9 @@ def summarize(source: ModelSource, plan: LayerPlan, *, batch: int = 4, seq_len: 
         "towers_note": towers_note,
         "bits_per_weight": round(plan.bits_per_weight, 4),
         "memory": estimate.as_dict(),
+        # what `omniq quantize` (layer-streamed) peaks at, with its default calibration set of this seq_len
+        "memory_streamed": mem.streamed_estimate(plan, samples=QUANTIZE_SAMPLES, seq_len=seq_len, batch=batch,
+                                                 device=device).as_dict(),
         "hf_quant_config": plan.hf_quant_config(producer),
         "formats": dict(plan.formats),
         "warnings": warnings,
@@ -353,6 +357,12 @@ def render(summary: dict, *, max_groups: int = 40):
     verdict = "" if m["fits"] is None else ("fits" if m["fits"] else "does NOT fit")
     extra = f"; {_gib(m['available_bytes'])} available now" if m.get("available_bytes") else ""
     mt.add_row("peak", _gib(m["peak_bytes"]), f"{m['device']}: {_gib(cap)}, {verdict}{extra}", style="bold")
+    st = s.get("memory_streamed")
+    if st:
+        mt.add_row("omniq quantize peak", _gib(st["peak_bytes"]),
+                   f"layer-streamed, {st['samples']} x {st['seq_len']} calibration tokens: largest layer "
+                   f"{_gib(st['layer_bytes'])} x{st['layer_copies']}, hidden states {_gib(st['hidden_states_bytes'])}",
+                   style="bold")
     out.append(mt)
     if s.get("towers_note"):
         out.append(Text(s["towers_note"], style="yellow"))

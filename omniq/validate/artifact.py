@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from omniq.errors import OmniqError
+from omniq.model import names
 from omniq.model.arch import Arch
 from omniq.model.checkpoint import Checkpoint, open_checkpoint
 from omniq.quant import formats
@@ -622,11 +623,10 @@ def _kv_scales(ckpt: Checkpoint, raw: dict, declared: dict) -> dict[int, dict[st
     kv_algo = declared.get("kv_cache_quant_algo")
     found: dict[int, dict[str, torch.Tensor]] = {}
     for i in arch.attention_layers:
-        p = f"{arch.layer_prefix(i)}.mixer"
-        for which in ("k", "v"):
-            t = raw.get(f"{p}.{which}_proj.{which}_scale")
+        for which, name in names.kv_scales(f"{arch.layer_prefix(i)}.mixer").items():
+            t = raw.get(name)
             if t is not None:
-                found.setdefault(i, {})[which] = _scalar(t, f"{p}.{which}_proj.{which}_scale", where)
+                found.setdefault(i, {})[which] = _scalar(t, name, where)
     if kv_algo is None:
         if found:
             raise OmniqError(f"{where}: has k_scale / v_scale tensors but declares no kv_cache_quant_algo; "

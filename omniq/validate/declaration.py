@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from omniq.model import omni
+from omniq.model import names, omni
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 CONFIG_QUANT = "config.json quantization_config"
@@ -160,15 +160,7 @@ def is_corrupted(name: str) -> bool:
 def variants(name: str, is_omni: bool) -> list[str]:
     """The spellings of a declared name in the hub layout: `model.` -> `backbone.` (TensorRT-LLM's rewrite),
     and inside an Omni checkpoint the language model's names with and without `language_model.`."""
-    out = [name]
-    for a, b in (("model.", "backbone."), (omni.LLM_PREFIX + "model.", omni.LLM_PREFIX + "backbone.")):
-        if name.startswith(a):
-            out.append(b + name[len(a):])
-    if is_omni:
-        for v in list(out):
-            if not v.startswith(omni.LLM_PREFIX) and omni.component_of(v) == "other" and not v.startswith("*"):
-                out.append(omni.LLM_PREFIX + v)
-    return out
+    return names.hub_spellings(name, is_omni, omni.component_of)
 
 
 @dataclass

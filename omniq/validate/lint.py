@@ -43,6 +43,8 @@ from pathlib import Path
 
 from omniq.errors import OmniqError
 from omniq.model import omni
+from omniq.quant import formats as qformats
+from omniq.model.names import kv_scales
 from omniq.model.arch import Arch
 from omniq.model.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from omniq.quant.plan import NVFP4_GROUP, weight_bytes
@@ -66,7 +68,7 @@ ENGINE_KV_ALGOS = {
     "sglang": frozenset({"FP8"}),
 }
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
-STORED_FORMAT = {"F8_E4M3": "fp8", "U8": "nvfp4"}            # weight dtype -> stored format
+STORED_FORMAT = {dtype: f.name for dtype, f in qformats.BY_WEIGHT_DTYPE.items()}   # weight dtype -> format
 COMPANIONS = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "output_scale", "k_scale",
               "v_scale")
 SCALES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")
@@ -421,13 +423,10 @@ def check_companions(seen: Seen) -> list[Finding]:
         w = h[f"{m}.weight"].shape
         algo = seen.declared_algo(m)
         needs_input = ALGO_FORMATS[algo][1] if algo in ALGO_FORMATS else True
-        if fmt == "fp8":
-            want = {"weight_scale": ("F32", "scalar"), "input_scale": ("F32", "scalar")}
-        else:
-            logical = seen.arch.tensor_by_name.get(f"{m}.weight")
-            in_features = logical.shape[-1] if logical is not None else (2 * w[-1] if w else 0)
-            want = {"weight_scale": ("F8_E4M3", (*w[:-1], in_features // NVFP4_GROUP)),
-                    "weight_scale_2": ("F32", "scalar"), "input_scale": ("F32", "scalar")}
+        logical = seen.arch.tensor_by_name.get(f"{m}.weight")
+        in_features = logical.shape[-1] if logical is not None else (2 * w[-1] if w else 0)
+        want = {k: (dtype, shape or "scalar") for k, (dtype, shape)
+                in qformats.FORMATS[fmt].companion_specs((*w[:-1], in_features)).items()}
         if not needs_input:
             want.pop("input_scale")
         for suffix, (dtype, shape) in want.items():
@@ -468,8 +467,7 @@ def check_kv(seen: Seen) -> list[Finding]:
     arch, h = seen.arch, seen.headers
     wanted = []
     for i in arch.attention_layers:
-        p = f"{arch.layer_prefix(i)}.mixer"
-        wanted += [f"{p}.k_proj.k_scale", f"{p}.v_proj.v_scale"]
+        wanted += list(kv_scales(f"{arch.layer_prefix(i)}.mixer").values())
     kv = d.kv_cache_quant_algo if d else None
     if kv:
         for name in wanted:
@@ -501,6 +499,8 @@ def check_keep_bf16(seen: Seen) -> list[Finding]:
         m = n.rpartition(".")[0]
         family = keep_bf16_family(seen, m)
         dtype = seen.headers[n].dtype
+        if family == "tower" and dtype in ("I64", "I32") and not n.endswith(".weight"):
+            continue      # integer buffers of the real towers (RADIO summary_idxs, BatchNorm num_batches_tracked)
         if family is None and not n.endswith(".weight"):
             out.append(Finding("quantized-undeclared", "error", n,
                                f"stored {dtype}, but only linear weights are ever quantized: engines load this "

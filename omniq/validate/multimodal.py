@@ -40,17 +40,37 @@ def available(cfg: dict, headers) -> tuple[list[str], str | None]:
     return wanted, None
 
 
-def sample_inputs(reference, modality: str, samples: int) -> list:
-    """The bundled eval samples of one modality as model inputs (token ids, tiles or features; no tower run)."""
+def sample_inputs(reference, modality: str, samples: int, source=None) -> list:
+    """The eval samples of one modality as model inputs (token ids, tiles or features; no tower run): the
+    bundled eval split, or the user's (`source`, a `user_media.MediaSource` from --eval-media)."""
     cfg = reference.checkpoint.config
     tokens = omni.context_tokens(cfg, reference.tokenizer)
+    chosen = source.samples[modality][:samples] if source is not None else media.bundled(modality, "eval", samples)
     out = []
-    for sample in media.bundled(modality, "eval", samples):
+    for sample in chosen:
         x = media.model_inputs(sample, cfg, reference.tokenizer, tokens)
         if x.target_start >= x.num_tokens:
             raise OmniqError(f"{x.source}: the sample has no caption to evaluate")
         out.append(x)
     return out
+
+
+def user_source(reference, eval_media: str | None, samples: int, bad_media: str = "skip"):
+    """(source, warnings): the user's captioned media from --eval-media (`omniq.calib.user_media`), or None."""
+    if eval_media is None:
+        return None, []
+    if not reference.checkpoint.is_omni:
+        raise OmniqError("--eval-media: this checkpoint is a text-only NemotronH; image / audio evaluation needs "
+                         "an Omni checkpoint")
+    from omniq.calib import user_media
+
+    source = user_media.load(eval_media, bad=bad_media, need_target=True, limit=samples, what="--eval-media")
+    return source, [f"--eval-media skipped {line}" for line in source.skipped]
+
+
+def own_source(source, modality: str):
+    """The user's source for this modality when it has samples of it, else None (the bundled split)."""
+    return source if source is not None and source.samples.get(modality) else None
 
 
 def tower_names(artifact, modality: str) -> list[str]:
@@ -79,15 +99,18 @@ def items(reference, candidate, modality: str, inputs: list, device="cpu") -> li
 
 
 def modality_report(modality: str, metrics: dict, fmt: str, samples: int, *, max_kl=None, min_top1=None,
-                    max_ppl_ratio=None, noise_floor: dict | None = None) -> dict:
+                    max_ppl_ratio=None, noise_floor: dict | None = None, source=None,
+                    eval_media: str | None = None) -> dict:
     """The report entry of one media modality: metrics, its gates and failures, what was evaluated."""
     gate = gates_mod.gates_for(fmt, max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio)
     failures = [f"{modality}: {f}" for f in gates_mod.check(metrics, gate)]
+    evaluated = ({"set": eval_media, "samples": len(source.samples[modality]), "scored": "caption tokens",
+                  **source.identity(modality)} if source is not None else
+                 {"set": f"bundled-{modality}:eval", "samples": samples, "scored": "caption tokens",
+                  **media.identity(modality, "eval")})
     out = {**{k: metrics[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate",
                                        "ppl_ratio", "tokens")},
-           "passed": not failures, "gates": gate.as_dict(), "failures": failures,
-           "eval": {"set": f"bundled-{modality}:eval", "samples": samples, "scored": "caption tokens",
-                    **media.identity(modality, "eval")}}
+           "passed": not failures, "gates": gate.as_dict(), "failures": failures, "eval": evaluated}
     if noise_floor is not None:
         out["noise_floor"] = noise_floor
     return out

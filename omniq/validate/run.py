@@ -185,7 +185,7 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
              seq_len: int = DEFAULT_SEQ_LEN, max_kl: float | None = None, min_top1: float | None = None,
              max_ppl_ratio: float | None = None, report_path=None, positions: bool = False,
              progress: Progress | None = None, media_samples: int | None = None, device: str = "cpu",
-             noise_floor: bool = True) -> dict:
+             noise_floor: bool = True, eval_media: str | None = None, bad_media: str = "skip") -> dict:
     """Read both checkpoints from their files, layer by layer, compare next-token distributions (and the
     reference's BF16-engine noise floor), apply the gates.
 
@@ -202,7 +202,10 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
     rows = token_rows(ref.tokenizer, docs, samples, seq_len)
     n_media = multimodal.DEFAULT_MEDIA_SAMPLES if media_samples is None else media_samples
     modalities, mm_warnings = multimodal.wanted(ref, n_media)
-    media_inputs = {m: multimodal.sample_inputs(ref, m, n_media) for m in modalities}
+    source, skipped = multimodal.user_source(ref, eval_media, n_media, bad_media)
+    mm_warnings += skipped
+    media_inputs = {m: multimodal.sample_inputs(ref, m, n_media, multimodal.own_source(source, m))
+                    for m in modalities}
     tokens = rows.shape[0] * (rows.shape[1] - 1) + sum(x.num_tokens for v in media_inputs.values() for x in v)
     batch_tokens = max([BATCH_ROWS * (rows.shape[1] - 1)] + [x.num_tokens for v in media_inputs.values() for x in v])
     memory = preflight(ref, cand, tokens, dev, noise_floor, batch_tokens)
@@ -224,7 +227,8 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
         m: multimodal.modality_report(
             m, by_set[m]["candidate"], cand.format, n_media, max_kl=max_kl, min_top1=min_top1,
             max_ppl_ratio=max_ppl_ratio,
-            noise_floor={k: by_set[m]["noise_floor"][k] for k in NOISE_FLOOR_KEYS} if noise_floor else None)
+            noise_floor={k: by_set[m]["noise_floor"][k] for k in NOISE_FLOOR_KEYS} if noise_floor else None,
+            source=multimodal.own_source(source, m), eval_media=eval_media)
         for m in modalities}
     if by_modality:
         failures = [f"text: {f}" for f in failures]

@@ -82,3 +82,41 @@ def test_tampered_artifacts_are_refused(fp8, tmp_path, edit, message):
     with pytest.raises(GateFailed) as e:
         verify_tensors(path, plan, ckpt)
     assert message in str(e.value) and e.value.exit_code == 1
+
+
+def test_self_check_reads_rows_of_quantized_weights_and_opens_each_shard_once(fp8, monkeypatch):
+    """Work not done twice: no quantized weight is read whole (neither the packed one nor its source), and each
+    output and source shard is opened once."""
+    import safetensors
+
+    from omniq.export import hf_checkpoint
+    from omniq.model import checkpoint as ck
+
+    path, plan, ckpt = fp8
+    whole, opened = [], []
+    real_get = ck.TensorReader.get
+    real_open = safetensors.safe_open
+
+    def get(self, name):
+        whole.append(name)
+        return real_get(self, name)
+
+    class Handle:
+        def __init__(self, f, *a, **k):
+            opened.append(str(f))
+            self._h = real_open(f, *a, **k)
+
+        def get_tensor(self, name):
+            whole.append(name)
+            return self._h.get_tensor(name)
+
+        def __getattr__(self, attr):
+            return getattr(self._h, attr)
+
+    monkeypatch.setattr(ck.TensorReader, "get", get)
+    monkeypatch.setattr(safetensors, "safe_open", Handle)
+    counts = hf_checkpoint.verify_tensors(path, plan, ckpt)
+    assert counts["fp8"] == len(plan.quantized)
+    weights = {f"{lin.name}.weight" for lin in plan.quantized}
+    assert not weights & set(whole)
+    assert len(opened) == len(set(opened))

@@ -21,7 +21,7 @@ def test_peak_does_not_grow_with_depth(real_config):
                                     seq_len=128)
     # the real model's largest layer is an MoE layer: 128 experts x 2 x 2688 x 1856 in bf16, 2.55 GB
     assert 2.55e9 < five.layer < 2.6e9 and five.layer == full.layer
-    assert 0 <= full.total - five.total < 2**20          # only the quantizers' amax (a few bytes each)
+    assert abs(full.total - five.total) < 0.05 * five.total     # depth changes only amax and the packed ratio
     whole = memory.weight_bytes(_plan(real_config, real_config["hybrid_override_pattern"]).arch)
     assert full.total < 0.15 * whole
 

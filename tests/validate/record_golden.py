@@ -6,7 +6,7 @@ Makes the artifacts exactly as the test fixtures do (tests/validate/conftest.py 
 fp8 nvfp4 nvfp4-kv mixed --rows 4 --seq 128; tests/conftest.py `omni_quantized["mm"]`: `omniq quantize
 tiny-omni --recipe omni-nvfp4` with the tests' calibration size) and runs `validate` on them with the cases of
 `CASES`, and the noise floor (`noise_floor`: the reference as a BF16 engine runs it) on the same rows. The golden checked in was recorded with the whole-model, in-memory validate of commit 9fa423e (before
-the layer-streamed one); tests/validate/test_streamed.py compares every report field against it.
+the layer-streamed one); tests/validate/test_validate_streamed.py compares every report field against it.
 """
 
 from __future__ import annotations

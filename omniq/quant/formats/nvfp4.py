@@ -1,17 +1,4 @@
-"""FP8 (E4M3) and NVFP4 arithmetic in plain torch, on CPU, matching what ModelOpt 0.47 writes.
-
-Two questions answered here, for both formats: how a weight becomes the tensors of a unified HF checkpoint
-(quantize, bit-for-bit like ModelOpt's `export_hf_checkpoint`), and how to get float values back
-(dequantize, plus fake-quantization of activations the way the serving engines do it).
-
-FP8 per tensor (`quant_algo: FP8`)
-    weight        F8_E4M3  = cast_e4m3(w / weight_scale), weight_scale = amax(|w|) / 448 (fp32 scalar).
-                  ModelOpt divides in the weight's own dtype (a bf16 weight by a 0-dim fp32 scale gives a
-                  bf16 quotient, then the cast): `fp8_quantize` does the same, so the bytes match.
-    activation    static: x -> cast_e4m3(clamp(x / input_scale, +-448)) * input_scale.
-    KV cache      the same with `k_scale` / `v_scale`.
-
-NVFP4 (`quant_algo: NVFP4`, group_size 16)
+"""NVFP4 (`quant_algo: NVFP4`, group_size 16)
     weight        U8 [out, in/2]: two E2M1 codes per byte, element 2i in the low nibble and 2i+1 in the
                   high nibble; a code is sign (bit 3) and a magnitude index (bits 0-2) into
                   {0, 0.5, 1, 1.5, 2, 3, 4, 6}.
@@ -33,10 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
+from omniq.quant.formats.base import SCALAR_BYTES, F, Format, torch
+from omniq.quant.formats.fp8 import E4M3_MAX, cast_e4m3
 
-E4M3_MAX = 448.0
 E2M1_MAX = 6.0
 NVFP4_BLOCK = 16
 E4M3_MIN_SCALE = 2.0 ** -9          # smallest positive E4M3 (subnormal) value; weight block scales floor here
@@ -46,44 +32,6 @@ E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Midpoints between neighbouring magnitudes, each with the rule for a value exactly on it: ties go to the
 # code with an even index (0.25 -> 0, 0.75 -> 1.0, 1.25 -> 1.0, 1.75 -> 2.0, 2.5 -> 2, 3.5 -> 4, 5 -> 4).
 _E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
-
-
-# ----- FP8 E4M3 ----------------------------------------------------------------------------------------
-def fp8_scale(amax: torch.Tensor | float) -> torch.Tensor:
-    """Per-tensor FP8 scale (weight_scale, input_scale, k_scale, v_scale) from an absolute maximum."""
-    return torch.as_tensor(amax, dtype=torch.float32).reshape(()) / E4M3_MAX
-
-
-def cast_e4m3(x: torch.Tensor) -> torch.Tensor:
-    """Round to float8_e4m3fn (nearest, ties to even), saturating at +-448 instead of torch's NaN."""
-    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
-@dataclass(frozen=True)
-class FP8Weight:
-    weight: torch.Tensor           # float8_e4m3fn, same shape as the weight
-    weight_scale: torch.Tensor     # fp32 scalar
-
-    def dequantize(self) -> torch.Tensor:
-        return fp8_dequantize(self.weight, self.weight_scale)
-
-
-def fp8_quantize(w: torch.Tensor, weight_scale: torch.Tensor | None = None) -> FP8Weight:
-    """Per-tensor FP8 weight, as ModelOpt exports it (scale from the weight's amax unless given)."""
-    if weight_scale is None:
-        weight_scale = fp8_scale(w.detach().abs().amax().float())
-    weight_scale = torch.as_tensor(weight_scale, dtype=torch.float32).reshape(())
-    return FP8Weight(cast_e4m3(w.detach() / weight_scale), weight_scale)
-
-
-def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * torch.as_tensor(scale, dtype=torch.float32)
-
-
-def fp8_fake_quant(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """Static per-tensor FP8: what an engine does to an activation (or K / V) with a calibrated scale."""
-    s = torch.as_tensor(scale, dtype=torch.float32)
-    return cast_e4m3(x.float() / s).float() * s
 
 
 # ----- E2M1 codes ----------------------------------------------------------------------------------------
@@ -210,5 +158,31 @@ def nvfp4_fake_quant_weight(w: torch.Tensor, weight_scale_2: torch.Tensor | None
     return nvfp4_quantize(w, weight_scale_2).dequantize(w.shape[-1])
 
 
-def fp8_fake_quant_weight(w: torch.Tensor, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
-    return fp8_quantize(w, weight_scale).dequantize()
+class NVFP4Format(Format):
+    """NVFP4 (W4A4: E2M1 values, E4M3 scale per 16-block, fp32 global scale)."""
+
+    def stored_bytes(self, out_features: int, in_features: int) -> int:
+        n = out_features * in_features
+        # U8 [out, in/2] + F8_E4M3 weight_scale [out, in/16] + weight_scale_2 + input_scale
+        return n // 2 + n // NVFP4_BLOCK + 2 * SCALAR_BYTES
+
+    def companion_specs(self, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
+        *lead, in_features = shape
+        return {"weight_scale": ("F8_E4M3", (*lead, in_features // NVFP4_BLOCK)), "weight_scale_2": ("F32", ()),
+                "input_scale": ("F32", ())}
+
+    def quantize(self, w: torch.Tensor, **scales) -> dict[str, torch.Tensor]:
+        q = nvfp4_quantize(w, scales.get("weight_scale_2"))
+        return {"weight": q.weight, "weight_scale": q.weight_scale, "weight_scale_2": q.weight_scale_2}
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], in_features: int | None = None) -> torch.Tensor:
+        return nvfp4_dequantize(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], in_features)
+
+    def fake_quant_input(self, x: torch.Tensor, input_scale) -> torch.Tensor:
+        return nvfp4_fake_quant(x, input_scale)
+
+
+NVFP4 = NVFP4Format(name="nvfp4", quant_algo="NVFP4", weight_dtype="U8", bits=4,
+                    companions=("weight_scale", "weight_scale_2", "input_scale"), group_size=NVFP4_BLOCK,
+                    modelopt_quantizer={"num_bits": (2, 1),
+                                        "block_sizes": {-1: NVFP4_BLOCK, "type": "dynamic", "scale_bits": (4, 3)}})

@@ -1,0 +1,300 @@
+"""`omniq quantize` at the real width: memory, time per stage and rates against this machine's own limits.
+
+    python scripts/make_realwidth.py /work/scratch/rw5 --pattern 'MEM*E'
+    python scripts/make_realwidth.py /work/scratch/rw12 --pattern 'MEM*EMEM*EME'
+    python benchmarks/quantize_scale.py rw5=/work/scratch/rw5 rw12=/work/scratch/rw12 \
+        [--recipes fp8,omni-nvfp4] [--samples 16 --seq-len 128] [--cgroup-gib 6] [--plain rw5] [--work DIR]
+
+For each checkpoint and recipe, one `omniq quantize` in its own process (`--cgroup-gib`: inside a cgroup-v1
+child group of this process's own memory cgroup with that `memory.limit_in_bytes`; the run must pass there,
+which proves the ceiling rather than measuring it): peak RSS (wait4 of that child; it counts the source
+shards' mmapped page-cache pages too) and peak anonymous RSS (sampled), the cgroup's max_usage_in_bytes
+(anonymous memory plus the page cache charged to it: it reaches the limit whenever more than the limit is
+read, and the kernel reclaims cache there), the time of each stage (QuantizeResult.seconds), bytes read from the source and written,
+their rates, the preflight's predicted peak (`omniq.quant.memory.streamed_estimate`) beside the measured one,
+and calibration's achieved matmul rate (the matmul FLOPs of the calibration forward counted from the
+architecture: 2 x in x out per token and linear, routed experts top-k per token) beside this machine's own
+bf16 and fp32 matmul rate (torch.matmul of layer-sized operands, best of 3). `--plain NAME` also runs a plain
+ModelOpt script (from_pretrained, mtq.quantize, export_hf_checkpoint: benchmarks/quantize_bench.py's) on that
+checkpoint, outside the cgroup, with the whole-model estimate (`omniq.quant.memory.estimate`) beside it.
+The disk's sequential write speed is measured in the same run (1 GiB written + fsync in --work).
+
+Prints a table and writes benchmarks/results/quantize_scale.json (runs of earlier invocations with other
+checkpoints or recipes are kept; the machine figures are this invocation's). Timing on a shared 2-core machine is noisy
+(the load average is recorded with each run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "quantize_scale.json"
+
+CHILD = r"""
+import json, sys, time
+from omniq.commands.quantize import quantize
+src, out, recipe, samples, seq_len, dest = sys.argv[1:7]
+t = time.perf_counter()
+r = quantize(src, recipe, out, calib_samples=int(samples), calib_seq_len=int(seq_len))
+json.dump({"seconds": r.seconds, "bytes_read": r.bytes_read, "output_bytes": r.output_bytes,
+           "predicted_peak_bytes": r.predicted_peak_bytes, "wall_in_process_s": time.perf_counter() - t},
+          open(dest, "w"))
+"""
+
+MATMUL = r"""
+import json, sys, time, torch
+out = {}
+for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    a = torch.randn(512, 2688).to(dt); b = torch.randn(2688, 3712).to(dt)
+    best = 1e9
+    for _ in range(3):
+        t = time.perf_counter(); n = 0
+        while time.perf_counter() - t < 1.0:
+            a @ b; n += 1
+        best = min(best, (time.perf_counter() - t) / n)
+    out[name] = 2 * 512 * 2688 * 3712 / best
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def disk_write_speed(work: Path, size: int = 1 << 30) -> float:
+    """Bytes/s of writing `size` bytes sequentially and fsyncing them (the file is removed)."""
+    block = os.urandom(1 << 24)
+    p = work / "disk-speed.bin"
+    t = time.perf_counter()
+    with open(p, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t
+    p.unlink()
+    return size / dt
+
+
+def calibration_flops(ckpt_dir: str, tokens: int) -> float:
+    """Matmul FLOPs of one calibration pass over `tokens` tokens (linears only; attention scores and the Mamba
+    scan are left out, a few percent at 128 tokens per row)."""
+    from omniq.model.checkpoint import open_checkpoint
+
+    arch = open_checkpoint(ckpt_dir).arch
+    per_token = 0
+    for lin in arch.linears:
+        if lin.role == "lm_head":
+            continue                  # logits_to_keep=1: one position per row, and lm_head is never quantized
+        macs = lin.in_features * lin.out_features
+        per_token += 2 * macs * (arch.num_experts_per_tok / arch.n_routed_experts if lin.expert is not None else 1)
+    return per_token * tokens
+
+
+class Cgroup:
+    """A cgroup-v1 memory child group of this process's own group, with a limit; removed on exit."""
+
+    def __init__(self, limit: int):
+        own = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                   if "memory" in line.split(":", 2)[1].split(","))
+        self.path = Path("/sys/fs/cgroup/memory") / own.lstrip("/") / f"omniq-bench-{os.getpid()}"
+        self.path.mkdir()
+        (self.path / "memory.limit_in_bytes").write_text(str(limit))
+
+    def enter(self) -> None:                         # preexec_fn of the child
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def max_usage(self) -> int:
+        return int((self.path / "memory.max_usage_in_bytes").read_text())
+
+    def failcnt(self) -> int:
+        return int((self.path / "memory.failcnt").read_text())
+
+    def close(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+REAL_PATTERNS = {"rw5": "MEM*E", "rw12": "MEM*EMEM*EME", "real52": None}
+
+
+def predictions(recipes_: list[str], samples: int, seq_len: int) -> list[dict]:
+    """The streamed quantize's predicted peak (`omniq.quant.memory.streamed_estimate`) on the real widths at 5,
+    12 and 52 layers, and the whole model's BF16 size beside it."""
+    from omniq.model.arch import from_config
+    from omniq.quant import memory, recipe as recipes
+    from omniq.quant.plan import make_plan
+
+    real = json.loads((ROOT / "tests" / "data" / "nemotron-3-nano-30b-a3b.config.json").read_text())
+    out = []
+    for name, pattern in REAL_PATTERNS.items():
+        pattern = pattern or real["hybrid_override_pattern"]
+        arch = from_config(dict(real, hybrid_override_pattern=pattern, num_hidden_layers=len(pattern)))
+        for r in recipes_:
+            est = memory.streamed_estimate(make_plan(arch, recipes.load(r)), samples=samples, seq_len=seq_len)
+            out.append({"model": name, "layers": len(pattern), "recipe": r, "predicted_peak_bytes": est.total,
+                        "bf16_bytes": memory.weight_bytes(arch), **est.as_dict()})
+            print(f"predicted  {name:6} {len(pattern):3} layers {r:10} peak {est.total / 2**30:5.2f} GiB "
+                  f"(BF16 model {memory.weight_bytes(arch) / 2**30:6.2f} GiB, "
+                  f"{est.total / memory.weight_bytes(arch):.3f} x)", flush=True)
+    return out
+
+
+def _anon_sampler(pid: int, peak: list) -> None:
+    """Largest RssAnon of `pid` (sampled every 0.2 s): the process's own memory. ru_maxrss also counts the
+    safetensors shards' pages mapped from the page cache (file-backed, reclaimable), several GiB here."""
+    status = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            text = status.read_text()
+        except OSError:
+            return
+        for line in text.splitlines():
+            if line.startswith("RssAnon:"):
+                peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+        time.sleep(0.2)
+
+
+def run_child(cmd: list[str], log: Path, cgroup: Cgroup | None = None) -> dict:
+    import threading
+
+    t = time.perf_counter()
+    peak = [0]
+    with open(log, "w") as f:
+        p = subprocess.Popen(["nice", "-n", "10", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                             preexec_fn=cgroup.enter if cgroup else None,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        threading.Thread(target=_anon_sampler, args=(p.pid, peak), daemon=True).start()
+        _, status, usage = os.wait4(p.pid, 0)
+    return {"rc": os.waitstatus_to_exitcode(status), "wall_s": time.perf_counter() - t,
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_anon_bytes": peak[0],
+            "cpu_s": usage.ru_utime + usage.ru_stime, "load_average": os.getloadavg()[0]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoints", nargs="+", help="NAME=DIR of checkpoints made by scripts/make_realwidth.py")
+    ap.add_argument("--recipes", default="fp8,omni-nvfp4")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--cgroup-gib", type=float, default=None, help="run every omniq quantize inside this limit")
+    ap.add_argument("--plain", default=None, help="also run the plain ModelOpt script on this checkpoint (NAME)")
+    ap.add_argument("--work", default=None, help="where outputs go (removed after each run); default a temp dir")
+    ap.add_argument("--out", default=str(RESULTS))
+    a = ap.parse_args()
+    ckpts = dict(c.split("=", 1) for c in a.checkpoints)
+    work = Path(a.work or tempfile.mkdtemp(prefix="omniq-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    doc = {"samples": a.samples, "seq_len": a.seq_len, "cpus": os.cpu_count(), "cgroup_gib": a.cgroup_gib,
+           "runs": []}
+    doc["disk_write_bytes_per_s"] = disk_write_speed(work)
+    subprocess.run(["nice", "-n", "10", sys.executable, "-c", MATMUL, str(work / "mm.json")], check=True, cwd=ROOT)
+    doc["matmul_flops_per_s"] = json.loads((work / "mm.json").read_text())
+    print(f"disk sequential write {doc['disk_write_bytes_per_s'] / 1e6:.0f} MB/s; matmul bf16 "
+          f"{doc['matmul_flops_per_s']['bf16'] / 1e9:.1f} GFLOP/s, fp32 {doc['matmul_flops_per_s']['fp32'] / 1e9:.1f} "
+          "GFLOP/s", flush=True)
+    doc["predicted"] = predictions([r for r in a.recipes.split(",") if r] or ["fp8"], a.samples, a.seq_len)
+    tokens = a.samples * a.seq_len
+    for name, path in ckpts.items():
+        from omniq.model.checkpoint import open_checkpoint
+
+        ck = open_checkpoint(path)
+        flops = calibration_flops(path, tokens)
+        for recipe in [r for r in a.recipes.split(",") if r]:
+            out = work / f"{name}-{recipe}"
+            dest = work / f"{name}-{recipe}.json"
+            cg = Cgroup(int(a.cgroup_gib * 2**30)) if a.cgroup_gib else None
+            try:
+                r = run_child([sys.executable, "-c", CHILD, path, str(out), recipe, str(a.samples), str(a.seq_len),
+                               str(dest)], work / f"{name}-{recipe}.log", cg)
+                if cg:
+                    r.update(cgroup_max_usage_bytes=cg.max_usage(), cgroup_failcnt=cg.failcnt())
+            finally:
+                if cg:
+                    cg.close()
+            r.update(tool="omniq", model=name, recipe=recipe, layers=ck.arch.num_layers, params=ck.arch.num_params,
+                     source_bytes=ck.total_bytes, calib_flops=flops)
+            if r["rc"] == 0:
+                r.update(json.loads(dest.read_text()))
+                s = r["seconds"]
+                read_s = s.get("load", 0) + s.get("calibrate", 0)
+                write_s = s.get("export_layers", 0) + s.get("export", 0)
+                r["read_bytes_per_s"] = r["bytes_read"] / read_s if read_s else None
+                r["write_bytes_per_s"] = r["output_bytes"] / write_s if write_s else None
+                r["calib_flops_per_s"] = flops / s["calibrate"] if s.get("calibrate") else None
+            else:
+                r["log_tail"] = (work / f"{name}-{recipe}.log").read_text()[-2000:]
+            doc["runs"].append(r)
+            _print(r)
+            shutil.rmtree(out, ignore_errors=True)
+        if a.plain == name:
+            from omniq.quant import memory, recipe as recipes
+            from omniq.quant.plan import make_plan
+
+            from benchmarks.quantize_bench import PLAIN_MODELOPT
+
+            rows = work / f"{name}-rows.pt"
+            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantize_bench.py"), "--make-rows", path,
+                            str(a.samples), str(a.seq_len), str(rows)], check=True, cwd=ROOT)
+            for recipe in ("fp8",):
+                out = work / f"{name}-{recipe}-plain"
+                r = run_child([sys.executable, "-c", PLAIN_MODELOPT, path, str(out), recipe, str(rows)],
+                              work / f"{name}-{recipe}-plain.log")
+                est = memory.estimate(make_plan(ck.arch, recipes.load(recipe)), batch=4, seq_len=a.seq_len)
+                r.update(tool="modelopt-plain", model=name, recipe=recipe, layers=ck.arch.num_layers,
+                         params=ck.arch.num_params, source_bytes=ck.total_bytes, predicted_peak_bytes=est.total,
+                         calib_flops=flops)
+                if r["rc"]:
+                    r["log_tail"] = (work / f"{name}-{recipe}-plain.log").read_text()[-2000:]
+                doc["runs"].append(r)
+                _print(r)
+                shutil.rmtree(out, ignore_errors=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    if Path(a.out).is_file():      # runs of earlier invocations (other checkpoints or recipes) are kept
+        old = json.loads(Path(a.out).read_text())
+        def key(r):
+            return r["model"], r["recipe"], r["tool"], "cgroup_max_usage_bytes" in r
+
+        mine = {key(r) for r in doc["runs"]}
+        doc["runs"] = [r for r in old.get("runs", []) if key(r) not in mine] + doc["runs"]
+        doc["machine_runs"] = old.get("machine_runs", []) + [{k: old[k] for k in ("disk_write_bytes_per_s",
+                                                                                  "matmul_flops_per_s") if k in old}]
+    Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {a.out}")
+    if not a.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r["rc"] == 0 for r in doc["runs"]) else 1
+
+
+def _print(r: dict) -> None:
+    gib = 2**30
+    line = (f"{r['model']:5} {r['layers']:3} layers {r['recipe']:10} {r['tool']:14} rc {r['rc']}  wall "
+            f"{r['wall_s']:7.1f} s  peak RSS {r['peak_rss_bytes'] / gib:6.2f} GiB"
+            f" (anonymous {r.get('peak_anon_bytes', 0) / gib:5.2f} GiB)")
+    if r.get("predicted_peak_bytes"):
+        line += f"  predicted {r['predicted_peak_bytes'] / gib:6.2f} GiB"
+    if "cgroup_max_usage_bytes" in r:
+        line += f"  cgroup max {r['cgroup_max_usage_bytes'] / gib:5.2f} GiB"
+    if r.get("seconds"):
+        s = r["seconds"]
+        line += "  stages " + ", ".join(f"{k} {v:.0f}" for k, v in s.items() if k in ("prepare", "load", "calibrate",
+                                                                                    "export_layers", "export"))
+    if r.get("calib_flops_per_s"):
+        line += f"  calib {r['calib_flops_per_s'] / 1e9:.1f} GFLOP/s"
+    if r.get("write_bytes_per_s"):
+        line += f"  write {r['write_bytes_per_s'] / 1e6:.0f} MB/s  read {r['read_bytes_per_s'] / 1e6:.0f} MB/s"
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

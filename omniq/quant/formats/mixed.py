@@ -1,0 +1,28 @@
+"""MIXED_PRECISION: a checkpoint whose layers use more than one format (NVIDIA's NVFP4 releases: NVFP4
+routed experts, FP8 or BF16 elsewhere). Not a format of its own: the declaration built from the per-layer
+formats, `quantized_layers` in hf_quant_config.json naming each layer's `quant_algo` (and NVFP4's group
+size)."""
+
+from __future__ import annotations
+
+from omniq.quant.formats.fp8 import FP8
+from omniq.quant.formats.nvfp4 import NVFP4
+
+MIXED_PRECISION = "MIXED_PRECISION"
+FORMATS = {f.name: f for f in (FP8, NVFP4)}
+BY_QUANT_ALGO = {f.quant_algo: f for f in FORMATS.values()}
+BY_WEIGHT_DTYPE = {f.weight_dtype: f for f in FORMATS.values()}
+
+
+def quant_algo_of(formats) -> str | None:
+    """The checkpoint-wide `quant_algo` for the set of formats its quantized layers use."""
+    used = sorted({f for f in formats if f in FORMATS})
+    if not used:
+        return None
+    return FORMATS[used[0]].quant_algo if len(used) == 1 else MIXED_PRECISION
+
+
+def layer_declaration(fmt: str) -> dict:
+    """One `quantized_layers` entry of a MIXED_PRECISION declaration."""
+    f = FORMATS[fmt]
+    return {"quant_algo": f.quant_algo, **({"group_size": f.group_size} if f.group_size else {})}

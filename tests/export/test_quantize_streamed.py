@@ -1,0 +1,261 @@
+"""The layer-streamed quantize reproduces the whole-model quantize byte for byte.
+
+tests/data/golden/quantize_tiny.json holds the sha256 of every file of the artifacts `omniq quantize` wrote
+before it was layer-streamed (whole model loaded, `mtq.quantize`, `export_hf_checkpoint`; recorded with
+scripts/artifact_digests.py, 16 x 128 calibration tokens, one thread). The same CLI runs here, now streamed
+(omniq/export/streamed.py), on the bundled tiny model re-saved in several shards (so the streamed reader
+crosses shard boundaries mid-layer), and every file must hash the same (omniq.json without its time and the
+source's path and file hashes; lint.json without its --out path).
+"""
+
+import json
+
+import pytest
+import torch
+
+from conftest import QUANTIZE_CALIB, run_cli_in_subprocess
+from reference_configs import DATA, REPO
+
+GOLDEN = json.loads((DATA / "golden" / "quantize_tiny.json").read_text())
+
+
+def _digests(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("artifact_digests", REPO / "scripts" / "artifact_digests.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.digests(path)
+
+
+@pytest.fixture(scope="module")
+def sharded_tiny(tmp_path_factory, tiny_dir):
+    """The bundled tiny model's tensors re-saved into 4 shards (an index, one layer split across files)."""
+    d = tmp_path_factory.mktemp("tiny-sharded")
+    _resave(tiny_dir, d, lambda names: [names[k::4] for k in range(4)])   # layers interleave across shards
+    return d
+
+
+def _resave(tiny_dir, d, split):
+    """tiny's tensors re-saved into the shards `split(names)` gives, with an index and the side files; returns
+    the shard paths."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tiny_dir / "model.safetensors"))
+    parts = split(list(tensors))
+    weight_map, paths = {}, []
+    for k, part in enumerate(parts):
+        f = f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
+        save_file({n: tensors[n] for n in part}, str(d / f), metadata={"format": "pt"})
+        weight_map.update({n: f for n in part})
+        paths.append(d / f)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for p in tiny_dir.iterdir():
+        if p.is_file() and p.suffix != ".safetensors":
+            shutil.copyfile(p, d / p.name)
+    return paths
+
+
+def _quantize(model, name, out, extra=()):
+    mixed = out.parent / "mixed.yaml"
+    from conftest import MIXED_RECIPE
+
+    mixed.write_text(MIXED_RECIPE)
+    recipe = {"fp8": ["--recipe", "fp8"], "nvfp4": ["--recipe", "nvfp4"],
+              "mixed-kv": ["--recipe", str(mixed), "--kv-cache", "fp8"],
+              "omni-nvfp4": ["--recipe", "omni-nvfp4"]}[name]
+    r = run_cli_in_subprocess(["quantize", str(model), *recipe, "--out", str(out), *QUANTIZE_CALIB, *extra],
+                              one_thread=True)
+    assert r["rc"] == 0, r["stderr"][-3000:]
+    return r
+
+
+@pytest.mark.parametrize("name", ["fp8", "mixed-kv", pytest.param("nvfp4", marks=pytest.mark.slow)])
+def test_streamed_artifact_is_byte_identical_to_the_whole_model_one(sharded_tiny, tmp_path, name):
+    _quantize(sharded_tiny, name, tmp_path / name)
+    assert _digests(tmp_path / name) == GOLDEN[name]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]      # no stage left
+
+
+@pytest.mark.slow
+def test_streamed_omni_artifact_is_byte_identical(tmp_path):
+    _quantize("tiny-omni", "omni-nvfp4", tmp_path / "omni")
+    assert _digests(tmp_path / "omni") == GOLDEN["omni-nvfp4"]
+
+
+def test_materialized_layers_equal_transformers_load(tiny_dir):
+    """Every tensor the streamed path gives a layer equals (dtype and bits) what from_pretrained loads (with
+    the router weight back in F32), the embeddings too."""
+    import warnings
+
+    from transformers import NemotronHForCausalLM
+
+    from omniq.export import streamed
+    from omniq.model.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(str(tiny_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = NemotronHForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.bfloat16, use_mamba_kernels=False)
+    want = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+    skel = streamed.build_skeleton(ckpt)
+    src = streamed.TensorReader(ckpt)
+    streamed.materialize(skel.model.embeddings, "model.embeddings", src)
+    for i in range(ckpt.arch.num_layers):
+        streamed.materialize(skel.model.layers[i], f"model.layers.{i}", src)
+    got = {**dict(skel.model.named_parameters(prefix="model")), **dict(skel.model.named_buffers(prefix="model"))}
+    assert [n for n, t in got.items() if t.is_meta] == ["model.norm_f.weight"]     # copied, never run
+    for name, t in got.items():
+        if t.is_meta:
+            continue
+        w = want[name]
+        if name.endswith("gate.weight"):
+            assert t.dtype == torch.float32
+            w = ckpt.read([f"backbone{name[len('model'):]}"])[f"backbone{name[len('model'):]}"]
+        assert t.dtype == w.dtype and torch.equal(t, w), name
+    assert set(got) == {n for n in want if not n.startswith("lm_head")}
+
+
+# ----- bad input mid-run: nothing at --out, no temporary left -----------------------------------------------
+def _by_layer_shards(tiny_dir, d):
+    """tiny re-saved in model order into two shards: the second holds only the last layers and lm_head."""
+    late = ("backbone.layers.8.", "backbone.layers.9.", "backbone.norm_f", "lm_head")
+    return _resave(tiny_dir, d, lambda names: [[n for n in names if not n.startswith(late)],
+                                               [n for n in names if n.startswith(late)]])[-1]
+
+
+def test_shard_missing_mid_run(tmp_path, tiny_dir):
+    """The last shard disappears once the run has started writing (its stage exists): exit 2, one line naming
+    the shard, nothing at --out, the stage removed."""
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    late = _by_layer_shards(tiny_dir, src)
+    outdir = tmp_path / "outs"
+    outdir.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "omniq.cli", "quantize", str(src), "--recipe", "fp8",
+                          "--out", str(outdir / "a"), *QUANTIZE_CALIB],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not any(q.name.startswith(".a.omniq-") for q in outdir.iterdir()):
+        assert p.poll() is None and time.time() < deadline, "the run ended before its stage appeared"
+        time.sleep(0.05)
+    late.unlink()
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "model-00002-of-00002.safetensors" in lines[0] and "missing" in lines[0]
+    assert list(outdir.iterdir()) == []
+
+
+def test_disk_full_during_export(tmp_path):
+    """--out on a 6 MiB tmpfs (the artifact is about 15 MiB): exit 1, one line, nothing left on the tmpfs."""
+    import subprocess
+    import sys
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        p = subprocess.run([sys.executable, "-m", "omniq.cli", "quantize", "tiny", "--recipe", "fp8",
+                            "--out", str(mnt / "a"), *QUANTIZE_CALIB], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 1, p.stderr[-2000:]
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no space left" in lines[0], lines
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+HOOK_SCRIPT = r"""
+import json, sys, torch
+from pathlib import Path
+from omniq.calib import data as calib_data
+from omniq.export import streamed
+from omniq.model.checkpoint import open_checkpoint
+from omniq.quant import recipe as recipes
+from omniq.quant.modelopt_config import enabled_quantizers, modelopt_config
+from omniq.quant.plan import make_plan
+ckpt = open_checkpoint("tiny")
+plan = make_plan(ckpt.arch, recipes.load("fp8"))
+rows = calib_data.load(calib_data.DEFAULT, ckpt.tokenizer, samples=4, seq_len=32).rows
+seen = []
+def hook(i, tensors):
+    seen.append(i)
+    name = f"backbone.layers.{i}.mixer.out_proj.weight_scale"
+    if name in tensors:
+        tensors[name] = tensors[name] * 2
+    return tensors
+final = Path(sys.argv[1])
+final.mkdir()
+r = streamed.run(ckpt, plan, modelopt_config(plan), enabled_quantizers(plan), [rows], final, layer_tensors_hook=hook)
+print(json.dumps({"seen": seen, "files": r.files}))
+"""
+
+
+def test_layer_tensors_hook_sees_every_layer_and_its_tensors_are_written(tmp_path):
+    """The weight-calibration hook point: called once per layer, in order; what it returns is what the shard
+    holds."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    p = subprocess.run([sys.executable, "-c", HOOK_SCRIPT, str(tmp_path / "final")], capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads(p.stdout.strip().splitlines()[-1])
+    assert doc["seen"] == list(range(10)) and doc["files"] == ["model.safetensors"]
+    with safe_open(str(tmp_path / "final" / "model.safetensors"), "pt") as f:
+        in_scale = f.get_tensor("backbone.layers.0.mixer.out_proj.input_scale")
+        w = f.get_tensor("backbone.layers.0.mixer.out_proj.weight").float()
+        scale = f.get_tensor("backbone.layers.0.mixer.out_proj.weight_scale")
+    assert in_scale.dtype == torch.float32
+    # ModelOpt's FP8 per-tensor weight scale is amax / 448: the written one is twice that (the hook's)
+    from omniq.model.checkpoint import open_checkpoint
+
+    ref = open_checkpoint("tiny").read(["backbone.layers.0.mixer.out_proj.weight"])["backbone.layers.0.mixer.out_proj.weight"]
+    src = ref.float().abs().max() / 448
+    assert torch.allclose(scale, 2 * src, rtol=1e-6) and w.abs().max() <= 448
+
+
+def test_shard_writer_writes_what_save_file_writes(tmp_path):
+    """The planned layout (header first, tensors written at their offsets in any order) is byte for byte the
+    file safetensors' save_file writes for the same tensors; shards split in model order at the limit."""
+    from safetensors.torch import save_file
+
+    from omniq.errors import GateFailed
+    from omniq.export.streamed import ShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(6, 8, generator=g).to(torch.bfloat16),
+               "b.weight_scale": torch.tensor(0.5), "a.weight": torch.randn(4, 8, generator=g).to(torch.float8_e4m3fn),
+               "a.packed": torch.randint(0, 255, (4, 4), generator=g, dtype=torch.uint8),
+               "a.input_scale": torch.tensor(1.5), "z.router": torch.randn(3, 8, generator=g)}
+    layout = {n: ({torch.bfloat16: "BF16", torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3",
+                   torch.uint8: "U8"}[t.dtype], tuple(t.shape)) for n, t in tensors.items()}
+    w = ShardWriter(tmp_path, layout, limit=1 << 20)
+    for name in reversed(list(tensors)):
+        w.add({name: tensors[name]})
+    assert w.finish() == ["model.safetensors"]
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+    d = tmp_path / "split"
+    d.mkdir()
+    w = ShardWriter(d, layout, limit=100)
+    w.add(tensors)
+    names = w.finish()
+    assert len(names) > 1 and names[0] == f"model-00001-of-{len(names):05d}.safetensors"
+    with pytest.raises(GateFailed, match="expected BF16"):
+        ShardWriter(d, layout).add({"b.weight": torch.zeros(6, 8)})
+    with pytest.raises(GateFailed, match="unexpected tensor"):
+        ShardWriter(d, layout).add({"c": torch.zeros(1)})
+    with pytest.raises(GateFailed, match="missing"):
+        ShardWriter(d, layout).finish()
