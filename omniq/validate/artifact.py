@@ -150,6 +150,18 @@ class Artifact:
         """Every tensor that is not a quantizer's companion (weights, norms, biases, towers), in file order."""
         return [n for n in self.checkpoint.headers if _companion(n) is None]
 
+    @cached_property
+    def names_by_layer(self) -> dict[int, list[str]]:
+        """Decoder layer index -> its base tensors, in file order."""
+        p = f"{self.arch.prefix}backbone.layers."
+        out: dict[int, list[str]] = {}
+        for n in self.base_names:
+            if n.startswith(p):
+                i = n[len(p):].split(".", 1)[0]
+                if i.isdigit():
+                    out.setdefault(int(i), []).append(n)
+        return out
+
     def logical_shape(self, name: str) -> tuple[int, ...]:
         """The shape of a base tensor once dequantized."""
         info = self.checkpoint.headers[name]
@@ -689,11 +701,15 @@ def unquantized_names(reference: Artifact, candidate: Artifact, names) -> list[s
     return out
 
 
-def changed_unquantized(reference: Mapping[str, torch.Tensor], candidate: Mapping[str, torch.Tensor],
-                        names) -> dict[str, float]:
+def changed_unquantized(reference, candidate, names=None) -> dict[str, float]:
     """Of `names` (tensors the candidate keeps in high precision, see `unquantized_names`), those whose values
     differ from the reference's (e.g. a router saved in BF16 instead of FP32): name -> largest absolute
-    difference. `reference` / `candidate` are float32 mappings: one layer's `UnitWeights`, or `weights`."""
+    difference. `reference` / `candidate` are float32 mappings (one layer's `UnitWeights`, or `weights`), or
+    two Artifacts: then every unquantized tensor, read one at a time."""
+    if isinstance(reference, Artifact):
+        if names is None:
+            names = unquantized_names(reference, candidate, reference.base_names)
+        reference, candidate = reference.weights, candidate.weights
     out = {}
     for name in names:
         ref, cand = reference[name], candidate[name]

@@ -77,8 +77,8 @@ class Outcome:
 
 # ----- which tensors belong to which step ---------------------------------------------------------------
 def layer_names(artifact: Artifact, i: int) -> list[str]:
-    p = artifact.arch.layer_prefix(i) + "."
-    return [n for n in artifact.base_names if n.startswith(p)]
+    """Layer i's base tensors (norm, mixer weights, biases, router), in file order."""
+    return artifact.names_by_layer.get(i, [])
 
 
 def head_names(artifact: Artifact) -> list[str]:
@@ -247,7 +247,8 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
         progress(done, steps)
 
     # the rest (towers, anything outside the language model): tensor by tensor
-    rest = [n for n in reference.base_names if n not in streamed_names(reference)]
+    streamed = streamed_names(reference)
+    rest = [n for n in reference.base_names if n not in streamed]
     elsewhere = changed_unquantized(reference.weights, candidate.weights,
                                     unquantized_names(reference, candidate, rest))
     return Outcome(comparisons, sqnr, changed, elsewhere)
