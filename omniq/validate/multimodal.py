@@ -22,6 +22,7 @@ from omniq.calib import media
 from omniq.errors import OmniqError
 from omniq.model import forward, omni, towers
 from omniq.validate import gates as gates_mod
+from omniq.validate.artifact import bf16_compute_hooks
 from omniq.validate.metrics import Comparison
 
 DEFAULT_MEDIA_SAMPLES = 32
@@ -41,12 +42,15 @@ def available(cfg: dict, headers) -> tuple[list[str], str | None]:
 
 
 @torch.inference_mode()
-def compare_modality(reference, candidate, modality: str, samples: int, *, progress=None) -> dict:
-    """Metrics of the candidate against the reference on `samples` bundled eval samples of one modality."""
+def compare_modality(reference, candidate, modality: str, samples: int, *, progress=None,
+                     noise_floor: bool = False) -> dict:
+    """Metrics of the candidate against the reference on `samples` bundled eval samples of one modality
+    (with `noise_floor`, also the reference run as a BF16 engine runs it, as `noise_floor`)."""
     cfg = reference.checkpoint.config
     tokens = omni.context_tokens(cfg, reference.tokenizer)
     linear, kv = candidate.linear(), candidate.kv()
-    cmp = Comparison()
+    floor_hooks = bf16_compute_hooks(reference.weights) if noise_floor else None
+    cmp, floor_cmp = Comparison(), Comparison()
     for k, sample in enumerate(media.bundled(modality, "eval", samples)):
         x = media.model_inputs(sample, cfg, reference.tokenizer, tokens)
         L = x.num_tokens
@@ -58,29 +62,43 @@ def compare_modality(reference, candidate, modality: str, samples: int, *, progr
         ref = forward.logits(reference.arch, reference.weights, inputs_embeds=e_ref)
         cand = forward.logits(candidate.arch, candidate.weights, inputs_embeds=e_cand, linear=linear, kv=kv)
         sel = slice(x.target_start - 1, L - 1)            # predictions of the caption tokens
-        cmp.add(ref[:, sel], cand[:, sel], x.input_ids[:, x.target_start:])
+        targets = x.input_ids[:, x.target_start:]
+        cmp.add(ref[:, sel], cand[:, sel], targets)
+        if floor_hooks is not None:
+            fl = forward.logits(reference.arch, reference.weights, inputs_embeds=e_ref, linear=floor_hooks[0],
+                                kv=floor_hooks[1])
+            floor_cmp.add(ref[:, sel], fl[:, sel], targets)
         if progress is not None:
             progress(k + 1, samples)
-    return cmp.summary()
+    out = cmp.summary()
+    if floor_hooks is not None:
+        out["noise_floor"] = {k: v for k, v in floor_cmp.summary().items() if k in gates_mod.FLOOR_KEYS}
+    return out
 
 
-def evaluate(reference, candidate, *, samples: int = DEFAULT_MEDIA_SAMPLES, max_kl=None, min_top1=None,
-             max_ppl_ratio=None, progress=None) -> tuple[dict, list[str]]:
-    """{modality: metrics + gates + failures + passed} for every media modality of an Omni checkpoint, and
-    warnings (e.g. towers omniq cannot run: then only the text set is evaluated, said so)."""
+def evaluate(reference, candidate, *, samples: int = DEFAULT_MEDIA_SAMPLES, gate_of=None, noise_floor: bool = True,
+             progress=None) -> tuple[dict, list[str]]:
+    """{modality: metrics + noise floor + gates + failures + passed} for every media modality of an Omni
+    checkpoint, and warnings (e.g. towers omniq cannot run: then only the text set is evaluated, said so).
+    `gate_of(modality, floor) -> Gates` (default: the candidate format's gates from this modality's floor)."""
     ckpt = reference.checkpoint
     if not ckpt.is_omni or samples <= 0:
         return {}, []
+    if gate_of is None:
+        fmt = gates_mod.gate_format(candidate)
+        gate_of = lambda m, floor: gates_mod.from_floor(floor, fmt)  # noqa: E731
     wanted, why = available(ckpt.config, ckpt.headers)
     warnings = [f"image / audio evaluation skipped: {why}"] if why else []
     out = {}
     for m in wanted:
-        metrics = compare_modality(reference, candidate, m, samples, progress=progress)
-        gate = gates_mod.gates_for(candidate.format, max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio)
+        metrics = compare_modality(reference, candidate, m, samples, progress=progress, noise_floor=noise_floor)
+        floor = metrics.get("noise_floor")
+        gate = gate_of(m, floor)
         failures = [f"{m}: {f}" for f in gates_mod.check(metrics, gate)]
         out[m] = {**{k: metrics[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference",
                                               "ppl_candidate", "ppl_ratio", "tokens")},
-                  "passed": not failures, "gates": gate.as_dict(), "failures": failures,
+                  "passed": not failures, "gates": gate.as_dict(), "noise_floor": floor,
+                  "gate_table": gates_mod.side_by_side(metrics, floor, gate), "failures": failures,
                   "eval": {"set": f"bundled-{m}:eval", "samples": samples, "scored": "caption tokens",
                            **media.identity(m, "eval")}}
     return out, warnings
