@@ -189,7 +189,7 @@ def publish(
     allow_failed: bool = typer.Option(False, "--allow-failed", help="Publish even if lint or the validation gates did not pass (or never ran)."),
     plain_http: bool = typer.Option(False, "--plain-http", help="OCI over plain HTTP (always on for 127.0.0.1 / localhost)."),
 ):
-    """Publish a validated artifact to an OCI registry (through oras) or the Hugging Face Hub."""
+    """Publish a validated artifact to an OCI registry (OCI distribution API) or the Hugging Face Hub."""
     from omniq.publish.publish import publish as do_publish
 
     result = do_publish(artifact, ref, force=force, allow_failed=allow_failed, plain_http=plain_http,
@@ -358,14 +358,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     except typer.Abort:
         typer.echo("omniq: aborted", err=True)
         return 130
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except typer.TyperException as e:
+        return _usage_error(e)
     return 0
+
+
+def _usage_error(e: "typer.TyperException") -> int:
+    """Typer's own errors (unknown option, missing argument, bad option value) as one line and exit 2.
+
+    `standalone_mode=False` makes typer raise them instead of printing; its `show()` prints the usage block
+    and the message on several lines, so the message is formatted here. A bare `omniq` raises the same kind
+    of error carrying the help text: that one is shown as it is.
+    """
+    ctx = getattr(e, "ctx", None)
+    message = e.format_message()
+    if type(e).__name__ == "NoArgsIsHelpError":  # typer has already printed the help (rich) or carries it
+        if message.strip():
+            typer.echo(message, err=True)
+        return 2
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    one_line = " ".join(message.split())
+    typer.echo(f"omniq: error: {one_line}{hint}", err=True)
+    return 2
 
 
 def run() -> None:

@@ -25,3 +25,17 @@ def omni_config(llm: dict) -> dict:
         "ps_version": "v2", "vit_hidden_size": 1280, "projector_hidden_size": 20480,
         "img_context_token_id": 18, "sound_context_token_id": 27,
     }
+
+
+def manifest_fields(recipe: dict | None = None, modules: dict | None = None, files: dict | None = None) -> dict:
+    """The keys `omniq quantize` writes into omniq.json and omniq's exact reader checks (omniq.manifest), with
+    small values, for fixtures that write an omniq.json by hand (`files` is added when given)."""
+    out = {"omniq_manifest": 1, "created": "2026-01-02T03:04:05+00:00",
+           "versions": {"omniq": "0.1.0", "modelopt": "0.47.0"},
+           "source": {"model": "tiny", "path": "/models/tiny", "files": {}},
+           "recipe": recipe or {"name": "fp8", "kv_cache": None, "default": "fp8", "rules": []},
+           "calibration": {"source": "bundled:calib", "samples": 8, "seq_len": 64},
+           "modules": modules or {}}
+    if files is not None:
+        out["files"] = files
+    return out

@@ -150,6 +150,39 @@ def test_out_cannot_be_the_source(tiny_dir, tmp_path, capsys):
     assert (src / "config.json").is_file()
 
 
+USAGE_ERRORS = {
+    "unknown option": (["quantize", "tiny", "--recipe", "fp8", "--out", "OUT", "--bogus"], "No such option: --bogus"),
+    "missing argument": (["quantize", "--recipe", "fp8", "--out", "OUT"], "Missing argument"),
+    "bad option value": (["quantize", "tiny", "--recipe", "fp8", "--out", "OUT", "--calib-samples", "many"],
+                         "Invalid value for '--calib-samples'"),
+    "option below its minimum": (["validate", "tiny", "OUT", "--samples", "0"], "Invalid value for '--samples'"),
+    "option without its value": (["plan", "tiny", "--recipe"], "requires an argument"),
+    "unknown command": (["quantise", "tiny"], "No such command"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_usage_errors_are_one_line_exit_2_through_the_real_cli(case, tmp_path):
+    """Typer's own usage errors, through `python -m omniq.cli` as a user runs it: one line, exit 2, no
+    traceback, no usage block on stdout, nothing written."""
+    args, message = USAGE_ERRORS[case]
+    out = tmp_path / "out"
+    args = [str(out) if a == "OUT" else a for a in args]
+    p = subprocess.run([sys.executable, "-m", "omniq.cli", *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("omniq: error: "), p.stderr
+    assert message in lines[0] and "Traceback" not in p.stderr, p.stderr
+    assert p.stdout.strip() == ""
+    assert not out.exists()
+
+
+def test_bare_omniq_shows_the_help_and_exits_2():
+    p = subprocess.run([sys.executable, "-m", "omniq.cli"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "quantize" in p.stdout + p.stderr
+
+
 # ----- inspect --------------------------------------------------------------------------------------------
 def test_inspect_summarizes_the_architecture(capsys, tiny_dir):
     assert main(["inspect", "tiny", "--json"]) == 0

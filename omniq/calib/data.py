@@ -30,16 +30,15 @@ the artifact's `omniq.json`, so a calibration can be recognised and repeated.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from omniq.checksums import sha256_file
 from omniq.errors import OmniqError
+from omniq.quiet import quiet
 
 BUNDLED = {"tiny-calib": "calib"}
 DEFAULT = "tiny-calib"
@@ -155,16 +154,9 @@ def _read_hub(name: str, split: str, column: str) -> Iterator[str]:
             from None
 
 
-@contextlib.contextmanager
 def _quiet_datasets():
     """datasets logs its own ERROR lines for files it cannot read; omniq reports them in one line instead."""
-    logger = logging.getLogger("datasets")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return quiet("datasets")
 
 
 def source_texts(calib: str, *, column: str = "text", split: str = "train") -> tuple[Iterator[str], dict]:

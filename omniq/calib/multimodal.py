@@ -20,6 +20,8 @@ modality the router sent to it. The result is written per quantized layer into o
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -166,11 +168,22 @@ class ModalityCounter:
     def forward(self, model, batch: Batch) -> None:
         """One calibration forward of `batch`, counted."""
         device = next(model.parameters()).device
+        with self.observing(batch):
+            model(**{k: v.to(device) for k, v in batch.kwargs.items()}, use_cache=False, logits_to_keep=1)
+        self.count(batch)
+
+    @contextlib.contextmanager
+    def observing(self, batch: Batch):
+        """Router hooks attribute the tokens they see to `batch`'s modalities while the block runs (the
+        layer-streamed quantize runs one layer of one batch at a time)."""
         self._current = batch.modality
         try:
-            model(**{k: v.to(device) for k, v in batch.kwargs.items()}, use_cache=False, logits_to_keep=1)
+            yield
         finally:
             self._current = None
+
+    def count(self, batch: Batch) -> None:
+        """Add `batch` to the per-modality totals (once per batch)."""
         for k, m in enumerate(MODALITIES):
             self.total[m] += int((batch.modality == k).sum())
             self.last[m] += int((batch.modality[:, -1] == k).sum())

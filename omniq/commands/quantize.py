@@ -52,6 +52,8 @@ class QuantizeResult:
     modality_tokens: dict = field(default_factory=dict)
     experts: list[str] = field(default_factory=list)      # expert coverage summary lines (omniq.calib.experts)
     lint: dict = field(default_factory=dict)               # counts of the lint run at the end (lint.json)
+    predicted_peak_bytes: int = 0                          # the preflight's streamed estimate (quant/memory.py)
+    bytes_read: int = 0                                    # source tensors read by the streamed run
 
 
 def open_source(model: str, *, allow_pickle: bool = False) -> Checkpoint:
@@ -89,7 +91,9 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
              calib_mix: str | None = None, expert_policy=None) -> QuantizeResult:
     from omniq.calib import media, multimodal
     from omniq.export import hf_checkpoint as export
+    from omniq.export import streamed
     from omniq.quant import calibrate as cal
+    from omniq.quant import memory
     from omniq.quant.modelopt_config import enabled_quantizers, modelopt_config
 
     t0 = time.perf_counter()
@@ -108,6 +112,9 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
     if not plan.quantized and not plan.kv_cache:
         raise OmniqError(f"recipe {rec.name}: quantizes nothing on this model (every linear layer BF16, no KV "
                          "cache); nothing to export")
+    # Refuse before anything is loaded when the streamed peak cannot fit this process's memory limit.
+    predicted = memory.preflight(plan, samples=calib_samples, seq_len=calib_seq_len, batch=cal.BATCH_SIZE,
+                                 device=device)
     config = modelopt_config(plan)
     enabled = enabled_quantizers(plan)
     dropped = sorted(set(ckpt.headers) - set(ckpt.arch.tensor_by_name)     # e.g. mtp.* (not in the model)
@@ -129,36 +136,30 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
                          f"{ckpt.arch.vocab_size}; tokenizer and model do not match")
     seconds["prepare"] = time.perf_counter() - t0
 
-    t = time.perf_counter()
-    net = cal.load_model(ckpt, progress, device=device)
-    cal.patch_mamba_mixers(net)
-    seconds["load"] = time.perf_counter() - t
-
-    t = time.perf_counter()
+    # Layer-streamed calibration and export (omniq.export.streamed): one decoder layer in memory at a time.
     coverage = ExpertCoverage(expert_policy or ExpertPolicy(), ckpt.arch)
-    counter = multimodal.ModalityCounter(net) if mm is not None else None
-    rows = multimodal.forwards(mm.batches, counter) if mm is not None else calib_set.rows
-    try:
-        result = cal.calibrate(net, config, rows, progress=progress, enabled=enabled, coverage=coverage)
-    finally:
-        if counter is not None:
-            counter.close()
-    modality_tokens: dict = {}
-    if counter is not None:
-        per_layer = counter.per_layer(plan)
-        modality_tokens = {"total": dict(counter.total), "samples": dict(mm.samples),
-                           "summary": multimodal.summary(per_layer), "per_layer": per_layer}
-    seconds["calibrate"] = time.perf_counter() - t
-    coverage.enforce()    # experts left uncalibrated fail here (exit 1), before anything is written
-
+    batches = (list(mm.batches) if mm is not None
+               else [calib_set.rows[i:i + cal.BATCH_SIZE] for i in range(0, calib_set.rows.shape[0], cal.BATCH_SIZE)])
     t = time.perf_counter()
     with export.staged_output(out, force=force, protect=(ckpt.path,)) as stage:
-        if progress:
-            progress("export", 0, 1)
-        modelopt_qc = export.modelopt_export(net, stage)
-        seconds["export_modelopt"] = time.perf_counter() - t
-        del net, result.model
-        gc.collect()
+        skeleton = streamed.build_skeleton(ckpt)
+        counter = multimodal.ModalityCounter(skeleton) if mm is not None else None
+        try:
+            run = streamed.run(ckpt, plan, config, enabled, batches, stage.final, coverage=coverage,
+                               counter=counter, device=device, progress=progress, model=skeleton)
+        finally:
+            if counter is not None:
+                counter.close()
+        modality_tokens: dict = {}
+        if counter is not None:
+            per_layer = counter.per_layer(plan)
+            modality_tokens = {"total": dict(counter.total), "samples": dict(mm.samples),
+                               "summary": multimodal.summary(per_layer), "per_layer": per_layer}
+        seconds["load"] = run.seconds["inputs"]            # skeleton, embeddings, every block's inputs
+        seconds["calibrate"] = run.seconds["calibrate"]     # layers read from the shards and calibrated
+        seconds["export_layers"] = run.seconds["export_layers"]
+        coverage.enforce()    # experts left uncalibrated fail here (exit 1); the stage is removed
+        modelopt_qc = run.quant_config
         manifest = {
             "omniq_manifest": 1,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -177,15 +178,16 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
             "modules": dict(plan.formats),
             "experts": coverage.manifest(),
         }
-        exported = export.finish(stage, plan, ckpt, manifest, modelopt_qc, progress)
+        exported = export.finish_written(stage, plan, ckpt, manifest, modelopt_qc, progress)
         lint_counts = lint_stage(stage, out)
     seconds.update({f"export_{k}": v for k, v in exported.seconds.items()})
     seconds["export"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     return QuantizeResult(out=exported.path, plan=plan, counts=exported.counts, files=exported.files,
                           output_bytes=exported.bytes, seconds=seconds, manifest=exported.manifest,
-                          restored=result.restored, dropped=dropped, modality_tokens=modality_tokens,
-                          experts=coverage.summary(), lint=lint_counts)
+                          restored=run.restored, dropped=dropped, modality_tokens=modality_tokens,
+                          experts=coverage.summary(), lint=lint_counts, predicted_peak_bytes=predicted.total,
+                          bytes_read=run.bytes_read)
 
 
 def lint_stage(stage, out) -> dict:

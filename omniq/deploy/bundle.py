@@ -29,9 +29,9 @@ from omniq.checksums import sha256_file
 from omniq.errors import GateFailed, OmniqError
 from omniq.deploy import gpu_memory, trtllm
 from omniq.gpus import resolve_gpu
+from omniq.manifest import MANIFEST, listed_files, read_manifest
 from omniq.export.hf_checkpoint import staged_output
 
-MANIFEST = "omniq.json"
 
 
 @dataclass
@@ -47,30 +47,12 @@ class BuildResult:
 
 
 def manifest_checksums(ckpt_dir: Path) -> dict[str, str] | None:
-    """sha256 per file (path relative to the checkpoint) from the checkpoint's `omniq.json`, or None when
-    the checkpoint has no manifest. Accepts `files` as {path: hex}, {path: {"sha256": hex}} or
-    [{"path": p, "sha256": hex}]."""
+    """sha256 per file (path relative to the checkpoint) from the checkpoint's `omniq.json` (read exactly,
+    omniq.manifest), or None when the checkpoint has no manifest."""
     p = ckpt_dir / MANIFEST
     if not p.is_file():
         return None
-    try:
-        data = json.loads(p.read_text())
-    except ValueError as e:
-        raise OmniqError(f"{p}: not valid JSON ({e}); the checkpoint's manifest is damaged") from None
-    files = data.get("files") if isinstance(data, dict) else None
-    if files is None and isinstance(data, dict):
-        files = data.get("sha256")
-    out: dict[str, str] = {}
-    if isinstance(files, dict):
-        for name, v in files.items():
-            out[name] = v.get("sha256") if isinstance(v, dict) else v
-    elif isinstance(files, list):
-        for v in files:
-            if isinstance(v, dict) and "path" in v:
-                out[v["path"]] = v.get("sha256")
-    if not out or not all(isinstance(h, str) and len(h) == 64 for h in out.values()):
-        raise OmniqError(f"{p}: no sha256 per file under 'files'; re-export the checkpoint with omniq quantize")
-    return out
+    return listed_files(read_manifest(p))
 
 
 def _files(root: Path) -> list[Path]:
@@ -194,11 +176,6 @@ def _check_out(out: Path, ckpt_dir: Path, force: bool) -> None:
             raise OmniqError(f"--out {out}: exists and is not a directory; remove it yourself")
 
 
-def _read_manifest(ckpt_dir: Path) -> dict:
-    data = json.loads((ckpt_dir / MANIFEST).read_text())      # already parsed once by manifest_checksums
-    return data if isinstance(data, dict) else {}
-
-
 def _write(path: Path, text: str, executable: bool = False) -> None:
     path.write_text(text)
     if executable:
@@ -261,7 +238,7 @@ def build(checkpoint: str, gpu: str, out: str | Path, *, tp: int = 1, ep: int | 
             if not rel.startswith("checkpoint/"):
                 checksums[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
 
-        own = _read_manifest(ckpt.path) if expected is not None else {}
+        own = read_manifest(ckpt.path / MANIFEST) if expected is not None else {}
         manifest = {
             "omniq_version": __version__,
             "command": "omniq build",

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from omniq.errors import GateFailed, OmniqError
+from omniq.quiet import quiet
 
 OPSET = 18
 MAX_REL_ERROR = 1e-3               # ONNX (onnxruntime) against the exported PyTorch module
@@ -157,16 +158,11 @@ def _worst(results: list[dict]) -> dict:
 @contextlib.contextmanager
 def _quiet_exporter():
     """The exporter prints progress to stdout and logs about optional packages (torchvision) it does not need."""
-    log = logging.getLogger("torch.onnx")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        log.setLevel(level)
+    with quiet("torch.onnx", level=logging.ERROR), contextlib.redirect_stdout(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
 
 
 def export_one(enc: Encoder, out_dir: Path) -> dict:

@@ -34,25 +34,25 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from omniq.atomic import Staged, staged_dir
 from omniq.checksums import sha256_file
 from omniq.errors import GateFailed, OmniqError
+from omniq.manifest import MANIFEST
 from omniq.model.arch import Arch
 from omniq.model.checkpoint import Checkpoint, read_safetensors_header
+from omniq.quiet import quiet
 from omniq.quant.plan import NVFP4_GROUP, LayerPlan
 
 Progress = Callable[[str, int, int], None]
 SHARD_SIZE = "5GB"
-MANIFEST = "omniq.json"
 # Files of the source checkpoint that travel with the artifact (weights and configs are written anew).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
               "generation_config.json", "chat_template.json", "chat_template.jinja", "vocab.json", "merges.txt",
@@ -65,18 +65,16 @@ CHECK_ROWS = 32
 
 # ----- the output directory ----------------------------------------------------------------------------
 @dataclass
-class Stage:
-    out: Path
-    root: Path                       # the hidden temporary sibling of `out`
-    force: bool
+class Stage(Staged):
+    force: bool = False
+
+    @property
+    def out(self) -> Path:
+        return self.dest
 
     @property
     def raw(self) -> Path:
         return self.root / "modelopt"
-
-    @property
-    def final(self) -> Path:
-        return self.root / "final"
 
 
 def check_out(out: str | Path, *, force: bool, protect: tuple[Path, ...] = ()) -> Path:
@@ -92,49 +90,11 @@ def check_out(out: str | Path, *, force: bool, protect: tuple[Path, ...] = ()) -
     return out
 
 
-@contextlib.contextmanager
 def staged_output(out: str | Path, *, force: bool = False, protect: tuple[Path, ...] = ()):
     """Stage an artifact beside `out` and move it into place only if the block succeeds."""
     out = check_out(out, force=force, protect=protect)
-    created: list[Path] = []
-    parent = out.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    for p in reversed(created):
-        p.mkdir()
-    stage = None
-    try:
-        stage = Stage(out=out, root=Path(tempfile.mkdtemp(prefix=f".{out.name}.omniq-", dir=out.parent)),
-                      force=force)
-        stage.final.mkdir()
-        yield stage
-        _move_into_place(stage)
-    except BaseException:
-        if stage is not None:
-            shutil.rmtree(stage.root, ignore_errors=True)
-        for p in created:                      # innermost first
-            with contextlib.suppress(OSError):
-                p.rmdir()
-        raise
-    else:
-        shutil.rmtree(stage.root, ignore_errors=True)
-
-
-def _move_into_place(stage: Stage) -> None:
-    out = stage.out
-    old = None
-    if out.exists() or out.is_symlink():
-        if not stage.force:   # appeared while we worked
-            raise OmniqError(f"--out {out} appeared while quantizing; pass --force to replace it")
-        old = stage.root / "previous"
-        os.replace(out, old)
-    try:
-        os.replace(stage.final, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
+    return staged_dir(out, tag="omniq", replace=force, stage_type=Stage, force=force,
+                      appeared=f"--out {out} appeared while quantizing; pass --force to replace it")
 
 
 # ----- 1. ModelOpt's export ------------------------------------------------------------------------------
@@ -145,20 +105,10 @@ def modelopt_export(model, stage: Stage) -> dict:
 
     from omniq.quant.calibrate import modelopt_isolation
 
-    from transformers.utils import logging as hf_logging
-
-    bar_was_enabled = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        with modelopt_isolation(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=stage.raw, max_shard_size=SHARD_SIZE)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar_was_enabled:
-            hf_logging.enable_progress_bar()
+    with quiet(transformers=True, progress_bar=True), modelopt_isolation(), \
+            contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=stage.raw, max_shard_size=SHARD_SIZE)
     hq = stage.raw / "hf_quant_config.json"
     return json.loads(hq.read_text()) if hq.is_file() else {}
 
@@ -456,11 +406,20 @@ class Exported:
 def finish(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,
            progress: Progress | None = None) -> Exported:
     """Steps 2-5 on a stage that holds ModelOpt's export."""
-    seconds = {}
     t = time.perf_counter()
     write_tensors(stage, plan.arch, progress, ckpt)
     shutil.rmtree(stage.raw, ignore_errors=True)
-    seconds["rewrite"] = time.perf_counter() - t
+    rewrite = time.perf_counter() - t
+    exported = finish_written(stage, plan, ckpt, manifest, modelopt_quant_config, progress)
+    exported.seconds["rewrite"] = rewrite
+    return exported
+
+
+def finish_written(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,
+                   progress: Progress | None = None) -> Exported:
+    """Steps 3-5 on a stage whose final directory holds the hub-layout shards (the layer-streamed export
+    writes them there directly: `omniq.export.streamed`)."""
+    seconds = {}
     t = time.perf_counter()
     counts = verify_tensors(stage.final, plan, ckpt, progress)
     seconds["verify"] = time.perf_counter() - t

@@ -16,6 +16,7 @@ from pathlib import Path
 from omniq.errors import OmniqError
 from omniq.model import omni
 from omniq.model.arch import Arch, from_config
+from omniq.quiet import quiet
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -86,18 +87,14 @@ class Checkpoint:
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()     # an Omni config.json makes transformers warn about its model type
+        # an Omni config.json makes transformers warn about its model type
         try:
-            # Never the checkpoint's own code: an Omni config's auto_map would make transformers ask on stdin.
-            return AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
+            with quiet(transformers=True):
+                # Never the checkpoint's own code: an Omni config's auto_map would make transformers ask on stdin.
+                return AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - turn any loader failure into a user-facing message
             raise OmniqError(f"{self.path}: cannot load the tokenizer ({type(e).__name__}: {e}); "
                              "the checkpoint directory needs tokenizer.json / tokenizer_config.json") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
 
 
 def bundled_names() -> list[str]:

@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from omniq.atomic import replace_dir, write_atomic
 from omniq.checksums import sha256_file
 from omniq.errors import OmniqError
 
@@ -40,44 +41,6 @@ def canonical(obj) -> bytes:
 
 def key(obj) -> str:
     return hashlib.sha256(canonical(obj)).hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under root (children before parents)."""
-    for dirpath, _dirs, files in os.walk(root, topdown=False, followlinks=False):
-        for name in files:
-            p = os.path.join(dirpath, name)
-            if os.path.islink(p):
-                continue
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 class HashCache:
@@ -206,12 +169,8 @@ class Store:
     def commit(self, stage: str, k: str, tmp: Path, result: dict) -> Finished:
         raw = json.dumps(result, indent=1, sort_keys=True, default=str).encode() + b"\n"
         (tmp / RESULT).write_bytes(raw)
-        fsync_tree(tmp)
         out = self.path(stage, k)
-        if out.exists():                      # a directory without a valid marker (sweep would remove it too)
-            _remove(out)
-        os.rename(tmp, out)
-        fsync_dir(out.parent)
+        replace_dir(tmp, out, fsync=True)     # over a directory without a valid marker (sweep would remove it too)
         write_atomic(out.with_name(f"{k}.done"),
                      canonical({"stage": stage, "key": k, "result_sha256": hashlib.sha256(raw).hexdigest()}))
         return Finished(stage, k, out, json.loads(raw))

@@ -7,10 +7,13 @@ that was not measured is shown as "-" and left out of the chart, never drawn as 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from pathlib import Path
+
+from omniq.atomic import write_atomic
 
 STATUS_ICON = {"passed": "✅ passed", "gates failed": "❌ gates failed", "error": "⛔ error",
                "incomplete": "⏸ incomplete"}
@@ -131,17 +134,15 @@ def chart(summary: dict, path: Path) -> Path:
     fig.suptitle(f"omniq pipeline {summary['pipeline']}: deltas against the source (dashed: gate)", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, png.getvalue())
 
 
 def write(summary: dict, workdir: Path) -> dict[str, Path]:
     """summary.json, summary.md and deltas.png in the work directory; summary.md is also appended to
     $GITHUB_STEP_SUMMARY when that is set (a GitHub Actions job summary)."""
-    from omniq.pipeline.cache import write_atomic
 
     workdir.mkdir(parents=True, exist_ok=True)
     md = markdown(summary)

@@ -1,4 +1,5 @@
-"""Publish an artifact to an OCI registry and pull it back: `oci://HOST[:PORT]/REPO:TAG`, through `oras`.
+"""Publish an artifact to an OCI registry and pull it back: `oci://HOST[:PORT]/REPO:TAG`, over the OCI
+distribution API with plain `requests` (`Registry`).
 
 The artifact becomes one OCI image manifest (artifactType `application/vnd.omniq.checkpoint.v1`):
 
@@ -23,24 +24,20 @@ succeeds, so a re-run pipeline or CI job does not need `--force`.
 then every file against `omniq.json`, and only then renames it into place.
 
 Transport: HTTPS, or plain HTTP with `--plain-http` and always for loopback hosts (127.0.0.1, localhost,
-::1). One request at a time with timeouts and no retry loop (oras' own retries sleep for minutes on a
-registry that is down). Credentials: `omniq.publish.registry_auth`; none appears in any output.
+::1). One request at a time with timeouts and no retry loop (a registry that is down is reported at once). Credentials: `omniq.publish.registry_auth`; none appears in any output.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 import re
-import shutil
-import tempfile
-import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omniq import __version__
+from omniq.atomic import staged_dir
 from omniq.errors import OmniqError
 from omniq.publish import release as rel
 from omniq.publish.registry_auth import Credentials, credentials_for
@@ -148,78 +145,57 @@ def _error_detail(resp) -> str:
 
 
 class Registry:
-    """One registry host, through oras' `Registry` (auth, container URLs, blob and manifest calls)."""
+    """One registry host and repository, spoken to with plain `requests` as the OCI distribution spec says.
+
+    The calls: `GET /v2/` (is it a registry, which auth), `HEAD` / `GET /v2/REPO/blobs/DIGEST`, a monolithic
+    upload (`POST /v2/REPO/blobs/uploads/`, then one `PUT LOCATION?digest=...` with the bytes), and
+    `PUT` / `GET /v2/REPO/manifests/REF`. Authentication: none, HTTP basic (a `Basic` challenge on `/v2/`),
+    or the token flow (a `Bearer realm=...,service=...,scope=...` challenge on any call: a token is fetched
+    from the realm with the basic credentials, if any, and the call is repeated once with it). oras'
+    client was used before; it offers no public way to turn off its minutes-long retry loop or to send a
+    streamed file as one PUT, and this is the handful of calls omniq needs.
+    """
 
     def __init__(self, ref: OciRef, *, plain_http: bool = False, credentials: Credentials | None = None):
-        import oras.auth
-        import oras.provider
         import requests
 
-        logging.getLogger("oras.logger").setLevel(logging.CRITICAL)  # omniq reports errors itself
         self.ref = ref
         self.credentials = credentials
         self.insecure = plain_http or ref.loopback
         self._requests = requests
+        self.session = requests.Session()
+        self.token: str | None = None
 
-        class Session(requests.Session):
-            def request(self, *args, **kwargs):
-                kwargs.setdefault("timeout", (CONNECT_TIMEOUT, READ_TIMEOUT))
-                return super().request(*args, **kwargs)
-
-        class Client(oras.provider.Registry):
-            def do_request(self, *args, **kwargs):
-                # oras' retry decorator sleeps 3 s .. 83 s between five attempts; one attempt, errors to us.
-                return oras.provider.Registry.do_request.__wrapped__(self, *args, **kwargs)
-
-        class NoConfigs:
-            def load_configs(self, container, configs=None):
-                """Credentials are omniq's business (environment, then docker config): see registry_auth."""
-
-        class Basic(NoConfigs, oras.auth.BasicAuth):
-            _basic_auth = None
-
-            def get_auth_header(self):
-                return {"Authorization": f"Basic {self._basic_auth}"} if self._basic_auth else {}
-
-        class Token(NoConfigs, oras.auth.TokenAuth):
-            pass
-
-        self.client = Client(hostname=ref.host, insecure=self.insecure, auth_backend="basic")
-        session = Session()
-        session.cookies = self.client.session.cookies
-        self.client.session = session
-        self._auth_classes = (Basic, Token)
-        self._set_auth(Basic)
-        self.container = self.client.get_container(f"{ref.host}/{ref.repo}:{ref.tag or 'latest'}")
-
-    def _set_auth(self, cls) -> None:
-        auth = cls()
-        auth.session = self.client.session
-        auth.prefix = self.client.prefix
-        auth._tls_verify = True
-        if self.credentials is not None:
-            auth.set_basic_auth(self.credentials.username, self.credentials.password)
-        self.client.auth = auth
+    @property
+    def root(self) -> str:
+        return f"{'http' if self.insecure else 'https'}://{self.ref.host}/v2"
 
     @property
     def base(self) -> str:
-        return f"{self.client.prefix}://{self.ref.host}/v2/{self.ref.repo}"
+        return f"{self.root}/{self.ref.repo}"
 
     def redact(self, text: str) -> str:
         return self.credentials.redact(text) if self.credentials else text
 
-    def request(self, method: str, url: str, *, during: str, raw: bool = False, **kwargs):
-        """One HTTP call (through oras, or `raw` on the session without its auth dance); a transport failure
-        becomes a one-line OmniqError naming what was under way."""
+    def _send(self, method: str, url: str, headers: dict | None = None, **kwargs):
+        headers = dict(headers or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        kwargs.setdefault("timeout", (CONNECT_TIMEOUT, READ_TIMEOUT))
+        return self.session.request(method, url, headers=headers, allow_redirects=True, **kwargs)
+
+    def request(self, method: str, url: str, *, during: str, **kwargs):
+        """One HTTP call (repeated once after a bearer challenge, with a fresh token for its scope); a
+        transport failure becomes a one-line OmniqError naming what was under way."""
         try:
-            if raw:
-                return self.client.session.request(method, url, **kwargs)
-            resp = self.client.do_request(url, method, **kwargs)
-            if resp.status_code == 401 and isinstance(self.client.auth, self._auth_classes[1]) \
-                    and not hasattr(kwargs.get("data"), "read"):
-                # a bearer token from an earlier challenge (pull scope) does not cover this one (push): ask anew
-                self.client.auth.token = None
-                resp = self.client.do_request(url, method, **kwargs)
+            resp = self._send(method, url, **kwargs)
+            challenge = _challenge(resp)
+            if resp.status_code == 401 and challenge is not None and challenge[0] == "bearer":
+                self.token = self._fetch_token(challenge[1], during)
+                data = kwargs.get("data")
+                if hasattr(data, "seek"):
+                    data.seek(0)
+                resp = self._send(method, url, **kwargs)
             return resp
         except self._requests.exceptions.SSLError as e:
             raise OmniqError(self.redact(
@@ -229,10 +205,26 @@ class Registry:
             raise OmniqError(self.redact(
                 f"registry {self.ref.host} is not reachable while {during} ({_reason(e)}); check the address "
                 "and that the registry is running")) from None
-        except ValueError as e:  # oras: "Cannot respond to request for authentication."
-            raise OmniqError(self.redact(
-                f"registry {self.ref.host} refused the credentials while {during} ({e}); check "
-                "OMNIQ_REGISTRY_USER / OMNIQ_REGISTRY_PASSWORD or your docker login")) from None
+
+    def _fetch_token(self, params: dict, during: str) -> str:
+        """The token flow: GET realm?service=...&scope=... with basic credentials (or anonymously)."""
+        realm = params.get("realm")
+        if not realm:
+            raise OmniqError(f"registry {self.ref.host} asked for a bearer token without a realm while {during}")
+        query = {k: params[k] for k in ("service", "scope") if params.get(k)}
+        auth = (self.credentials.username, self.credentials.password) if self.credentials else None
+        resp = self.session.get(realm, params=query, auth=auth, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        if resp.status_code != 200:
+            raise self.fail(resp, f"{during} (token from {realm.split('?', 1)[0]})")
+        try:
+            body = resp.json()
+            token = body.get("token") or body.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise OmniqError(f"registry {self.ref.host}: the token service {realm.split('?', 1)[0]} sent no "
+                             f"token while {during}")
+        return token
 
     def fail(self, resp, during: str) -> OmniqError:
         if resp.status_code in (401, 403):
@@ -244,20 +236,16 @@ class Registry:
 
     def ping(self) -> None:
         """GET /v2/: is it an OCI registry, and which authentication does it want?"""
-        Basic, Token = self._auth_classes
-        url = f"{self.client.prefix}://{self.ref.host}/v2/"
-        resp = self.request("GET", url, during="connecting", raw=True)
+        url = f"{self.root}/"
+        resp = self.request("GET", url, during="connecting")
         if resp.status_code == 200:
             return
-        challenge = resp.headers.get("Www-Authenticate", "")
-        if resp.status_code == 401 and challenge.lower().startswith("bearer"):
-            self._set_auth(Token)
-            return
-        if resp.status_code == 401 and challenge.lower().startswith("basic"):
+        challenge = _challenge(resp)
+        if resp.status_code == 401 and challenge is not None and challenge[0] == "basic":
             if self.credentials is None:
                 raise self.fail(resp, "connecting")
-            self.client.session.auth = (self.credentials.username, self.credentials.password)
-            resp = self.request("GET", url, during="logging in", raw=True)
+            self.session.auth = (self.credentials.username, self.credentials.password)
+            resp = self.request("GET", url, during="logging in")
             if resp.status_code == 200:
                 return
         raise self.fail(resp, "connecting") if resp.status_code in (401, 403) else OmniqError(
@@ -280,18 +268,22 @@ class Registry:
             return resp.status_code == 200
         raise self.fail(resp, f"checking blob {digest}")
 
-    def upload_blob(self, path: Path, digest: str, size: int) -> None:
-        """POST an upload session, then one streamed PUT with the digest (the registry checks it)."""
-        resp = self.request("POST", f"{self.base}/blobs/uploads/", during=f"uploading {path.name}",
+    def _upload_url(self, digest: str, what: str) -> str:
+        """POST an upload session; its Location (relative or absolute) with the digest added."""
+        resp = self.request("POST", f"{self.base}/blobs/uploads/", during=f"uploading {what}",
                             headers={"Content-Type": "application/octet-stream", "Content-Length": "0"})
         if resp.status_code not in (201, 202):
-            raise self.fail(resp, f"starting the upload of {path.name}")
-        location = self.client._get_location(resp, self.container)
+            raise self.fail(resp, f"starting the upload of {what}")
+        location = resp.headers.get("Location")
         if not location:
-            raise OmniqError(f"registry {self.ref.host} gave no upload location for {path.name}")
-        import oras.utils
+            raise OmniqError(f"registry {self.ref.host} gave no upload location for {what}")
+        url = urllib.parse.urljoin(resp.url, location)
+        return url + ("&" if "?" in url else "?") + urllib.parse.urlencode({"digest": digest})
 
-        url = oras.utils.append_url_params(location, {"digest": digest})
+    def upload_blob(self, path: Path, digest: str, size: int) -> None:
+        """A monolithic upload: POST an upload session, then one streamed PUT with the digest (the registry
+        checks it)."""
+        url = self._upload_url(digest, path.name)
         with open(path, "rb") as f:
             resp = self.request("PUT", url, during=f"uploading {path.name}", data=f,
                                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
@@ -299,13 +291,7 @@ class Registry:
             raise self.fail(resp, f"uploading {path.name}")
 
     def upload_blob_bytes(self, data: bytes, digest: str, what: str) -> None:
-        resp = self.request("POST", f"{self.base}/blobs/uploads/", during=f"uploading {what}",
-                            headers={"Content-Type": "application/octet-stream", "Content-Length": "0"})
-        if resp.status_code not in (201, 202):
-            raise self.fail(resp, f"starting the upload of {what}")
-        import oras.utils
-
-        url = oras.utils.append_url_params(self.client._get_location(resp, self.container), {"digest": digest})
+        url = self._upload_url(digest, what)
         resp = self.request("PUT", url, during=f"uploading {what}", data=data,
                             headers={"Content-Type": "application/octet-stream"})
         if resp.status_code not in (201, 204):
@@ -331,8 +317,6 @@ class Registry:
                         h.update(chunk)
                         n += len(chunk)
                         f.write(chunk)
-                    f.flush()
-                    os.fsync(f.fileno())
             except (self._requests.exceptions.ConnectionError, self._requests.exceptions.ChunkedEncodingError,
                     self._requests.exceptions.Timeout) as e:
                 raise OmniqError(f"registry {self.ref.host} stopped answering while downloading {dest.name} "
@@ -341,6 +325,16 @@ class Registry:
         if got != digest or n != size:
             raise OmniqError(f"{dest.name}: the registry sent {n} bytes with digest {got}, the manifest says {size} "
                              f"bytes with {digest}; the stored artifact is damaged, nothing was written")
+
+
+def _challenge(resp) -> tuple[str, dict] | None:
+    """A 401's `WWW-Authenticate` challenge: ("bearer" | "basic", {realm, service, scope, ...})."""
+    header = resp.headers.get("WWW-Authenticate", "")
+    scheme, _, rest = header.strip().partition(" ")
+    if not scheme:
+        return None
+    params = {k.lower(): v for k, v in re.findall(r'([A-Za-z]+)="([^"]*)"', rest)}
+    return scheme.lower(), params
 
 
 def _reason(e: Exception) -> str:
@@ -366,11 +360,10 @@ def _json_bytes(obj) -> bytes:
 
 def annotations(release: rel.Release, meta: dict, manifest_sha256: str) -> dict[str, str]:
     src = meta["source"]
-    name = src.get("model") or src.get("name") or src.get("id") or src.get("path") or "checkpoint"
+    name = src["model"]
     out = {
         TITLE: f"{Path(str(name)).name} {rel.recipe_name(release)}",
-        "org.opencontainers.image.created": str(release.manifest.get("created")
-                                                or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+        "org.opencontainers.image.created": release.manifest["created"],
         f"{ANN}version": __version__,
         f"{ANN}manifest.sha256": manifest_sha256,
         f"{ANN}recipe.name": rel.recipe_name(release),
@@ -544,9 +537,8 @@ def pull(ref: str, dest, *, force: bool = False, plain_http: bool = False, progr
     titles = [_layer_path((layer.get("annotations") or {}).get(TITLE, ""), str(src)) for layer in layers]
     if len(set(titles)) != len(titles) or rel.MANIFEST not in titles:
         raise OmniqError(f"{src}: the manifest has duplicate files or no {rel.MANIFEST}; not a complete artifact")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
-    try:
+    with staged_dir(dest, tag="pull", replace=force, fsync=True) as stage:
+        tmp = stage.final
         total = 0
         for i, (title, layer) in enumerate(zip(titles, layers, strict=True)):
             if progress is not None:
@@ -562,23 +554,4 @@ def pull(ref: str, dest, *, force: bool = False, plain_http: bool = False, progr
             rel.digests(release)
         except OmniqError as e:
             raise OmniqError(f"{src}: {e}".replace(str(tmp), "the pulled artifact")) from None
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return PullResult(str(src), digest, str(dest), len(layers), total)
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-        os.rename(dest, old / "d")
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)

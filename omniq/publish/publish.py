@@ -1,7 +1,7 @@
 """`omniq publish ARTIFACT_DIR REF` / `omniq pull REF DIR`: pick the destination by the reference's scheme.
 
-`oci://HOST[:PORT]/REPO:TAG` goes to `omniq.publish.oci` (through oras), `hf://ORG/NAME[@REVISION]` to
-`omniq.publish.hub` (through huggingface_hub). Both refuse an artifact that did not pass lint and its gates
+`oci://HOST[:PORT]/REPO:TAG` goes to `omniq.publish.oci` (the OCI distribution API over requests),
+`hf://ORG/NAME[@REVISION]` to `omniq.publish.hub` (through huggingface_hub). Both refuse an artifact that did not pass lint and its gates
 unless `allow_failed`, and never replace what a reference already holds unless `force`.
 """
 

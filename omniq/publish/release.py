@@ -2,18 +2,19 @@
 may ship: the one place `omniq publish` (OCI and hub), the model card and the pipeline read an artifact from.
 
 An artifact directory (from `omniq quantize`) holds the checkpoint files and `omniq.json`, omniq's manifest,
-whose `files` maps every other file's relative path to its sha256 (a bare hex string, or an object with a
-`sha256` key). Three sidecar files may be added after quantization and are shipped with it, hashed as they
+whose `files` maps every other file's relative path to its sha256 hex. Three sidecar files may be added after quantization and are shipped with it, hashed as they
 are (`omniq.json` cannot list them):
 
     validation.json   the report of `omniq validate REFERENCE ARTIFACT --report ARTIFACT/validation.json`
                       (`passed`, `kl_mean`, `kl_p95`, `top1_agreement`, `ppl_ratio`, `gates`, `failures`, ...)
-    lint.json         the findings of `omniq lint ARTIFACT` (`findings`: [{"severity", "message"}...] and/or
-                      `passed`); an artifact passes lint when no finding has severity "error"
+    lint.json         the findings of `omniq lint ARTIFACT --report ...` (`passed`, `counts`, `findings`:
+                      [{"id", "severity", "tensor_or_module", "message", "fix"}...]); an artifact passes lint
+                      when no finding has severity "error"
     README.md         the model card (`omniq publish hf://...` writes one if absent)
 
 Any other file that `omniq.json` does not list is refused (hidden files, such as a report being written, are
-ignored and never shipped): what ships is exactly what was written and checked.
+ignored and never shipped): what ships is exactly what was written and checked. All three JSON files are
+read by omniq.manifest's exact readers: a file of another shape is refused naming the file and the key.
 An artifact may ship only when validation.json says `passed` and lint.json has no error; `--allow-failed`
 overrides that (the failure still goes into the published metadata).
 """
@@ -26,8 +27,8 @@ from pathlib import Path
 
 from omniq.checksums import sha256_file
 from omniq.errors import GateFailed, OmniqError
-from omniq.manifest import (CARD, DELTA_KEYS, LINT, LINT_FAILING, MANIFEST, SIDECARS, VALIDATION,  # noqa: F401
-                            listed_files, module_formats, read_json as _read_json)
+from omniq.manifest import (CARD, DELTA_KEYS, LINT, MANIFEST, SIDECARS, VALIDATION,  # noqa: F401
+                            listed_files, module_formats, read_lint, read_manifest, read_validation)
 
 @dataclass
 class Release:
@@ -56,8 +57,8 @@ def open_release(path: str | os.PathLike) -> Release:
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise OmniqError(f"{root}: no {MANIFEST}; only artifacts written by `omniq quantize` can be published")
-    manifest = _read_json(mpath, MANIFEST)
-    listed = listed_files(manifest, str(mpath))
+    manifest = read_manifest(mpath)
+    listed = listed_files(manifest)
     missing = [f for f in listed if not (root / f).is_file()]
     if missing:
         raise OmniqError(f"{root}: {len(missing)} file(s) listed in {MANIFEST} are missing "
@@ -70,8 +71,8 @@ def open_release(path: str | os.PathLike) -> Release:
                          "remove them: only the files the artifact was written with (and "
                          f"{', '.join(SIDECARS)}) are published")
     sidecars = [s for s in SIDECARS if (root / s).is_file()]
-    validation = _read_json(root / VALIDATION, "the validation report") if VALIDATION in sidecars else None
-    lint = _read_json(root / LINT, "the lint report") if LINT in sidecars else None
+    validation = read_validation(root / VALIDATION) if VALIDATION in sidecars else None
+    lint = read_lint(root / LINT) if LINT in sidecars else None
     return Release(root, manifest, listed, sidecars, validation, lint)
 
 
@@ -92,10 +93,8 @@ def digests(release: Release) -> dict[str, str]:
 
 
 def lint_errors(lint: dict) -> list[str]:
-    findings = lint.get("findings") or []
-    errors = [f for f in findings if isinstance(f, dict) and str(f.get("severity", "")).lower() in LINT_FAILING]
-    msgs = [str(f.get("message") or f.get("code") or f) for f in errors]
-    if not msgs and lint.get("passed") is False:
+    msgs = [f["message"] for f in lint["findings"] if f["severity"] == "error"]
+    if not msgs and lint["passed"] is False:
         msgs = ["lint.json says passed: false"]
     return msgs
 
@@ -107,8 +106,8 @@ def gate_problems(release: Release) -> list[str]:
     if v is None:
         problems.append(f"no {VALIDATION} (run `omniq validate REFERENCE {release.path} "
                         f"--report {release.path / VALIDATION}`)")
-    elif v.get("passed") is not True:
-        failures = v.get("failures") or ["passed is not true"]
+    elif v["passed"] is not True:
+        failures = v["failures"] or ["passed is not true"]
         problems.append(f"validation gates failed: {'; '.join(map(str, failures))}")
     if release.lint is None:
         problems.append(f"no {LINT} (run `omniq lint {release.path} --report {release.path / LINT}`)")
@@ -158,18 +157,15 @@ def format_counts(release: Release) -> dict[str, int]:
     counts: dict[str, int] = {}
     for fmt in declared_formats(release).values():
         counts[fmt] = counts.get(fmt, 0) + 1
-    if not counts and release.validation and isinstance(release.validation.get("layer_formats"), dict):
-        counts = {str(k): int(v) for k, v in release.validation["layer_formats"].items()}
     return dict(sorted(counts.items()))
 
 
 def recipe(release: Release) -> dict:
-    r = release.manifest.get("recipe")
-    return r if isinstance(r, dict) else {}
+    return release.manifest["recipe"]
 
 
 def recipe_name(release: Release) -> str:
-    return str(recipe(release).get("name") or "unknown")
+    return recipe(release)["name"]
 
 
 def deltas(release: Release) -> dict:
@@ -178,22 +174,15 @@ def deltas(release: Release) -> dict:
 
 
 def source(release: Release) -> dict:
-    s = release.manifest.get("source")
-    return s if isinstance(s, dict) else {}
+    return release.manifest["source"]
 
 
 def source_hashes(release: Release) -> dict[str, str]:
-    s = source(release)
-    files = s.get("files") or s.get("sha256") or {}
-    if not isinstance(files, dict):
-        return {}
-    return {k: (v.get("sha256") if isinstance(v, dict) else v) for k, v in files.items()}
+    return dict(source(release)["files"])
 
 
-def _calibration(cal):
+def _calibration(cal: dict) -> dict:
     """The calibration identity without the per-row hashes (those stay in omniq.json, which ships)."""
-    if not isinstance(cal, dict):
-        return cal
     out = {k: v for k, v in cal.items() if k != "sample_sha256"}
     if isinstance(cal.get("sample_sha256"), list):
         out["rows_hashed"] = len(cal["sample_sha256"])
@@ -210,8 +199,8 @@ def metadata(release: Release) -> dict:
         "deltas": deltas(release),
         "gates": {"passed": not gate_problems(release), "problems": gate_problems(release),
                   "thresholds": v.get("gates"), "eval": v.get("eval")},
-        "source": {k: val for k, val in source(release).items() if k not in ("files", "sha256")},
+        "source": {k: val for k, val in source(release).items() if k != "files"},
         "source_hashes": source_hashes(release),
-        "calibration": _calibration(release.manifest.get("calibration")),
-        "versions": release.manifest.get("versions"),
+        "calibration": _calibration(release.manifest["calibration"]),
+        "versions": release.manifest["versions"],
     }

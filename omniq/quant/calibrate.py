@@ -40,6 +40,7 @@ from typing import Callable
 from omniq.errors import OmniqError
 from omniq.model.arch import MOE
 from omniq.model.checkpoint import Checkpoint
+from omniq.quiet import quiet
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 LOAD_DTYPE = "bfloat16"
@@ -52,16 +53,11 @@ def load_model(ckpt: Checkpoint, progress: Progress | None = None, device: str =
     on `device` (cpu, or cuda: then ModelOpt's CUDA kernels serve the export)."""
     import torch
     from transformers import NemotronHForCausalLM
-    from transformers.utils import logging as hf_logging
 
     if progress:
         progress("load", 0, 2)
-    bar_was_enabled = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()     # an Omni checkpoint's tower tensors are "unexpected" here, by design
-    try:
-        with warnings.catch_warnings():
+    try:  # quiet: an Omni checkpoint's tower tensors are "unexpected" here, by design
+        with quiet(transformers=True, progress_bar=True), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, info = NemotronHForCausalLM.from_pretrained(
                 str(ckpt.path), dtype=getattr(torch, LOAD_DTYPE), output_loading_info=True, **_llm_only(ckpt))
@@ -69,10 +65,6 @@ def load_model(ckpt: Checkpoint, progress: Progress | None = None, device: str =
         first = str(e).splitlines()[0] if str(e) else ""
         raise OmniqError(f"{ckpt.path}: transformers cannot load it as NemotronH ({type(e).__name__}: "
                          f"{first})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar_was_enabled:
-            hf_logging.enable_progress_bar()
     missing = [k for k in info.get("missing_keys", []) if k]
     if missing:
         raise OmniqError(f"{ckpt.path}: transformers found no weights for {missing[0]} "

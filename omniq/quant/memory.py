@@ -227,3 +227,99 @@ def estimate(plan: LayerPlan, *, batch: int = 4, seq_len: int = 256, device: str
         overhead=OVERHEAD["cpu" if label == "cpu" else "gpu"],
         batch=batch, seq_len=seq_len, dtype=dtype, towers_included=extra_weight_bytes is not None,
     )
+
+
+# ----- the layer-streamed quantize (omniq.export.streamed) ----------------------------------------------
+STREAM_SHARD_BYTES = 10 ** 9      # the streamed export's output shard buffer (omniq.export.streamed.SHARD_BYTES)
+
+
+def layer_bytes(arch: Arch, dtype: str = "bf16") -> dict[int, int]:
+    """Decoder layer index -> its tensors' bytes as loaded (fp32 router stays fp32)."""
+    size = DTYPE_BYTES[dtype]
+    out: dict[int, int] = {}
+    for t in arch.tensors:
+        m = re.search(r"backbone\.layers\.(\d+)\.", t.name)
+        if m:
+            i = int(m.group(1))
+            out[i] = out.get(i, 0) + t.numel * max(size, 4 if t.dtype == "F32" else 2)
+    return out
+
+
+@dataclass(frozen=True)
+class StreamedEstimate:
+    """Predicted peak of the layer-streamed quantize; `total` is what the preflight compares with the limit."""
+
+    layer: int                 # the largest decoder layer as loaded
+    layer_copies: int          # the layer, plus its stacked / packed copies while it is exported
+    embedding: int             # held only while the block inputs are recorded (before any layer)
+    hidden_states: int         # every calibration row's hidden states, kept between layers
+    activations: int           # one batch's transient inside the largest layer
+    quantizer_state: int
+    shard_buffer: int
+    overhead: int
+    samples: int = 0
+    seq_len: int = 0
+
+    @property
+    def total(self) -> int:
+        body = max(self.layer * self.layer_copies + self.activations + self.quantizer_state + self.shard_buffer,
+                   self.embedding)
+        return body + self.hidden_states + self.overhead
+
+    def as_dict(self) -> dict:
+        return {"layer_bytes": self.layer, "layer_copies": self.layer_copies, "embedding_bytes": self.embedding,
+                "hidden_states_bytes": self.hidden_states, "activations_bytes": self.activations,
+                "quantizer_state_bytes": self.quantizer_state, "shard_buffer_bytes": self.shard_buffer,
+                "overhead_bytes": self.overhead, "peak_bytes": self.total, "peak_gib": round(self.total / GiB, 3),
+                "samples": self.samples, "seq_len": self.seq_len}
+
+
+def streamed_estimate(plan: LayerPlan, *, samples: int, seq_len: int, batch: int = 4, device: str = "cpu",
+                      dtype: str = "bf16") -> StreamedEstimate:
+    """Peak memory of `omniq quantize` (layer-streamed) with `samples x seq_len` calibration tokens.
+
+    One decoder layer is resident at a time; while it is exported ModelOpt's packing and the fused experts'
+    stacking make a second copy of its size, so the layer counts twice ("about two decoder layers"). Besides
+    it: the bf16 hidden states of every calibration row (one set, replaced layer by layer, plus one batch's
+    output), one batch's transient inside the layer (`activation_parts` without the logits: lm_head never
+    runs), the quantizer state, and the output shard buffer (at most `STREAM_SHARD_BYTES`, or the whole
+    packed model when that is smaller). The embedding matrix is resident only before the first layer."""
+    arch = plan.arch
+    a = DTYPE_BYTES[dtype]
+    layers = layer_bytes(arch, dtype)
+    largest = max(layers.values(), default=0)
+    parts = activation_parts(arch, min(batch, samples), seq_len, dtype, logits_positions=1)
+    layer_peak = max((v for k, v in parts.items() if k not in ("hidden_states", "logits")), default=0)
+    emb = arch.vocab_size * arch.hidden_size * a
+    hidden = (samples + min(batch, samples)) * seq_len * arch.hidden_size * a
+    shard = min(STREAM_SHARD_BYTES, int(plan.total_bytes)) if getattr(plan, "total_bytes", None) else STREAM_SHARD_BYTES
+    return StreamedEstimate(layer=largest, layer_copies=2, embedding=emb, hidden_states=hidden,
+                            activations=parts["hidden_states"] + layer_peak,
+                            quantizer_state=quantizer_state_bytes(plan, dtype), shard_buffer=shard,
+                            overhead=OVERHEAD["cpu" if device == "cpu" else "gpu"], samples=samples,
+                            seq_len=seq_len)
+
+
+def preflight(plan: LayerPlan, *, samples: int, seq_len: int, batch: int = 4, device: str = "cpu") -> StreamedEstimate:
+    """Refuse (exit 2, one line) before anything is loaded when the streamed quantize's predicted peak does not
+    fit the memory limit that applies to this process (`omniq.memory_limit`: cgroup v1/v2, MemAvailable, or
+    the CUDA device's free memory)."""
+    from omniq import memory_limit
+
+    est = streamed_estimate(plan, samples=samples, seq_len=seq_len, batch=batch, device=device)
+    limit = memory_limit.available_bytes(device)
+    if est.total > limit:
+        one = streamed_estimate(plan, samples=1, seq_len=seq_len, batch=batch, device=device)
+        if one.total <= limit:
+            per_row = seq_len * plan.arch.hidden_size * DTYPE_BYTES["bf16"]
+            rows = max(1, int((limit - one.total) // per_row))
+            hint = f"pass --calib-samples {rows} or fewer, a shorter --calib-seq-len, or another --device"
+        elif streamed_estimate(plan, samples=1, seq_len=1, batch=batch, device=device).total <= limit:
+            hint = "pass a shorter --calib-seq-len (and fewer --calib-samples), or another --device"
+        else:
+            hint = "the largest layer alone does not fit; use a machine or --device with more memory"
+        raise OmniqError(f"quantize needs about {est.total / GiB:.2f} GiB (layer-streamed: largest layer "
+                         f"{est.layer / GiB:.2f} GiB x{est.layer_copies}, calibration {samples} x {seq_len} tokens "
+                         f"{est.hidden_states / GiB:.2f} GiB) but only {limit / GiB:.2f} GiB is available "
+                         f"({memory_limit.limit_source(device)}); {hint}")
+    return est

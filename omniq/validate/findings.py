@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-SEVERITIES = ("error", "warning", "info")
+from omniq.manifest import SEVERITIES  # noqa: F401 - lint.json's severities, read back by omniq.manifest
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 

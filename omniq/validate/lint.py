@@ -36,7 +36,6 @@ Engine facts (`engine` = "trtllm" | "vllm" | "sglang" | None for engine-neutral)
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -614,10 +613,9 @@ def check_checksums(seen: Seen) -> list[Finding]:
     if not path.is_file():
         return []
     try:
-        manifest = json.loads(path.read_text())
-        listed = mf.listed_files(manifest if isinstance(manifest, dict) else {}, mf.MANIFEST)
-    except (ValueError, UnicodeDecodeError, OmniqError) as e:
-        return [Finding("manifest-unreadable", "error", mf.MANIFEST, f"no readable files map ({e})",
+        listed = mf.listed_files(mf.read_manifest(path))
+    except OmniqError as e:
+        return [Finding("manifest-unreadable", "error", mf.MANIFEST, str(e).replace(f"{path}: ", ""),
                         f"{REEXPORT}, or delete omniq.json if the files were changed on purpose")]
     out = []
     for rel, digest in sorted(listed.items()):

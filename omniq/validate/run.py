@@ -15,7 +15,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from omniq.atomic import write_atomic
 from omniq.calib import docstrings
 from omniq.errors import OmniqError
 from omniq.model import forward
@@ -141,16 +141,7 @@ def write_report(report: dict, path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
     if path.parent and not path.parent.is_dir():
         raise OmniqError(f"--report {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(report), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
     return path
 
 

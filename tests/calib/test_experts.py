@@ -31,31 +31,29 @@ import contextlib, io, json, sys
 import torch
 torch.set_num_threads(1)
 from omniq.cli import main
-from omniq.export import hf_checkpoint
+from omniq.export import streamed
 from omniq.validate import lint as lint_mod
 from omniq.validate.findings import Finding
 
 def leave_layer_bf16(orig):
     # the export "forgets" to quantize one layer: BF16 weight, no scales (silent non-quantization)
-    def write_tensors(stage, *args, **kwargs):
-        names = orig(stage, *args, **kwargs)
-        from safetensors.torch import load_file, save_file
-        f = stage.final / names[0]
-        t = load_file(str(f))
+    def export_layer(*args, **kwargs):
+        result = orig(*args, **kwargs)
+        t = result.tensors
         m = "backbone.layers.3.mixer.o_proj"
-        t[m + ".weight"] = torch.zeros(t[m + ".weight"].shape, dtype=torch.bfloat16)
-        for k in [k for k in t if k.startswith(m + ".") and k.endswith("scale")]:
-            del t[k]
-        save_file(t, str(f), metadata={"format": "pt"})
-        return names
-    return write_tensors
+        if m + ".weight" in t:
+            t[m + ".weight"] = torch.zeros(t[m + ".weight"].shape, dtype=torch.bfloat16)
+            for k in [k for k in t if k.startswith(m + ".") and k.endswith("scale")]:
+                del t[k]
+        return result
+    return export_layer
 
 def lint_error(orig):
     def lint(path, engine=None, *, checksums=True):
         return orig(path, engine, checksums=checksums) + [Finding("injected", "error", "backbone.layers.0.mixer.in_proj", "injected by the test", "none")]
     return lint
 
-PATCHES = {"export": (hf_checkpoint, "write_tensors", leave_layer_bf16), "lint": (lint_mod, "lint", lint_error)}
+PATCHES = {"export": (streamed, "export_layer", leave_layer_bf16), "lint": (lint_mod, "lint", lint_error)}
 results = {}
 for name, args, patch in json.loads(sys.argv[1]):
     undo = None

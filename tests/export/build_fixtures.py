@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from reference_configs import manifest_fields
 
 # The bundled tiny NemotronH's config (scripts/train_tiny.py), kept here so these tests do not depend on the
 # bundled weights being trained.
@@ -82,8 +83,8 @@ def write_checkpoint(path: Path, config: dict, recipe: str, kv_cache: str | None
     save_file(quantized_tensors(plan, extra_tensors), str(path / "model.safetensors"))
     if manifest:
         files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
-        (path / "omniq.json").write_text(json.dumps({"omniq_manifest": 1, "recipe": rec.as_dict(),
-                                                     "files": files}, indent=1))
+        (path / "omniq.json").write_text(json.dumps(manifest_fields(rec.as_dict(), dict(plan.formats), files),
+                                                    indent=1))
     return path
 
 

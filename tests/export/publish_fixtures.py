@@ -157,14 +157,16 @@ def make_artifact(root: Path, *, seed: int = 0, passed: bool | None = True, lint
                   "gates": {"max_kl": 0.01, "min_top1": 0.95, "max_ppl_ratio": 1.01, "source": "default fp8"},
                   "failures": [] if passed else ["kl_mean 0.0042 > max_kl 0.001"],
                   "eval": {"set": "bundled:eval", "rows": 8, "seq_len": 128}, "layer_formats": {fmt: 2, "bf16": 4},
+                  "format": fmt, "kv_cache": "fp8",
                   "bound_to": {**bound, "reference": {"path": "/models/nano", "files": manifest["source"]["files"]}}}
         (root / "validation.json").write_text(json.dumps(report))
     findings = [{"id": "exclude-unmatched", "severity": "error", "tensor_or_module": "lm_head",
                  "message": "exclude name matches no module", "fix": "re-export"}] * lint_errors
     findings.append({"id": "kv-cache-fp8", "severity": "info", "tensor_or_module": "", "message": "fp8 kv",
                      "fix": ""})
-    (root / "lint.json").write_text(json.dumps({"path": str(root), "passed": not lint_errors, "findings": findings,
-                                                "bound_to": bound}))
+    (root / "lint.json").write_text(json.dumps({"path": str(root), "engine": None, "passed": not lint_errors,
+                                                "counts": {"error": lint_errors, "warning": 0, "info": 1},
+                                                "findings": findings, "bound_to": bound}))
     return root
 
 
@@ -274,3 +276,74 @@ def proxy_factory():
 def omniq_subprocess(*args, env: dict | None = None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "omniq.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kwargs)
+
+
+# ----- a registry behind the token flow ---------------------------------------------------------------------
+class TokenFront:
+    """The registry behind the distribution token flow, as Docker Hub / GHCR / Harbor ask for it: any /v2/
+    call without a valid bearer token gets 401 `WWW-Authenticate: Bearer realm=".../token",service=...,
+    scope="repository:REPO:pull,push"`; GET /token with basic credentials (AUTH_USER / AUTH_PASSWORD) hands one
+    out (anonymous: 401). Calls with a token are forwarded to the real registry (Location rewritten to here).
+    `tokens` counts the tokens issued, `bearer_calls` the calls that carried one."""
+
+    def __init__(self, target: str):
+        import base64
+        import http.server
+
+        import requests
+
+        front = self
+        self.target, self.tokens, self.bearer_calls, self.issued = target, 0, 0, set()
+        good = "Basic " + base64.b64encode(f"{AUTH_USER}:{AUTH_PASSWORD}".encode()).decode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, status, headers=(), body=b""):
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _handle(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                if self.path.startswith("/token"):
+                    if self.headers.get("Authorization") != good:
+                        return self._reply(401, [("WWW-Authenticate", 'Basic realm="token"')])
+                    front.tokens += 1
+                    token = f"tok-{front.tokens}"
+                    front.issued.add(token)
+                    return self._reply(200, [("Content-Type", "application/json")],
+                                       json.dumps({"token": token}).encode())
+                auth = self.headers.get("Authorization", "")
+                if not (auth.startswith("Bearer ") and auth[7:] in front.issued):
+                    repo = self.path.split("/v2/", 1)[-1].split("/blobs/")[0].split("/manifests/")[0]
+                    challenge = (f'Bearer realm="http://{front.addr}/token",service="omniq-test",'
+                                 f'scope="repository:{repo}:pull,push"')
+                    return self._reply(401, [("WWW-Authenticate", challenge), ("Content-Type", "application/json")],
+                                       b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}')
+                front.bearer_calls += 1
+                skip = {"host", "authorization", "content-length", "connection"}
+                r = requests.request(self.command, f"http://{front.target}{self.path}", data=body,
+                                     headers={k: v for k, v in self.headers.items() if k.lower() not in skip},
+                                     allow_redirects=False, timeout=30)
+                out = [(k, v.replace(front.target, front.addr)) for k, v in r.headers.items()
+                       if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")]
+                self._reply(r.status_code, out, r.content)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.addr = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

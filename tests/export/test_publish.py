@@ -17,7 +17,7 @@ from omniq.cli import main
 from omniq.errors import GateFailed, OmniqError
 from omniq.publish import hub, model_card, oci
 from omniq.publish import release as rel
-from publish_fixtures import (AUTH_PASSWORD, AUTH_USER, auth_registry, make_artifact, omniq_subprocess,  # noqa: F401
+from publish_fixtures import (AUTH_PASSWORD, AUTH_USER, TokenFront, auth_registry, make_artifact, omniq_subprocess,  # noqa: F401
                               proxy_factory, registry)
 
 ACCEPT = {"Accept": oci.MANIFEST_MEDIA_TYPE}
@@ -283,6 +283,31 @@ def test_credentials_from_environment_never_printed(auth_registry, tmp_path):
     assert manifest_at(auth_registry.addr, "omniq/authed", "v1", auth=(AUTH_USER, AUTH_PASSWORD)) is not None
 
 
+def test_token_auth_flow_push_and_pull(registry, tmp_path):
+    """A registry that wants bearer tokens (realm / service / scope challenge, token for basic credentials):
+    push and pull go through it with the environment's credentials, never printing them; anonymous is
+    refused in one line."""
+    front = TokenFront(registry.addr)
+    try:
+        art = make_artifact(tmp_path / "art", seed=44)
+        ref = f"oci://{front.addr}/omniq/tokened:v1"
+        home = {"HOME": str(tmp_path / "home"), "DOCKER_CONFIG": str(tmp_path / "nodocker")}
+        proc = omniq_subprocess("publish", str(art), ref, env=home)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and len(err.strip().splitlines()) == 1 and "refused anonymous access" in err, err
+        good = {**home, "OMNIQ_REGISTRY_USER": AUTH_USER, "OMNIQ_REGISTRY_PASSWORD": AUTH_PASSWORD}
+        for args in (("publish", str(art), ref), ("pull", ref, str(tmp_path / "pulled"))):
+            proc = omniq_subprocess(*args, env=good)
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            _no_secret(out, err)
+        assert front.tokens >= 2 and front.bearer_calls > 0
+        assert (tmp_path / "pulled" / "omniq.json").read_bytes() == (art / "omniq.json").read_bytes()
+        assert manifest_at(registry.addr, "omniq/tokened", "v1") is not None
+    finally:
+        front.close()
+
+
 def test_credentials_from_docker_config(auth_registry, tmp_path, monkeypatch):
     art = make_artifact(tmp_path / "art", seed=41)
     cfg_dir = tmp_path / "docker"
@@ -342,6 +367,32 @@ def test_failed_gates_block_publishing_unless_allowed(registry, tmp_path, capsys
     rc, _, err = run_cli(capsys, "publish", str(unvalidated), f"oci://{registry.addr}/omniq/gated:none")
     assert rc == 2 and "no validation.json" in err and "omniq validate" in err
     assert manifest_at(registry.addr, "omniq/gated", "none") is None
+
+
+WRONG_SHAPES = {   # file, how it is changed, the key the error must name
+    "formats instead of modules": ("omniq.json", lambda d: d.update(layer_formats=d.pop("modules")), "`modules`"),
+    "files as objects": ("omniq.json", lambda d: d.update(files={k: {"sha256": v} for k, v in d["files"].items()}),
+                         "`files["),
+    "recipe without a name": ("omniq.json", lambda d: d["recipe"].pop("name"), "`recipe.name`"),
+    "passed as a string": ("validation.json", lambda d: d.update(passed="yes"), "`passed`"),
+    "no failures list": ("validation.json", lambda d: d.pop("failures"), "`failures`"),
+    "finding without severity": ("lint.json", lambda d: d["findings"][0].pop("severity"), "`findings[0].severity`"),
+    "unknown severity": ("lint.json", lambda d: d["findings"][0].update(severity="fatal"), "`findings[0].severity`"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_SHAPES))
+def test_a_file_of_another_shape_is_exit_2_naming_the_file_and_the_key(case, tmp_path, capsys):
+    """omniq reads exactly the shape it writes: anything else is refused before the network, not guessed at."""
+    name, change, key = WRONG_SHAPES[case]
+    art = make_artifact(tmp_path / "art")
+    doc = json.loads((art / name).read_text())
+    change(doc)
+    (art / name).write_text(json.dumps(doc))
+    rc, _, err = run_cli(capsys, "publish", str(art), f"oci://127.0.0.1:{closed_port()}/omniq/x:v1")
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert str(art / name) in lines[0] and key in lines[0], lines[0]
 
 
 def test_artifact_is_checked_before_anything_is_sent(tmp_path, capsys):

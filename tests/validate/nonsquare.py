@@ -103,6 +103,7 @@ def _amax(src: Path, rows: int = 4, seq: int = 128) -> tuple[dict[str, float], d
 
 def quantize(src: Path, dest: Path, recipe: str, kv_cache: str | None = None) -> Path:
     """An artifact of `src` in the layout of `omniq quantize`'s output (see the module doc)."""
+    from reference_configs import manifest_fields
     from test_lint import write_declaration
 
     ckpt = open_checkpoint(str(src))
@@ -131,5 +132,7 @@ def quantize(src: Path, dest: Path, recipe: str, kv_cache: str | None = None) ->
         shutil.copyfile(src / f, dest / f)
     from omniq.export.hf_checkpoint import source_hashes
 
-    write_manifest(dest, {"omniq_manifest": 1, "source": {"model": str(src), "files": source_hashes(ckpt)}})
+    fields = manifest_fields(modules=dict(plan.formats))
+    fields["source"] = {"model": str(src), "path": str(src), "files": source_hashes(ckpt)}
+    write_manifest(dest, fields)
     return dest

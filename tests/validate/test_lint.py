@@ -28,6 +28,7 @@ from omniq.quant import formats
 from omniq.quant.plan import make_plan
 from omniq.quant.recipe import load
 from omniq.validate.lint import lint
+from reference_configs import manifest_fields
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOWER_TENSORS = {   # a few tower / projector tensors per component, enough for the name checks
@@ -95,7 +96,7 @@ def write_artifact(src: Path, dest: Path, recipe: str, kv_cache: str | None = No
     for f in SIDE_FILES:
         if (src / f).is_file():
             shutil.copyfile(src / f, dest / f)
-    write_manifest(dest, {"omniq_manifest": 1})
+    write_manifest(dest, manifest_fields())
     return dest
 
 
@@ -148,7 +149,7 @@ def broken(clean: Path, dest: Path, *, tensors=None, declaration=None, config=No
         _rewrite(dest / "config.json", json.dumps(cfg, indent=1))
     if manifest:
         (dest / "omniq.json").unlink()
-        write_manifest(dest, {"omniq_manifest": 1})
+        write_manifest(dest, manifest_fields())
     return dest
 
 
@@ -452,6 +453,8 @@ def test_unreadable_manifest(make_broken):
     dest = make_broken("fp8", manifest=False)
     _rewrite(dest / "omniq.json", json.dumps({"files": []}))
     assert ids(lint(dest)) == {"manifest-unreadable"}
+    _rewrite(dest / "omniq.json", json.dumps(dict(manifest_fields(), files=[])))
+    assert "`files` is a list" in one(lint(dest), "manifest-unreadable").message
 
 
 def test_unexpected_tensor_is_a_warning(make_broken):

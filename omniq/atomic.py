@@ -1,0 +1,141 @@
+"""Files and directories that appear whole or not at all (the ground floor: every stage writes through it).
+
+- `write_atomic(path, data)`: a temporary sibling, fsync, one rename over `path`, fsync of the parent.
+- `staged_dir(dest, tag=...)`: a hidden temporary sibling `.NAME.TAG-XXXX` of `dest` (same file system, so
+  the final move is one rename); the caller fills its `final` directory; on success it replaces `dest`
+  (an existing one only with `replace=True`), on any failure or interrupt the stage and the parent
+  directories it created are removed, so nothing is left at `dest`.
+- `replace_dir(src, dest)`: the move itself; an existing `dest` is renamed aside first, put back if the
+  second rename fails, and removed after it succeeds.
+- `fsync_tree` / `fsync_dir`: durability for outputs that must survive a power cut (the pipeline cache,
+  pulled artifacts). The checkpoint export does not fsync its multi-GB shards (as before: a crash there
+  leaves only the hidden stage, which is never mistaken for an artifact).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from omniq.errors import OmniqError
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under root (children before parents)."""
+    for dirpath, _dirs, files in os.walk(root, topdown=False, followlinks=False):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` to `path` through a temporary sibling renamed over it (fsynced, then the parent)."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def replace_dir(src: Path, dest: Path, *, fsync: bool = False) -> None:
+    """Put directory `src` at `dest` with one rename (same file system), replacing whatever is at `dest`.
+
+    With `fsync`, `src`'s whole tree is synced before the rename and `dest`'s parent after it.
+    """
+    if fsync:
+        fsync_tree(src)
+    aside = None
+    try:
+        if dest.exists() or dest.is_symlink():
+            aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, aside / "previous")
+        try:
+            os.replace(src, dest)
+        except BaseException:
+            if aside is not None:
+                os.replace(aside / "previous", dest)
+            raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    if fsync:
+        fsync_dir(dest.parent)
+
+
+@dataclass
+class Staged:
+    """A directory being written: fill `final`; `root` is the hidden sibling holding it (and any scratch)."""
+
+    dest: Path
+    root: Path
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+
+@contextlib.contextmanager
+def staged_dir(dest: str | os.PathLike, *, tag: str, replace: bool = False, fsync: bool = False,
+               appeared: str | None = None, stage_type: type[Staged] = Staged, **fields):
+    """Stage a directory beside `dest` and move it into place only if the block succeeds.
+
+    `replace`: an existing `dest` may be replaced (the caller refuses one up front without --force; one that
+    appears while the block runs is refused, with the message `appeared` if given). `stage_type` / `fields`: a
+    subclass of `Staged` to yield, with its extra fields.
+    """
+    dest = Path(dest)
+    created: list[Path] = []
+    parent = dest.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    for p in reversed(created):
+        p.mkdir()
+    stage = None
+    try:
+        stage = stage_type(dest=dest, root=Path(tempfile.mkdtemp(prefix=f".{dest.name}.{tag}-", dir=dest.parent)),
+                           **fields)
+        stage.final.mkdir()
+        yield stage
+        if (dest.exists() or dest.is_symlink()) and not replace:
+            raise OmniqError(appeared or f"{dest} appeared while omniq was writing it; pass --force to replace it")
+        replace_dir(stage.final, dest, fsync=fsync)
+    except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage.root, ignore_errors=True)
+        for p in created:                      # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+    else:
+        shutil.rmtree(stage.root, ignore_errors=True)

@@ -1,0 +1,68 @@
+"""The streamed quantize's memory estimate and the preflight that refuses before loading anything."""
+
+import json
+
+import pytest
+
+from omniq.model.arch import from_config
+from omniq.quant import memory
+from omniq.quant import recipe as recipes
+from omniq.quant.plan import make_plan
+
+
+def _plan(real_config, pattern, recipe="fp8"):
+    cfg = dict(real_config, hybrid_override_pattern=pattern, num_hidden_layers=len(pattern))
+    return make_plan(from_config(cfg), recipes.load(recipe))
+
+
+def test_peak_does_not_grow_with_depth(real_config):
+    five = memory.streamed_estimate(_plan(real_config, "MEM*E"), samples=16, seq_len=128)
+    full = memory.streamed_estimate(_plan(real_config, real_config["hybrid_override_pattern"]), samples=16,
+                                    seq_len=128)
+    # the real model's largest layer is an MoE layer: 128 experts x 2 x 2688 x 1856 in bf16, 2.55 GB
+    assert 2.55e9 < five.layer < 2.6e9 and five.layer == full.layer
+    assert 0 <= full.total - five.total < 2**20          # only the quantizers' amax (a few bytes each)
+    whole = memory.weight_bytes(_plan(real_config, real_config["hybrid_override_pattern"]).arch)
+    assert full.total < 0.15 * whole
+
+
+def test_calibration_rows_count(real_config):
+    plan = _plan(real_config, "MEM*E")
+    a = memory.streamed_estimate(plan, samples=16, seq_len=128)
+    b = memory.streamed_estimate(plan, samples=32, seq_len=128)
+    assert b.hidden_states - a.hidden_states == 16 * 128 * 2688 * 2
+
+
+def test_preflight_names_figure_limit_source_and_what_to_pass(real_config, monkeypatch):
+    from omniq import memory_limit
+    from omniq.errors import OmniqError
+
+    monkeypatch.setattr(memory_limit, "_limit", lambda device="cpu": (4 * 2**30, "cgroup v1 /x/memory.limit_in_bytes"))
+    with pytest.raises(OmniqError) as e:
+        memory.preflight(_plan(real_config, "MEM*E"), samples=16, seq_len=128)
+    msg = str(e.value)
+    assert "\n" not in msg and e.value.exit_code == 2
+    assert "GiB" in msg and "4.00 GiB is available (cgroup v1 /x/memory.limit_in_bytes)" in msg
+    assert "use a machine or --device with more memory" in msg
+    monkeypatch.setattr(memory_limit, "_limit", lambda device="cpu": (9 * 2**30, "/proc/meminfo MemAvailable"))
+    with pytest.raises(OmniqError, match=r"pass --calib-samples \d+ or fewer"):
+        memory.preflight(_plan(real_config, "MEM*E"), samples=65536, seq_len=128)
+    with pytest.raises(OmniqError, match=r"pass a shorter --calib-seq-len"):
+        memory.preflight(_plan(real_config, "MEM*E"), samples=16, seq_len=262144)
+
+
+def test_cli_refuses_before_loading_anything(tmp_path):
+    """Through the CLI: a calibration set whose hidden states alone exceed any machine's memory is refused
+    in seconds, exit 2, one line, nothing at --out."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "omniq.cli", "quantize", "tiny", "--recipe", "fp8", "--out", str(out),
+                        "--calib-samples", "2000000", "--calib-seq-len", "4096"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "quantize needs about" in lines[0] and "is available (" in lines[0]
+    assert "--calib-samples" in lines[0]
+    assert not out.exists() and not list(tmp_path.iterdir())
