@@ -135,18 +135,20 @@ def test_default_calibration_is_bundled_for_bundled_models_and_nvidias_mix_other
 def test_nvidia_default_offline_asks_for_calib_in_one_line(tiny_dir, tmp_path, monkeypatch):
     """A model that is not bundled and no --calib: ModelOpt hf_ptq's default mix, which needs the hub; offline
     that is one line asking for --calib, and nothing is written."""
+    import os
     import shutil
-
-    from conftest import run_cli_in_subprocess
+    import subprocess
+    import sys
 
     model = tmp_path / "my-model"
     shutil.copytree(tiny_dir, model)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = tmp_path / "out"
-    r = run_cli_in_subprocess(["quantize", str(model), "--recipe", "fp8", "--out", str(out)])
-    assert r["rc"] == 2, r
-    err = r["stderr"].strip()
+    proc = subprocess.run([sys.executable, "-m", "omniq.cli", "quantize", str(model), "--recipe", "fp8", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "nvidia-default" in err and "offline" in err and "--calib" in err, err
     assert not out.exists()
     with pytest.raises(OmniqError, match="pass --calib"):

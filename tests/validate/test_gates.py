@@ -25,7 +25,7 @@ def test_gates_scale_with_the_floor_and_overrides_win():
     floor = dict(gates.BUNDLED_FLOOR)
     g = gates.from_floor(floor, "fp8")
     assert g.source == "floor" and g.multiplier == gates.MULTIPLIERS["fp8"] and g.floor["kl_mean"] == 2.43e-4
-    assert g.max_kl == pytest.approx(40 * 2.43e-4, rel=1e-2)
+    assert g.max_kl == pytest.approx(gates.MULTIPLIERS["fp8"] * 2.43e-4, rel=1e-2)
     worse = gates.from_floor(dict(floor, kl_mean=2.43e-3, top1_agreement=0.95, ppl_ratio=1.004), "fp8")
     assert worse.max_kl == pytest.approx(10 * g.max_kl, rel=1e-2)
     assert worse.min_top1 < g.min_top1 and worse.max_ppl_ratio > g.max_ppl_ratio
