@@ -125,6 +125,17 @@ def from_floor(floor: dict | None, fmt: str, overrides: dict | None = None) -> G
     return g
 
 
+def at_least(floor: dict | None, base: dict | None) -> dict | None:
+    """A modality's floor, never below `base` (the text set's): a media set scores few caption tokens, often
+    near-deterministic ones (image captions of the bundled model: floor KL 5e-5 and no top-1 disagreement on
+    84 tokens), so its own floor alone would gate on noise; the engine's rounding noise is the same."""
+    if floor is None or base is None:
+        return floor if base is None else base
+    ppl = max((floor["ppl_ratio"], base["ppl_ratio"]), key=lambda r: abs(r - 1.0))
+    return {**floor, "kl_mean": max(floor["kl_mean"], base["kl_mean"]), "ppl_ratio": ppl,
+            "top1_agreement": min(floor["top1_agreement"], base["top1_agreement"])}
+
+
 def gates_for(fmt: str, *, max_kl: float | None = None, min_top1: float | None = None,
               max_ppl_ratio: float | None = None) -> Gates:
     """The constant gates (the bundled model's floor) with the user's overrides."""

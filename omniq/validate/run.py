@@ -181,10 +181,12 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
 
     fmt = gates_mod.gate_format(cand)
 
-    def gate_of(modality: str, floor: dict | None) -> gates_mod.Gates:
-        return gates_mod.from_floor(floor, fmt, gates_mod.overrides_for(gfile, fmt, modality, flags))
-
     floor = metrics.get("noise_floor")
+
+    def gate_of(modality: str, own: dict | None) -> gates_mod.Gates:
+        used = own if modality == "text" else gates_mod.at_least(own, floor)   # media: never below text's
+        return gates_mod.from_floor(used, fmt, gates_mod.overrides_for(gfile, fmt, modality, flags))
+
     gate = gate_of("text", floor)
     failures = gates_mod.check(metrics, gate)
     # Omni: image+text and audio+text evaluation sets, each with its own floor and gates (validate.multimodal)
