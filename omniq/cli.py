@@ -52,11 +52,14 @@ def validate(
     positions: bool = typer.Option(False, "--positions", help="Also break KL and top-1 down by position in the row."),
     media_samples: Optional[int] = typer.Option(None, "--media-samples", min=0, help="Omni checkpoints: image+text and audio+text evaluation samples per modality (bundled eval split; 0 skips them). [default: 32]"),
     device: str = typer.Option("cpu", "--device", help="Where the layer stream runs: cpu, cuda or cuda:N (the CUDA path is untested: no GPU in CI)."),
-    no_noise_floor: bool = typer.Option(False, "--no-noise-floor", help="Skip the third stream (the reference as a BF16 engine runs it) and the report's noise_floor."),
     eval_media: Optional[str] = typer.Option(None, "--eval-media", help="Omni: your own captioned evaluation media instead of the bundled eval split (a folder or datasets dataset, as quantize --calib-media); each sample needs a caption."),
     bad_media: str = typer.Option("skip", "--bad-media", help="Unreadable or uncaptioned --eval-media files or rows: skip (one warning line each) or fail."),
+    gates_file: Optional[Path] = typer.Option(None, "--gates", help="YAML of your own gates per format and modality (max_kl, min_top1, max_ppl_ratio, multiplier, min_layer_sqnr_db); recorded in the report."),
+    generate: int = typer.Option(0, "--generate", min=0, help="Also continue N held-out prompts greedily with both models: identical first 16 / 64 tokens, EOS rate, mean length ratio (gated). No cache: slow on real-width models."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Budget of generated tokens per prompt for --generate."),
+    no_noise_floor: bool = typer.Option(False, "--no-noise-floor", help="Skip measuring this run's noise floor (the third stream, about a third less time); the gates then come from the bundled model's floor."),
 ):
-    """Compare a quantized artifact with its BF16 reference from the files; exit 1 when a gate fails."""
+    """Compare a quantized artifact with its BF16 reference from the files; gates from this run's noise floor; exit 1 when a gate fails."""
     from rich.console import Console
 
     from omniq.errors import GateFailed
@@ -67,7 +70,8 @@ def validate(
                               max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio,
                               report_path=report, positions=positions, progress=progress,
                               media_samples=media_samples, device=device, noise_floor=not no_noise_floor,
-                              eval_media=eval_media, bad_media=bad_media)
+                              eval_media=eval_media, bad_media=bad_media, gates_file=gates_file,
+                              generate=generate, max_new_tokens=max_new_tokens)
     console = Console()
     console.print(summary_table(result))
     for w in result["warnings"]:
@@ -90,11 +94,12 @@ def lint(
     import json
 
     from omniq.errors import GateFailed
-    from omniq.validate import findings as fnd
-    from omniq.validate.lint import lint as run_lint
+    from omniq.validate import binding, findings as fnd
+    from omniq.validate.lint import lint as run_lint, report as lint_report
 
+    binding.check_target(report, artifact)
     found = run_lint(artifact, engine)
-    doc = fnd.as_json(found, path=str(artifact), engine=engine)
+    doc = lint_report(found, artifact, engine)
     if report is not None:
         report.write_text(json.dumps(doc, indent=1) + "\n")
     n = fnd.counts(found)
@@ -225,7 +230,7 @@ def quantize(
     recipe: str = typer.Option(..., "--recipe", "-r", help="A built-in recipe (fp8, nvfp4, nano3-nvfp4, nvfp4-experts, ...) or a YAML file."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to create (never overwritten without --force)."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="Override the recipe's KV cache: fp8 or none."),
-    calib: str = typer.Option("tiny-calib", "--calib", help="Calibration text: tiny-calib (bundled), a .txt / .jsonl / .json / .parquet file, or a hub dataset NAME[:CONFIG]."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: tiny-calib (bundled), nvidia-default (ModelOpt hf_ptq's cnn_dailymail + Nemotron-Post-Training-Dataset-v2 mix), a .txt / .jsonl / .json / .parquet file, or a hub dataset NAME[:CONFIG]. [default: tiny-calib for the bundled models, nvidia-default otherwise]"),
     calib_column: str = typer.Option("text", "--calib-column", help="Text column of a .jsonl / .json / .parquet file or hub dataset."),
     calib_split: str = typer.Option("train", "--calib-split", help="Split of a hub dataset."),
     calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration rows."),

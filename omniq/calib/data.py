@@ -8,6 +8,16 @@
     PATH.jsonl / .json / .parquet  one sample per row, text in `--calib-column` (default "text")
     NAME[:CONFIG]                a hub dataset read with `datasets.load_dataset(NAME, CONFIG,
                                  split=--calib-split, streaming=True)`, text in `--calib-column`
+    nvidia-default               NVIDIA's own choice for this family: the mix ModelOpt's `hf_ptq` calibrates
+                                 on by default (`cnn_nemotron_v2_mix`: `abisee/cnn_dailymail` 3.0.0 `article`
+                                 plus `nvidia/Nemotron-Post-Training-Dataset-v2` splits stem / chat / math / code,
+                                 `messages` rendered through the checkpoint's chat template when it has one),
+                                 read through ModelOpt's `get_dataset_samples` (hub access; ModelOpt knows the
+                                 datasets' columns and splits, so omniq does not repeat them), half the
+                                 samples from each
+
+No `--calib`: `tiny-calib` for the bundled models, `nvidia-default` for any other (`default_for`); offline
+(`HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE`) that fails in one line asking for `--calib`.
 
 Texts are tokenized with the checkpoint's own tokenizer (no special tokens added, the EOS token after each
 text), concatenated in order and cut into `samples` rows of exactly `seq_len` tokens. Packing means no row is
@@ -32,6 +42,9 @@ from omniq.quiet import quiet
 
 BUNDLED = {"tiny-calib": "calib"}
 DEFAULT = "tiny-calib"
+NVIDIA_DEFAULT = "nvidia-default"
+NVIDIA_MIX = ("cnn_dailymail", "nemotron-post-training-dataset-v2")   # ModelOpt's "cnn_nemotron_v2_mix"
+_TRUE = ("1", "true", "yes", "on")
 FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -174,6 +187,47 @@ def source_texts(calib: str, *, column: str = "text", split: str = "train") -> t
     return _read_hub(calib, split, column), {"source": calib, "kind": "hub", "split": split, "column": column}
 
 
+def default_for(ckpt_path) -> str:
+    """The calibration source when no --calib is given: the bundled text for the bundled models, NVIDIA's
+    default mix for any other."""
+    from omniq.model.checkpoint import BUNDLED_DIR
+
+    try:
+        Path(ckpt_path).resolve().relative_to(BUNDLED_DIR.resolve())
+        return DEFAULT
+    except ValueError:
+        return NVIDIA_DEFAULT
+
+
+def _offline() -> bool:
+    import os
+
+    return any(os.environ.get(k, "").lower() in _TRUE for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def nvidia_texts(tokenizer, samples: int) -> tuple[list[str], dict]:
+    """`nvidia-default`: `samples` texts from each member of ModelOpt's default mix, interleaved."""
+    ask = (f"pass --calib (a .txt / .jsonl / .parquet file, a hub dataset NAME, or {DEFAULT} for the bundled "
+           "docstrings)")
+    if _offline():
+        raise OmniqError(f"calibration data {NVIDIA_DEFAULT} (cnn_dailymail + nvidia/Nemotron-Post-Training-"
+                         f"Dataset-v2, ModelOpt's default) needs the Hugging Face hub, and this run is offline; {ask}")
+    try:
+        from modelopt.torch.utils.dataset_utils import get_dataset_samples
+
+        chat = getattr(tokenizer, "chat_template", None) is not None
+        with _quiet_datasets():
+            parts = [get_dataset_samples(name, samples, apply_chat_template=chat, tokenizer=tokenizer)
+                     for name in NVIDIA_MIX]
+    except Exception as e:  # noqa: BLE001 - network, auth, gated dataset
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise OmniqError(f"calibration data {NVIDIA_DEFAULT}: cannot load it from the hub ({type(e).__name__}: "
+                         f"{first}); {ask}") from None
+    texts = [t for pair in zip(*parts) for t in pair]
+    return texts, {"source": NVIDIA_DEFAULT, "kind": "hub-mix", "datasets": list(NVIDIA_MIX),
+                   "reader": "modelopt.torch.utils.dataset_utils.get_dataset_samples", "chat_template": chat}
+
+
 def _row_sha256(row) -> str:
     import numpy as np
 
@@ -220,7 +274,10 @@ def load(calib: str, tokenizer, *, samples: int, seq_len: int, column: str = "te
         raise OmniqError(f"--calib-samples {samples}: must be at least 1")
     if seq_len < 2:
         raise OmniqError(f"--calib-seq-len {seq_len}: must be at least 2")
-    texts, identity = source_texts(calib, column=column, split=split)
+    if calib == NVIDIA_DEFAULT:
+        texts, identity = nvidia_texts(tokenizer, samples)
+    else:
+        texts, identity = source_texts(calib, column=column, split=split)
     if seed is not None:
         texts, identity = seeded(texts, seed), dict(identity, seed=seed)
     ids, used = pack(texts, tokenizer, samples, seq_len, identity["source"])

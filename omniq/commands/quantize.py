@@ -86,7 +86,7 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str = calib_data.DEFAULT,
+def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str | None = None,
              calib_column: str = "text", calib_split: str = "train", calib_samples: int = 64,
              calib_seq_len: int = 256, force: bool = False, allow_pickle: bool = False,
              progress: Progress | None = None, device: str = "cpu",
@@ -110,6 +110,7 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
     rec = resolve_recipe(recipe, kv_cache)
     ckpt = open_source(model, allow_pickle=allow_pickle)
     export.check_out(out, force=force, protect=(ckpt.path,))
+    calib = calib or calib_data.default_for(ckpt.path)
     plan = make_plan(ckpt.arch, rec)
     if not plan.quantized and not plan.kv_cache:
         raise OmniqError(f"recipe {rec.name}: quantizes nothing on this model (every linear layer BF16, no KV "
@@ -230,10 +231,11 @@ def lint_stage(stage, out) -> dict:
     import json
 
     from omniq.validate import findings as fnd
-    from omniq.validate.lint import lint
+    from omniq.validate.lint import lint, report
 
     found = lint(stage.final, checksums=False)
-    doc = fnd.as_json(found, path=str(out), engine=None)
+    doc = report(found, stage.final, None)
+    doc["path"] = doc["bound_to"]["candidate"]["path"] = str(Path(out).expanduser().resolve())
     (stage.final / "lint.json").write_text(json.dumps(doc, indent=1) + "\n")
     bad = fnd.errors(found)
     if bad:

@@ -30,17 +30,16 @@ Versions (facts from TensorRT-LLM's release notes and LLM-API reference; assumpt
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from packaging.version import InvalidVersion, Version
 
 from omniq.errors import OmniqError
 from omniq.deploy import gpu_memory
 from omniq.gpus import Gpu
-from omniq.model import names
 from omniq.model.arch import Arch
 from omniq.quant import formats as qformats
+from omniq.validate import declaration as decl_mod
 
 DEFAULT_TRTLLM_VERSION = "1.3.0rc27"   # the release whose LLM-API reference the option keys were checked against
 MIN_VERSION = "1.2.0"
@@ -88,63 +87,36 @@ class Declared:
     kv_cache_quant_algo: str | None
     group_size: int | None
     exclude_modules: tuple[str, ...]
-    quantized_layers: dict = field(default_factory=dict, compare=False, hash=False)   # name -> algo
+    reading: decl_mod.Reading = field(compare=False, hash=False, repr=False)
+    _by_omni: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
-    def algo_of(self, name: str, prefix: str = "") -> str:
-        """FP8 / NVFP4 / BF16 for one linear layer (hub-layout name), as the engine resolves it."""
-        names = _name_variants(name, prefix)
-        if self.quant_algo == "MIXED_PRECISION":
-            for n in names:
-                if n in self.quantized_layers:
-                    return self.quantized_layers[n]
-            return "BF16"
-        if any(fnmatch.fnmatchcase(n, pat) for n in names for pat in self.exclude_modules):
-            return "BF16"
-        return self.quant_algo
-
-
-def _name_variants(name: str, prefix: str) -> list[str]:
-    """The engine matches exclude names with `backbone` rewritten to `model`; Omni names may come with or
-    without the `language_model.` prefix."""
-    return names.engine_spellings(name, prefix)
-
-
-def _kv_from_scheme(scheme) -> str | None:
-    """ModelOpt 1.0 flat shape: `kv_cache_scheme: {"num_bits": 8, "type": "float"}`."""
-    if not scheme:
-        return None
-    if not isinstance(scheme, dict):
-        raise OmniqError(f"kv_cache_scheme {scheme!r}: expected a mapping")
-    bits, kind = scheme.get("num_bits"), scheme.get("type")
-    if kind == "float" and bits == 8:
-        return "FP8"
-    if kind == "float" and bits == 4:
-        return "NVFP4"
-    return f"{str(kind).upper()}{bits}"
+    def algo_of(self, name: str, prefix: str = "", covered: bool = True) -> str:
+        """FP8 / NVFP4 / BF16 for one linear layer (hub-layout name), as the engine resolves it: the one
+        reading of the declaration (`omniq.validate.declaration.Reading`; `backbone.` / `model.` /
+        `language_model.` spellings, wildcards, fused experts listed once)."""
+        is_omni = bool(prefix)
+        if is_omni not in self._by_omni:
+            self._by_omni[is_omni] = replace(self.reading, is_omni=is_omni)
+        return self._by_omni[is_omni].algo(name, covered=covered) or "BF16"
 
 
 def read_declared(quantization: dict | None, where: str = "checkpoint") -> Declared:
     """`hf_quant_config.json` (nested `{"producer", "quantization": {...}}`) or `config.json`
-    `quantization_config` (flat, also ModelOpt 1.0's `ignore` / `kv_cache_scheme`)."""
+    `quantization_config` (flat, also ModelOpt 1.0's `ignore` / `kv_cache_scheme`), read by
+    `omniq.validate.declaration`."""
     if not quantization:
         raise OmniqError(f"{where}: not a quantized checkpoint (no hf_quant_config.json or "
                          "quantization_config); run `omniq quantize` first")
     q = quantization.get("quantization", quantization) if isinstance(quantization, dict) else None
     if not isinstance(q, dict):
         raise OmniqError(f"{where}: quantization declaration is not a mapping; re-export the checkpoint")
-    algo = q.get("quant_algo")
-    if not algo:
+    reading = decl_mod.of_quantization(quantization, is_omni=False)
+    d = reading.declared
+    if d is None or not d.quant_algo:
         raise OmniqError(f"{where}: the quantization declaration has no quant_algo; TensorRT-LLM would load "
                          "it unquantized; re-export the checkpoint")
-    kv = q.get("kv_cache_quant_algo")
-    if kv is None:
-        kv = _kv_from_scheme(q.get("kv_cache_scheme"))
-    layers = {}
-    for name, entry in (q.get("quantized_layers") or {}).items():
-        layers[name] = entry.get("quant_algo") if isinstance(entry, dict) else entry
-    exclude = q.get("exclude_modules") or q.get("ignore") or []
-    return Declared(quant_algo=str(algo).upper(), kv_cache_quant_algo=kv.upper() if isinstance(kv, str) else kv,
-                    group_size=q.get("group_size"), exclude_modules=tuple(exclude), quantized_layers=layers)
+    return Declared(quant_algo=d.quant_algo, kv_cache_quant_algo=d.kv_cache_quant_algo, group_size=d.group_size,
+                    exclude_modules=d.exclude_modules, reading=reading)
 
 
 def declared_formats(arch: Arch, declared: Declared) -> dict[str, str]:
@@ -152,7 +124,9 @@ def declared_formats(arch: Arch, declared: Declared) -> dict[str, str]:
     if declared.quant_algo not in WEIGHT_ALGOS + ("MIXED_PRECISION",):
         raise OmniqError(f"quant_algo {declared.quant_algo}: omniq build deploys FP8, NVFP4 and their "
                          "MIXED_PRECISION combinations")
-    out = {lin.name: declared.algo_of(lin.name, arch.prefix) for lin in arch.linears}
+    # lm_head: the engine builds it without a QuantConfig, so it is BF16 whatever the declaration says
+    out = {lin.name: declared.algo_of(lin.name, arch.prefix, covered=lin.name in decl_mod.engine_linears(arch))
+           for lin in arch.linears}
     bad = sorted({a for a in out.values() if a not in WEIGHT_ALGOS + ("BF16",)})
     if bad:
         raise OmniqError(f"quantized_layers use {bad[0]}; omniq build deploys FP8 and NVFP4 layers only")

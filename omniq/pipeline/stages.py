@@ -36,11 +36,10 @@ def quantize(ctx: StageContext) -> dict:
 
 
 def lint(ctx: StageContext) -> dict:
-    from omniq.validate import findings as fnd
-    from omniq.validate.lint import lint as run_lint
+    from omniq.validate.lint import lint as run_lint, report as lint_report
 
     found = run_lint(ctx.artifact, ctx.spec.lint_engine)
-    doc = fnd.as_json(found, path=str(ctx.artifact), engine=ctx.spec.lint_engine)
+    doc = lint_report(found, ctx.artifact, ctx.spec.lint_engine)
     (ctx.out / LINT).write_text(json.dumps(doc, indent=1) + "\n")
     return {"passed": doc["passed"], "errors": doc["counts"]["error"], "counts": doc["counts"], "report": LINT}
 

@@ -102,7 +102,7 @@ def render(release: rel.Release, repo_id: str | None = None) -> str:
     if bf16_rules:
         sel = sorted({s for r in bf16_rules for s in [*r.get("select", []), *r.get("modules", [])]})
         lines.append("By the recipe: " + ", ".join(f"`{s}`" for s in sel) + ".")
-    bf16 = [m for m, f in rel.module_formats(release.manifest).items() if f == "bf16"]
+    bf16 = [m for m, f in rel.declared_formats(release).items() if f == "bf16"]
     if bf16:
         lines += ["", "| modules | count | layers |", "| --- | --- | --- |"]
         lines += [f"| `{p}` | {n} | {idx or '-'} |" for p, n, idx in group_modules(bf16)]

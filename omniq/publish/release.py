@@ -121,6 +121,11 @@ def gate_problems(release: Release) -> list[str]:
 def check_publishable(release: Release, allow_failed: bool) -> list[str]:
     """Raise unless the artifact passed lint and its gates; returns the problems waved through by
     `--allow-failed` (empty when there were none)."""
+    from omniq.validate import binding
+
+    unbound = binding.problems(release.path, release.manifest, release.validation, release.lint)
+    if unbound:    # not a failed gate to wave through: the report is about something else
+        raise GateFailed(f"{release.path} may not be published: {' / '.join(unbound)}")
     problems = gate_problems(release)
     if problems and not allow_failed:
         msg = f"{release.path} may not be published: {' / '.join(problems)}; pass --allow-failed to publish anyway"
@@ -130,9 +135,27 @@ def check_publishable(release: Release, allow_failed: bool) -> list[str]:
     return problems
 
 
+def declared_formats(release: Release) -> dict[str, str]:
+    """Linear layer -> format as the artifact's own declaration says (`omniq.validate.declaration.Reading`,
+    the reading validate, lint and build use); when the directory is not a checkpoint omniq can read
+    (config.json missing or not a NemotronH), what omniq.json lists."""
+    from omniq.model.checkpoint import open_checkpoint
+    from omniq.validate import declaration as decl_mod
+
+    try:
+        ckpt = open_checkpoint(str(release.path), check_shapes=False)
+        reading = decl_mod.reading(ckpt.path, ckpt.config, decl_mod.engine_linears(ckpt.arch),
+                                   is_omni=ckpt.is_omni)
+    except (OmniqError, ValueError):
+        return module_formats(release.manifest)
+    if reading.declared is None:
+        return module_formats(release.manifest)
+    return {lin.name: reading.format(lin.name) for lin in ckpt.arch.linears}
+
+
 def format_counts(release: Release) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for fmt in module_formats(release.manifest).values():
+    for fmt in declared_formats(release).values():
         counts[fmt] = counts.get(fmt, 0) + 1
     return dict(sorted(counts.items()))
 

@@ -27,9 +27,8 @@ gain scale tensors; nothing else may differ.
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import os
+
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from collections.abc import Mapping
@@ -43,6 +42,7 @@ from omniq.model import names
 from omniq.model.arch import Arch
 from omniq.model.checkpoint import Checkpoint, open_checkpoint
 from omniq.quant import formats
+from omniq.validate import declaration as decl_mod
 
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
 # Tensors a quantizer adds next to `X.weight`; everything else must be the reference's.
@@ -391,11 +391,6 @@ def _companion(name: str) -> tuple[str, str] | None:
     return (module, suffix) if suffix in COMPANION_SUFFIXES and module else None
 
 
-def _declared(ckpt: Checkpoint) -> dict:
-    q = ckpt.quantization or {}
-    return q.get("quantization", q) if isinstance(q, dict) else {}
-
-
 def _where(ckpt: Checkpoint) -> str:
     return str(ckpt.source or ckpt.path)
 
@@ -460,7 +455,7 @@ def read_artifact(name_or_path) -> Artifact:
     ckpt = open_checkpoint(str(name_or_path), check_shapes=False)
     where = _where(ckpt)
     arch = ckpt.arch
-    declared = _declared(ckpt)
+    reading = decl_mod.of_quantization(ckpt.quantization, ckpt.is_omni)
     warnings: list[str] = []
 
     base = [n for n in ckpt.headers if _companion(n) is None]
@@ -494,65 +489,32 @@ def read_artifact(name_or_path) -> Artifact:
         c = _companion(n)
         if c is not None and not (c[1] == "weight_scale" and fmt_of.get(c[0]) == "nvfp4"):
             small[n] = reader.get(n)
-    layers = _layers(ckpt, fmt_of, small, declared, warnings)
+    layers = _layers(ckpt, fmt_of, small, reading, warnings)
     common = _fuse_qkv_fp8(arch, layers, small)
-    kv_scales = _kv_scales(ckpt, small, declared)
+    kv_scales = _kv_scales(ckpt, small, reading)
     return Artifact(checkpoint=ckpt, layers=layers, kv_scales=kv_scales, warnings=warnings, small=small,
                     common_scale=common, reader=reader)
 
 
-def _corrupted(name: str) -> bool:
-    """ModelOpt 0.47's `model.` -> `backbone.` rename also rewrites its own sentinel, leaving names like
-    `lm_head.\x00backbone.pt_name_sentinel` in exclude_modules and quantized_layers (no engine matches them)."""
-    return "\x00" in name or "pt_name_sentinel" in name
-
-
-def _uncorrupted(name: str) -> str:
-    return name.split("\x00")[0].rstrip(".") if _corrupted(name) else name
-
-
-def _declared_layers(per_layer: dict, warnings: list[str]) -> dict[str, str]:
-    """quantized_layers -> {module name or module prefix: quant_algo}, with corrupted names repaired."""
-    out, repaired = {}, 0
-    for name, entry in per_layer.items():
-        algo = entry.get("quant_algo") if isinstance(entry, dict) else None
-        repaired += _corrupted(name)
-        out[_uncorrupted(name)] = algo
-    if repaired:
-        warnings.append(f"quantized_layers has {repaired} corrupted names (ModelOpt's sentinel, e.g. "
-                        f"{next(n for n in per_layer if _corrupted(n))!r}); read here as their module names, "
-                        "but engines match none of them")
-    return out
-
-
-def _declared_algo(module: str, declared_layers: dict[str, str]) -> tuple[str | None, str | None]:
-    """(entry, algo) declaring `module`: its own entry, or the longest entry that is a parent module (ModelOpt
-    lists fused experts once, as `...mixer.experts`)."""
-    if module in declared_layers:
-        return module, declared_layers[module]
-    parents = [k for k in declared_layers if module.startswith(k + ".")]
-    if not parents:
-        return None, None
-    k = max(parents, key=len)
-    return k, declared_layers[k]
-
-
-def _layers(ckpt: Checkpoint, fmt_of: dict[str, str], raw: dict, declared: dict, warnings: list[str]) -> dict:
+def _layers(ckpt: Checkpoint, fmt_of: dict[str, str], raw: dict, reading: decl_mod.Reading,
+            warnings: list[str]) -> dict:
     where = _where(ckpt)
-    algo = declared.get("quant_algo")
+    algo = reading.declared.quant_algo if reading.declared else None
     quantized = {m for m, f in fmt_of.items() if f != "bf16"}
-    if quantized and not declared:
+    if quantized and reading.declared is None:
         raise OmniqError(f"{where}: has quantized tensors but no hf_quant_config.json or quantization_config; "
                          "an engine cannot load it; re-export with ModelOpt's export_hf_checkpoint")
     if algo and algo not in ALGOS and algo != "MIXED_PRECISION":
         raise OmniqError(f"{where}: declares quant_algo {algo!r}; omniq validates "
                          f"{', '.join(ALGOS)} and MIXED_PRECISION mixes of them")
-    per_layer = _declared_layers(declared.get("quantized_layers") or {}, warnings)
-    excludes = [p for p in declared.get("exclude_modules") or [] if isinstance(p, str)]
-    broken = [p for p in excludes if _corrupted(p)]
-    if broken:
-        warnings.append(f"exclude_modules has {len(broken)} corrupted entries (e.g. {broken[0]!r}); engines "
-                        "match none of them")
+    bad = reading.corrupted()
+    if bad["quantized_layers"]:
+        warnings.append(f"quantized_layers has {len(bad['quantized_layers'])} corrupted names (ModelOpt's "
+                        f"sentinel, e.g. {bad['quantized_layers'][0]!r}); read here as their module names, "
+                        "but engines match none of them")
+    if bad["exclude_modules"]:
+        warnings.append(f"exclude_modules has {len(bad['exclude_modules'])} corrupted entries (e.g. "
+                        f"{bad['exclude_modules'][0]!r}); engines match none of them")
 
     layers: dict[str, Layer] = {}
     used: set[str] = set()
@@ -561,23 +523,22 @@ def _layers(ckpt: Checkpoint, fmt_of: dict[str, str], raw: dict, declared: dict,
             layers[m] = Layer(m, "bf16")
             continue
         if algo == "MIXED_PRECISION":
-            entry, layer_algo = _declared_algo(m, per_layer)
+            entry = reading.layer_entry(m, repair=True)
             if entry is None:
                 raise OmniqError(f"{where}: {m} is stored as {f} but is not in quantized_layers of the "
                                  "MIXED_PRECISION declaration; engines would misread it; re-export it")
             used.add(entry)
-            if layer_algo not in ALGOS:
-                raise OmniqError(f"{where}: {m} declares quant_algo {layer_algo!r}; omniq validates "
-                                 f"{', '.join(ALGOS)}")
-        else:
-            layer_algo = algo
+        if reading.excluded_by(m) is not None:
+            raise OmniqError(f"{where}: {m} is quantized ({f}) but matches exclude_modules; engines would "
+                             "load it as BF16; re-export it")
+        layer_algo = reading.algo(m, covered=True, repair=True)
+        if layer_algo not in ALGOS:
+            raise OmniqError(f"{where}: {m} declares quant_algo {layer_algo!r}; omniq validates "
+                             f"{', '.join(ALGOS)}")
         want_w, act = ALGOS[layer_algo]
         if want_w != f:
             raise OmniqError(f"{where}: {m} is stored as {f} but the checkpoint declares {layer_algo}; "
                              "declaration and tensors disagree; re-export it")
-        if any(fnmatch.fnmatchcase(m, p) for p in excludes if p not in broken):
-            raise OmniqError(f"{where}: {m} is quantized ({f}) but matches exclude_modules; engines would "
-                             "load it as BF16; re-export it")
         s = raw.get(f"{m}.input_scale")
         input_scale = _scalar(s, f"{m}.input_scale", where) if s is not None else None
         if act is not None and input_scale is None:
@@ -585,10 +546,10 @@ def _layers(ckpt: Checkpoint, fmt_of: dict[str, str], raw: dict, declared: dict,
             act = None
         pqs = raw.get(f"{m}.pre_quant_scale")
         layers[m] = Layer(m, f, act, input_scale, None if pqs is None else pqs.float())
-    unused = sorted(set(per_layer) - used) if algo == "MIXED_PRECISION" else []
+    unused = sorted(set(reading.declared.quantized_layers) - used) if algo == "MIXED_PRECISION" else []
     if unused:
-        raise OmniqError(f"{where}: quantized_layers lists {unused[0]} but its weight is not quantized "
-                         "(or not present); declaration and tensors disagree; re-export it")
+        raise OmniqError(f"{where}: quantized_layers lists {decl_mod.repaired(unused[0])} but its weight is "
+                         "not quantized (or not present); declaration and tensors disagree; re-export it")
     return layers
 
 
@@ -617,10 +578,10 @@ def _fuse_qkv_fp8(arch: Arch, layers: dict[str, Layer], small: dict) -> dict[str
     return common_scale
 
 
-def _kv_scales(ckpt: Checkpoint, raw: dict, declared: dict) -> dict[int, dict[str, torch.Tensor]]:
+def _kv_scales(ckpt: Checkpoint, raw: dict, reading: decl_mod.Reading) -> dict[int, dict[str, torch.Tensor]]:
     where = _where(ckpt)
     arch = ckpt.arch
-    kv_algo = declared.get("kv_cache_quant_algo")
+    kv_algo = reading.declared.kv_cache_quant_algo if reading.declared else None
     found: dict[int, dict[str, torch.Tensor]] = {}
     for i in arch.attention_layers:
         for which, name in names.kv_scales(f"{arch.layer_prefix(i)}.mixer").items():

@@ -209,9 +209,10 @@ class Names:
 
 @dataclass
 class Matcher:
-    """Does a module fall under any of the declared patterns (exclude_modules / ignore)? A pattern covers a
-    module when it names the module or one of its ancestors, or fnmatches the module's name (as TensorRT-LLM,
-    vLLM and SGLang all do)."""
+    """Does a module fall under any of the declared patterns (exclude_modules / ignore / quantized_layers)? A
+    pattern covers a module when it names, or fnmatches, the module or one of its ancestors (engines match
+    the module they build: a fused MoE is the `...mixer.experts` module, so `*.mixer.experts` covers every
+    expert's projections)."""
 
     patterns: list[str]
     is_omni: bool
@@ -242,6 +243,122 @@ class Matcher:
             if hit is not None:
                 return hit
         for rx, p in self._wild:
-            if rx.match(module):
+            if any(rx.match(".".join(parts[:k])) for k in range(len(parts), 0, -1)):
                 return p
         return None
+
+
+def format_of(algo: str | None) -> str:
+    """A declared algorithm's weight format: None -> `bf16`, FP8 -> `fp8`, NVFP4 (and W4A*) -> `nvfp4`, an
+    unknown algorithm -> itself."""
+    if algo is None:
+        return "bf16"
+    return ALGO_FORMATS[algo][0] if algo in ALGO_FORMATS else algo
+
+
+def repaired(name: str) -> str:
+    """A corrupted name's module: `backbone.layers.1.mixer.experts.\\x00backbone.pt_name_sentinel` ->
+    `backbone.layers.1.mixer.experts`."""
+    return name.split("\x00")[0].rstrip(".") if is_corrupted(name) else name
+
+
+# ----- which format is module M in, in this checkpoint -----------------------------------------------------
+@dataclass
+class Reading:
+    """The one answer to "which algorithm does this checkpoint declare for module M" (validate, lint, build and
+    the model card all ask it), as an engine resolves it:
+
+    - MIXED_PRECISION: the `quantized_layers` entry naming M or one of its ancestors (ModelOpt lists fused
+      experts once, as `...mixer.experts`), exact or fnmatch wildcard, in any spelling `variants` knows;
+      a module no entry covers is BF16.
+    - one quant_algo: BF16 when an `exclude_modules` / `ignore` pattern covers M (its name or an ancestor's,
+      or an fnmatch of it), else the quant_algo for a module the engine builds as a quantizable linear layer
+      (`covered`; by default the names in `linears`), else BF16.
+
+    `repair=True` reads ModelOpt 0.47's corrupted sentinel names as the modules they were meant to name (what
+    validate does, with a warning); by default they match nothing, as in every engine (what lint and build
+    report)."""
+
+    declarations: list[Declaration]
+    is_omni: bool
+    linears: frozenset[str] = frozenset()
+
+    @property
+    def declared(self) -> Declaration | None:
+        """The declaration engines read first (hf_quant_config.json, else config.json's)."""
+        return self.declarations[0] if self.declarations else None
+
+    def _matcher(self, names, repair: bool) -> tuple[Matcher, dict[str, str]]:
+        back: dict[str, str] = {}
+        for n in names:
+            if not isinstance(n, str) or (is_corrupted(n) and not repair):
+                continue
+            back.setdefault(repaired(n), n)
+        return Matcher(list(back), self.is_omni), back
+
+    @cached_property
+    def _matchers(self) -> dict[tuple[str, bool], tuple[Matcher, dict[str, str]]]:
+        d = self.declared
+        out = {}
+        for repair in (False, True):
+            out["layers", repair] = self._matcher(d.quantized_layers if d else (), repair)
+            out["exclude", repair] = self._matcher(d.exclude_modules if d else (), repair)
+        return out
+
+    def _match(self, which: str, module: str, repair: bool) -> str | None:
+        matcher, back = self._matchers[which, repair]
+        hit = matcher.match(module)
+        return None if hit is None else back[hit]
+
+    def layer_entry(self, module: str, *, repair: bool = False) -> str | None:
+        """The `quantized_layers` key (as written) that covers `module`, or None."""
+        return self._match("layers", module, repair)
+
+    def excluded_by(self, module: str, *, repair: bool = False) -> str | None:
+        """The exclude / ignore pattern (as written) that covers `module`, or None."""
+        return self._match("exclude", module, repair)
+
+    def algo(self, module: str, *, covered: bool | None = None, repair: bool = False) -> str | None:
+        """The declared algorithm of `module` (upper case), None for BF16."""
+        d = self.declared
+        if d is None or d.quant_algo is None:
+            return None
+        if d.is_mixed:
+            entry = self.layer_entry(module, repair=repair)
+            return None if entry is None else d.layer_algo(d.quantized_layers[entry])
+        if self.excluded_by(module, repair=repair) is not None:
+            return None
+        if covered is None:
+            covered = module in self.linears
+        return d.quant_algo if covered else None
+
+    def format(self, module: str, **kw) -> str:
+        """`bf16`, `fp8`, `nvfp4`, or the declared algorithm when omniq does not know it."""
+        return format_of(self.algo(module, **kw))
+
+    def corrupted(self) -> dict[str, list[str]]:
+        """ModelOpt's corrupted sentinel names, per list (`quantized_layers`, `exclude_modules`)."""
+        d = self.declared
+        if d is None:
+            return {"quantized_layers": [], "exclude_modules": []}
+        return {"quantized_layers": [n for n in d.quantized_layers if is_corrupted(n)],
+                "exclude_modules": [n for n in d.exclude_modules if isinstance(n, str) and is_corrupted(n)]}
+
+
+def engine_linears(arch) -> frozenset[str]:
+    """The modules an engine quantizes with a checkpoint's one quant_algo: the language model's linear layers
+    but lm_head (TensorRT-LLM builds lm_head without a QuantConfig; vLLM and SGLang load it as an embedding)."""
+    return frozenset(lin.name for lin in arch.linears if lin.role != "lm_head")
+
+
+def reading(path: Path, cfg: dict, linears=(), *, is_omni: bool | None = None) -> Reading:
+    """The checkpoint's declarations (`read`) as a `Reading`; `linears`: the modules its engine quantizes
+    with the checkpoint's one quant_algo (the language model's linear layers but lm_head, in hub names)."""
+    return Reading(read(path, cfg), omni.is_omni(cfg) if is_omni is None else is_omni, frozenset(linears))
+
+
+def of_quantization(quantization: dict | None, is_omni: bool, linears=()) -> Reading:
+    """A `Reading` of one declaration dict, either shape (what `Checkpoint.quantization` holds)."""
+    decls = [parse(quantization, HF_QUANT_CONFIG if isinstance(quantization.get("quantization"), dict)
+                   else CONFIG_QUANT)] if isinstance(quantization, dict) and quantization else []
+    return Reading(decls, is_omni, frozenset(linears))

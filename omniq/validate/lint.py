@@ -140,26 +140,20 @@ class Seen:
         """The language model's linear layers an engine quantizes (every one but lm_head)."""
         return {lin.name: lin for lin in self.arch.linears if lin.role != "lm_head"}
 
+    @cached_property
+    def reading(self) -> decl_mod.Reading:
+        return decl_mod.Reading(self.declarations, self.ckpt.is_omni, decl_mod.engine_linears(self.arch))
+
     def declared_algo(self, module: str) -> str | None:
-        """The algorithm the declaration gives `module` (None: BF16)."""
-        d = self.declared
-        if d is None or d.quant_algo is None:
-            return None
-        if d.is_mixed:
-            entry = self.quantized_layers.get(module)
-            return d.layer_algo(entry) if entry is not None else None
-        if self.excludes.match(module) is not None:
-            return None
-        if module in self.llm_linears or (module not in self.arch.linear_by_name and keep_bf16_family(self, module)
-                                          is None and self.stored.get(module, "bf16") != "bf16"):
-            return d.quant_algo
-        return None
+        """The algorithm the declaration gives `module` (None: BF16), as engines read it (`Reading.algo`): a
+        module outside the language model's linears counts as covered when stored quantized and not of a
+        family that stays BF16."""
+        covered = module in self.llm_linears or (module not in self.arch.linear_by_name and keep_bf16_family(
+            self, module) is None and self.stored.get(module, "bf16") != "bf16")
+        return self.reading.algo(module, covered=covered)
 
     def declared_format(self, module: str) -> str:
-        algo = self.declared_algo(module)
-        if algo is None:
-            return "bf16"
-        return ALGO_FORMATS[algo][0] if algo in ALGO_FORMATS else algo
+        return decl_mod.format_of(self.declared_algo(module))
 
 
 def companion_of(name: str) -> tuple[str, str] | None:
@@ -680,3 +674,11 @@ def lint(path, engine: str | None = None, *, checksums: bool = True) -> list[Fin
             continue
         findings += check(seen)
     return findings
+
+
+def report(found: list[Finding], path, engine: str | None) -> dict:
+    """lint.json: the findings (`findings.as_json`) bound to the artifact they judge (`binding`)."""
+    from omniq.validate import binding
+    from omniq.validate import findings as fnd
+
+    return {**fnd.as_json(found, path=str(path), engine=engine), binding.KEY: binding.for_lint(path)}

@@ -98,22 +98,20 @@ def items(reference, candidate, modality: str, inputs: list, device="cpu") -> li
             for k, x in enumerate(inputs)]
 
 
-def modality_report(modality: str, metrics: dict, fmt: str, samples: int, *, max_kl=None, min_top1=None,
-                    max_ppl_ratio=None, noise_floor: dict | None = None, source=None,
-                    eval_media: str | None = None) -> dict:
-    """The report entry of one media modality: metrics, its gates and failures, what was evaluated."""
-    gate = gates_mod.gates_for(fmt, max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio)
+def modality_report(modality: str, metrics: dict, gate, samples: int, *, noise_floor: dict | None = None,
+                    source=None, eval_media: str | None = None) -> dict:
+    """The report entry of one media modality: metrics, this run's floor, its gates (`gate`, from that floor:
+    `gates.from_floor`) side by side, failures, what was evaluated."""
     failures = [f"{modality}: {f}" for f in gates_mod.check(metrics, gate)]
     evaluated = ({"set": eval_media, "samples": len(source.samples[modality]), "scored": "caption tokens",
                   **source.identity(modality)} if source is not None else
                  {"set": f"bundled-{modality}:eval", "samples": samples, "scored": "caption tokens",
                   **media.identity(modality, "eval")})
-    out = {**{k: metrics[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate",
-                                       "ppl_ratio", "tokens")},
-           "passed": not failures, "gates": gate.as_dict(), "failures": failures, "eval": evaluated}
-    if noise_floor is not None:
-        out["noise_floor"] = noise_floor
-    return out
+    return {**{k: metrics[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate",
+                                        "ppl_ratio", "tokens")},
+            "passed": not failures, "gates": gate.as_dict(), "noise_floor": noise_floor,
+            "gate_table": gates_mod.side_by_side(metrics, noise_floor, gate), "failures": failures,
+            "eval": evaluated}
 
 
 def wanted(reference, samples: int) -> tuple[list[str], list[str]]:

@@ -27,7 +27,7 @@ import torch
 from omniq.atomic import write_atomic
 from omniq.calib import docstrings
 from omniq.errors import OmniqError
-from omniq.validate import gates as gates_mod
+from omniq.validate import binding, gates as gates_mod, generate as generate_mod
 from omniq.validate import stream
 from omniq.validate.artifact import Artifact, check_same_model, read_artifact
 from omniq.validate.stream import BATCH_ROWS  # noqa: F401  (rows per batch; benchmarks import it here)
@@ -185,16 +185,23 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
              seq_len: int = DEFAULT_SEQ_LEN, max_kl: float | None = None, min_top1: float | None = None,
              max_ppl_ratio: float | None = None, report_path=None, positions: bool = False,
              progress: Progress | None = None, media_samples: int | None = None, device: str = "cpu",
-             noise_floor: bool = True, eval_media: str | None = None, bad_media: str = "skip") -> dict:
+             noise_floor: bool = True, eval_media: str | None = None, bad_media: str = "skip", gates_file=None,
+             generate: int = 0, max_new_tokens: int = generate_mod.DEFAULT_MAX_NEW_TOKENS) -> dict:
     """Read both checkpoints from their files, layer by layer, compare next-token distributions (and the
     reference's BF16-engine noise floor), apply the gates.
 
+    The gates come from the noise floor measured on the same rows (`gates.from_floor`; `noise_floor=False`:
+    the bundled model's constant floor), the `gates_file` (`gates.load_file`) and the flags, in that order.
     Returns the report (and writes it to `report_path` when given); `report["passed"]` says whether every
     gate held. Raises OmniqError (exit 2) for input that cannot be compared or a run that cannot fit."""
     from omniq.validate import multimodal
 
     t0 = time.perf_counter()
     dev = torch_device(device)
+    cand_path = Path(candidate)
+    binding.check_target(report_path, cand_path if cand_path.is_dir() else str(candidate))
+    gfile = gates_mod.load_file(gates_file) if gates_file is not None else None
+    flags = {"max_kl": max_kl, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio}
     ref = read_artifact(reference)
     cand = read_artifact(candidate)
     check_same_model(ref, cand)
@@ -214,27 +221,40 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
     items = text_items(rows)
     for m, inputs in media_inputs.items():
         items += multimodal.items(ref, cand, m, inputs, dev)
-    outcome = stream.run(ref, cand, items, device=dev, noise_floor=noise_floor, progress=progress)
+    kv_amax: dict = {}
+    outcome = stream.run(ref, cand, items, device=dev, noise_floor=noise_floor, progress=progress, kv_amax=kv_amax)
     by_set, sqnr, changed = outcome.summary(positions)
     eval_seconds = time.perf_counter() - t_eval
     metrics = by_set["text"]["candidate"]
     floor = ({k: by_set["text"]["noise_floor"][k] for k in NOISE_FLOOR_KEYS} if noise_floor else None)
+    fmt = gates_mod.gate_format(cand)
 
-    gate = gates_mod.gates_for(cand.format, max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio)
+    def gate_of(modality: str, own: dict | None) -> gates_mod.Gates:
+        used = own if modality == "text" else gates_mod.at_least(own, floor)   # media: never below text's
+        return gates_mod.from_floor(used, fmt, gates_mod.overrides_for(gfile, fmt, modality, flags))
+
+    gate = gate_of("text", floor)
     failures = gates_mod.check(metrics, gate)
-    # Omni: image+text and audio+text evaluation sets, each with its own gates (omniq.validate.multimodal)
-    by_modality = {
-        m: multimodal.modality_report(
-            m, by_set[m]["candidate"], cand.format, n_media, max_kl=max_kl, min_top1=min_top1,
-            max_ppl_ratio=max_ppl_ratio,
-            noise_floor={k: by_set[m]["noise_floor"][k] for k in NOISE_FLOOR_KEYS} if noise_floor else None,
+    # Omni: image+text and audio+text evaluation sets, each with its own floor and gates (omniq.validate.multimodal)
+    by_modality = {}
+    for m in modalities:
+        own = {k: by_set[m]["noise_floor"][k] for k in NOISE_FLOOR_KEYS} if noise_floor else None
+        by_modality[m] = multimodal.modality_report(
+            m, by_set[m]["candidate"], gate_of(m, own), n_media, noise_floor=own,
             source=multimodal.own_source(source, m), eval_media=eval_media)
-        for m in modalities}
     if by_modality:
         failures = [f"text: {f}" for f in failures]
     text_failures = list(failures)
+    layer_failures = gates_mod.check_layers(sqnr, {n: q.weight_format for n, q in cand.quantized.items()}, gate)
+    layer_failures += gates_mod.check_kv(kv_amax, cand.kv_scales)
+    failures += layer_failures
     for m in by_modality.values():
         failures += m["failures"]
+    generation = None
+    if generate:
+        generation = generate_mod.compare(ref, cand, docs, generate, max_new_tokens,
+                                          gates_mod.length_ratio_for(gfile, fmt))
+        failures += generation["failures"]
     warnings = ref.warnings + cand.warnings + mm_warnings
     if changed:
         first = max(changed, key=changed.get)
@@ -244,8 +264,13 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
         **{k: metrics[k] for k in METRIC_KEYS},
         "passed": not failures,
         "gates": gate.as_dict(),
+        "gate_table": {"text": gates_mod.side_by_side(metrics, floor, gate),
+                       **{m: v["gate_table"] for m, v in by_modality.items()}},
+        "gates_file": gfile,
         "failures": failures,
+        "layer_failures": layer_failures,
         "format": cand.format,
+        "gate_format": fmt,
         "kv_cache": cand.kv_cache,
         "layer_formats": cand.format_counts(),
         "reference": str(ref.path),
@@ -259,6 +284,7 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
         "memory": {k: int(v) if isinstance(v, (int, float)) else v for k, v in memory.items()},
         "seconds": round(time.perf_counter() - t0, 2),
         "tokens_per_second": round(metrics["tokens"] / eval_seconds, 1) if eval_seconds > 0 else None,
+        binding.KEY: binding.for_validation(cand.path, ref.path),
     }
     if floor is not None:
         report["noise_floor"] = floor
@@ -270,6 +296,8 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
                                 **by_modality}
     if positions:
         report["positions"] = metrics["positions"]
+    if generation is not None:
+        report["generation"] = generation
     if report_path is not None:
         write_report(report, report_path)
     return report
@@ -291,42 +319,48 @@ def terminal_progress(enabled: bool):
 
 
 def summary_table(report: dict):
-    """A rich table of the metrics next to their gates, for the terminal."""
+    """A rich table of the metrics next to this run's noise floor and their gates, for the terminal."""
     from rich.table import Table
 
-    g = report["gates"]
     ok, bad = "[green]pass[/green]", "[red]FAIL[/red]"
+    g = report["gates"]
     table = Table(title=f"omniq validate: {report['format']} candidate"
                         f"{' + FP8 KV cache' if report.get('kv_cache') else ''}, {report['tokens']} tokens "
-                        f"({report['eval']['set']})")
+                        f"({report['eval']['set']}); gates: {g['source']} x{g.get('multiplier') or '?'}")
     table.add_column("metric")
+    table.add_column("noise floor", justify="right")
     table.add_column("value", justify="right")
     table.add_column("gate", justify="right")
     table.add_column("", justify="center")
-    table.add_row("mean KL(ref || cand)", f"{report['kl_mean']:.3g}", f"<= {g['max_kl']:.3g}",
-                  ok if report["kl_mean"] <= g["max_kl"] else bad)
-    table.add_row("p95 KL", f"{report['kl_p95']:.3g}", "", "")
-    table.add_row("top-1 agreement", f"{100 * report['top1_agreement']:.2f} %", f">= {100 * g['min_top1']:.2f} %",
-                  ok if report["top1_agreement"] >= g["min_top1"] else bad)
-    table.add_row("perplexity reference", f"{report['ppl_reference']:.3f}", "", "")
-    table.add_row("perplexity candidate", f"{report['ppl_candidate']:.3f}", "", "")
-    table.add_row("perplexity ratio", f"{report['ppl_ratio']:.4f}", f"<= {g['max_ppl_ratio']:.4f}",
-                  ok if report["ppl_ratio"] <= g["max_ppl_ratio"] else bad)
+    shown = {"kl_mean": ("mean KL(ref || cand)", lambda v: f"{v:.3g}", "<= {:.3g}"),
+             "top1_agreement": ("top-1 agreement", lambda v: f"{100 * v:.2f} %", ">= {:.2%}"),
+             "ppl_ratio": ("perplexity ratio", lambda v: f"{v:.4f}", "<= {:.4f}")}
+    for modality, rows in (report.get("gate_table") or {}).items():
+        prefix = "" if modality == "text" and len(report["gate_table"]) == 1 else f"{modality}: "
+        for r in rows:
+            label, fmt, gate_fmt = shown[r["metric"]]
+            table.add_row(prefix + label, "-" if r["floor"] is None else fmt(r["floor"]), fmt(r["value"]),
+                          gate_fmt.format(r["gate"]), ok if r["passed"] else bad)
+    table.add_row("p95 KL", "", f"{report['kl_p95']:.3g}", "", "")
+    table.add_row("perplexity reference / candidate", "",
+                  f"{report['ppl_reference']:.3f} / {report['ppl_candidate']:.3f}", "", "")
     for role, s in sorted(report.get("sqnr_by_role", {}).items()):
         fmt = lambda v: "inf" if v is None or v == math.inf else f"{v:.1f}"  # noqa: E731
-        table.add_row(f"SQNR {role}, min / median dB", f"{fmt(s['min'])} / {fmt(s['median'])}", "", "")
+        table.add_row(f"SQNR {role}, min / median dB", "", f"{fmt(s['min'])} / {fmt(s['median'])}", "", "")
+    if report.get("layer_failures"):
+        table.add_row("layers below their format's SQNR minimum", "", str(len(report["layer_failures"])),
+                      "0", bad)
+    gen = report.get("generation")
+    if gen:
+        for k in ("same_first_16", "same_first_64"):
+            if gen.get(k) is not None:
+                table.add_row(f"generation: {k.replace('_', ' ')} tokens", "", f"{100 * gen[k]:.0f} %", "", "")
+        table.add_row("generation: EOS within budget, ref / cand", "",
+                      f"{100 * gen['eos_rate_reference']:.0f} % / {100 * gen['eos_rate_candidate']:.0f} %", "", "")
+        g = gen["gates"]
+        table.add_row("generation: mean length ratio", "", f"{gen['length_ratio']:.3f}",
+                      f"{g['min_length_ratio']:g}-{g['max_length_ratio']:g}", ok if gen["passed"] else bad)
     for name, b in (report.get("positions") or {}).items():
-        table.add_row(f"positions {name}: KL / top-1", f"{b['kl_mean']:.3g} / {100 * b['top1_agreement']:.1f} %",
-                      "", "")
-    for name, m in (report.get("modalities") or {}).items():
-        if name == "text":
-            continue
-        mg = m["gates"]
-        label = f"{name}+text ({m['tokens']} caption tokens)"
-        table.add_row(f"{label} mean KL", f"{m['kl_mean']:.3g}", f"<= {mg['max_kl']:.3g}",
-                      ok if m["kl_mean"] <= mg["max_kl"] else bad)
-        table.add_row(f"{label} top-1", f"{100 * m['top1_agreement']:.2f} %", f">= {100 * mg['min_top1']:.2f} %",
-                      ok if m["top1_agreement"] >= mg["min_top1"] else bad)
-        table.add_row(f"{label} ppl ratio", f"{m['ppl_ratio']:.4f}", f"<= {mg['max_ppl_ratio']:.4f}",
-                      ok if m["ppl_ratio"] <= mg["max_ppl_ratio"] else bad)
+        table.add_row(f"positions {name}: KL / top-1", "",
+                      f"{b['kl_mean']:.3g} / {100 * b['top1_agreement']:.1f} %", "", "")
     return table

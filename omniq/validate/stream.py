@@ -146,7 +146,7 @@ def _chunk_tokens(vocab: int) -> int:
 
 
 def _layer_step(reference: Artifact, candidate: Artifact, i: int, hidden: dict[str, list[torch.Tensor]], device,
-                diagnose) -> None:
+                diagnose, kv_amax: dict | None = None) -> None:
     """Layer i of both artifacts, loaded, run on every stream's hidden states (in place in `hidden`),
     diagnosed and released when this returns."""
     arch = reference.arch
@@ -155,17 +155,26 @@ def _layer_step(reference: Artifact, candidate: Artifact, i: int, hidden: dict[s
     cand_u = candidate.unit(names, device, KEEP_FLOAT32_BYTES)
     hooks = {"reference": (ref_u, forward.plain_linear(ref_u), None),
              "noise_floor": (ref_u, *bf16_compute_hooks(ref_u)),
-             "candidate": (cand_u, candidate.linear(cand_u), candidate.kv())}
+             "candidate": (cand_u, candidate.linear(cand_u), _recording(candidate.kv(), kv_amax))}
     for s in hidden:
         weights, linear, kv = hooks[s]
         hidden[s] = [forward.decoder_layer(arch, weights, i, x, linear=linear, kv=kv) for x in hidden[s]]
     diagnose(ref_u, cand_u, names)
 
 
+def _recording(kv, kv_amax: dict | None):
+    """The candidate's K / V hook, also recording the largest |K| / |V| per layer (`gates.check_kv`)."""
+    if kv is None or kv_amax is None:
+        return kv
+    from omniq.validate.gates import recording_kv
+
+    return recording_kv(kv, kv_amax)
+
+
 # ----- the run ------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="cpu", noise_floor: bool = True,
-        progress: Progress | None = None) -> Outcome:
+        progress: Progress | None = None, kv_amax: dict | None = None) -> Outcome:
     """Evaluate `items` through both artifacts layer by layer; see the module docstring."""
     device = torch.device(device)
     arch = reference.arch
@@ -208,7 +217,7 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
 
     # decoder layers
     for i in range(arch.num_layers):
-        _layer_step(reference, candidate, i, hidden, device, diagnose)
+        _layer_step(reference, candidate, i, hidden, device, diagnose, kv_amax)
         done += 1
         if progress is not None:
             progress(done, steps)

@@ -123,3 +123,33 @@ def test_unreadable_parquet_is_a_one_line_error(tmp_path):
     with pytest.raises(OmniqError) as e:
         data.load(str(f), TOK, samples=1, seq_len=4)
     assert "cannot read it as .parquet" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_default_calibration_is_bundled_for_bundled_models_and_nvidias_mix_otherwise(tiny_dir, tmp_path):
+    assert data.default_for(tiny_dir) == data.DEFAULT
+    copy = tmp_path / "my-model"
+    copy.mkdir()
+    assert data.default_for(copy) == data.NVIDIA_DEFAULT
+
+
+def test_nvidia_default_offline_asks_for_calib_in_one_line(tiny_dir, tmp_path, monkeypatch):
+    """A model that is not bundled and no --calib: ModelOpt hf_ptq's default mix, which needs the hub; offline
+    that is one line asking for --calib, and nothing is written."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "my-model"
+    shutil.copytree(tiny_dir, model)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "omniq.cli", "quantize", str(model), "--recipe", "fp8", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "nvidia-default" in err and "offline" in err and "--calib" in err, err
+    assert not out.exists()
+    with pytest.raises(OmniqError, match="pass --calib"):
+        data.load(data.NVIDIA_DEFAULT, None, samples=1, seq_len=2)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from omniq.errors import OmniqError
 from omniq.pipeline import run as pipeline, stages as real_stages
+from omniq.validate import binding
 
 DEFAULT_KL = {"fp8": 0.004, "nvfp4": 0.03}
 
@@ -53,7 +54,8 @@ def quantize(ctx) -> dict:
     _maybe_die("quantize", ctx)
     fmt = recipe["default"]
     manifest = {"omniq_manifest": 1, "created": "2026-01-02T03:04:05+00:00", "versions": {"omniq": "0.1.0"},
-                "recipe": recipe, "source": {"model": str(ctx.source_dir), "files": {}},
+                "recipe": recipe, "source": {"model": str(ctx.source_dir),
+                                             "files": binding.reference_files(ctx.source_dir)},
                 "calibration": {"source": "bundled:calib"},
                 "modules": {"backbone.layers.0.mixer.in_proj": fmt, "lm_head": "bf16"},
                 "files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}}
@@ -66,7 +68,8 @@ def lint(ctx) -> dict:
     _log("lint", ctx)
     _maybe_die("lint", ctx)
     (ctx.out / "lint.json").write_text(json.dumps({"path": str(ctx.artifact), "engine": None, "passed": True,
-                                                   "counts": {"error": 0, "warning": 0, "info": 0}, "findings": []}))
+                                                   "counts": {"error": 0, "warning": 0, "info": 0}, "findings": [],
+                                                   binding.KEY: binding.for_lint(ctx.artifact)}))
     return {"passed": True, "errors": 0, "report": "lint.json"}
 
 
@@ -81,7 +84,8 @@ def validate(ctx) -> dict:
     report = {"kl_mean": kl, "kl_p95": 3 * kl, "top1_agreement": 1 - 2 * kl, "ppl_reference": 7.0,
               "ppl_candidate": 7.0 * (1 + kl), "ppl_ratio": 1 + kl, "tokens": 512, "passed": not failures,
               "failures": failures, "gates": gates, "format": pipeline.resolved_recipe(ctx.column)["default"],
-              "kv_cache": None, "layer_formats": {}, "eval": {"set": "fake", "rows": 4, "seq_len": 128}}
+              "kv_cache": None, "layer_formats": {}, "eval": {"set": "fake", "rows": 4, "seq_len": 128},
+              binding.KEY: binding.for_validation(ctx.artifact, ctx.source_dir)}
     (ctx.out / "validation.json").write_text(json.dumps(report))
     return {**report, "report": "validation.json"}
 

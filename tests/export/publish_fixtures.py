@@ -150,13 +150,15 @@ def make_artifact(root: Path, *, seed: int = 0, passed: bool | None = True, lint
         "files": {name: sha256(data) for name, data in files.items()},
     }
     (root / "omniq.json").write_text(json.dumps(manifest, indent=2))
+    bound = {"candidate": {"path": str(root), "omniq.json": sha256((root / "omniq.json").read_bytes())}}
     if passed is not None:
         report = {"kl_mean": 0.0042, "kl_p95": 0.013, "top1_agreement": 0.964, "ppl_reference": 7.31,
                   "ppl_candidate": 7.36, "ppl_ratio": 1.0068, "tokens": 1024, "passed": passed,
                   "gates": {"max_kl": 0.01, "min_top1": 0.95, "max_ppl_ratio": 1.01, "source": "default fp8"},
                   "failures": [] if passed else ["kl_mean 0.0042 > max_kl 0.001"],
                   "eval": {"set": "bundled:eval", "rows": 8, "seq_len": 128}, "layer_formats": {fmt: 2, "bf16": 4},
-                  "format": fmt, "kv_cache": "fp8"}
+                  "format": fmt, "kv_cache": "fp8",
+                  "bound_to": {**bound, "reference": {"path": "/models/nano", "files": manifest["source"]["files"]}}}
         (root / "validation.json").write_text(json.dumps(report))
     findings = [{"id": "exclude-unmatched", "severity": "error", "tensor_or_module": "lm_head",
                  "message": "exclude name matches no module", "fix": "re-export"}] * lint_errors
@@ -164,7 +166,7 @@ def make_artifact(root: Path, *, seed: int = 0, passed: bool | None = True, lint
                      "fix": ""})
     (root / "lint.json").write_text(json.dumps({"path": str(root), "engine": None, "passed": not lint_errors,
                                                 "counts": {"error": lint_errors, "warning": 0, "info": 1},
-                                                "findings": findings}))
+                                                "findings": findings, "bound_to": bound}))
     return root
 
 

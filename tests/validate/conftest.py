@@ -1,6 +1,8 @@
 """Artifacts for the validate tests, made once per session.
 
-Real ModelOpt exports of the bundled model (made in a separate process, see make_artifacts.py), and
+Real ModelOpt exports of the bundled model (made in a separate process, see make_artifacts.py; or, to save
+the minutes on a busy machine, OMNIQ_TEST_ARTIFACTS=DIR made by `make_artifacts.py omniq/bundled/tiny DIR fp8
+nvfp4 nvfp4-kv mixed --rows 4 --seq 128`), and
 deliberately wrong variants of them edited tensor by tensor: weight scales multiplied by 4, two experts
 swapped, another model, another tokenizer, a declaration that contradicts the tensors.
 """
@@ -8,6 +10,7 @@ swapped, another model, another tokenizer, a declaration that contradicts the te
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +26,9 @@ MADE = ("fp8", "nvfp4", "nvfp4-kv", "mixed")
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory, tiny_dir) -> dict[str, Path]:
+    prebuilt = os.environ.get("OMNIQ_TEST_ARTIFACTS")     # a directory made by make_artifacts.py (same options)
+    if prebuilt and all((Path(prebuilt) / name / "config.json").is_file() for name in MADE):
+        return {name: Path(prebuilt) / name for name in MADE}
     out = tmp_path_factory.mktemp("artifacts")
     proc = subprocess.run([sys.executable, str(HERE / "make_artifacts.py"), str(tiny_dir), str(out), *MADE,
                            "--rows", "4", "--seq", "128"], capture_output=True, text=True, timeout=900)

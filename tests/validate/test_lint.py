@@ -521,3 +521,53 @@ def test_cli_refuses_unknown_engine_and_non_checkpoints(clean, tmp_path, capsys)
     assert main(["lint", str(clean["fp8"]), "--engine", "tgi"]) == 2
     assert main(["lint", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+# ----- one reading of the declaration ------------------------------------------------------------------------
+def _readings(path: Path) -> dict[str, dict[str, str]]:
+    """Every linear layer's declared format as validate, lint, build and the model card each read it."""
+    from omniq.deploy import trtllm
+    from omniq.publish import release as rel
+    from omniq.validate.artifact import read_artifact
+    from omniq.validate.lint import Seen
+    from omniq.validate import declaration as decl_mod
+
+    ckpt = open_checkpoint(str(path), check_shapes=False)
+    seen = Seen(ckpt, decl_mod.read(ckpt.path, ckpt.config), None)
+    build = trtllm.declared_formats(ckpt.arch, trtllm.read_declared(ckpt.quantization))
+    art = read_artifact(path)
+    card = rel.declared_formats(rel.open_release(path))
+    names = [lin.name for lin in ckpt.arch.linears]
+    return {"validate": {n: art.layers[n].weight_format for n in names},
+            "lint": {n: seen.declared_format(n) for n in names},
+            "build": {n: build[n].lower() for n in names},
+            "card": {n: card[n] for n in names}}
+
+
+@pytest.mark.parametrize("name", ["fp8", "nvfp4", "fp8-kv", "mixed", "nano3", "omni-fp8", "omni-nvfp4"])
+def test_validate_lint_build_and_card_read_the_declaration_alike(clean, name):
+    """omniq's artifacts (exclude lists with wildcards and Omni spellings; MIXED_PRECISION for mixed / nano3)."""
+    r = _readings(clean[name])
+    assert r["validate"] == r["lint"] == r["build"] == r["card"], name
+    assert r["validate"][f"{open_checkpoint(str(clean[name])).arch.prefix}lm_head"] == "bf16"
+    assert len(set(r["validate"].values())) > 1
+
+
+def test_declaration_spelled_as_tensorrt_llm_reads_alike(make_broken):
+    """The mixed artifact's quantized_layers rewritten in TensorRT-LLM's `model.` spelling and its experts
+    listed once per layer (`...mixer.experts`, as ModelOpt writes fused experts)."""
+    def edit(q):
+        out = {}
+        for k, v in q["quantized_layers"].items():
+            k = k.replace("backbone.", "model.", 1)
+            k = k.split(".experts.")[0] + ".experts" if ".experts." in k else k
+            out[k] = v
+        q["quantized_layers"] = out
+
+    path = make_broken("mixed", declaration=edit)
+    assert any(k.endswith(".mixer.experts") for k in json.loads((path / "hf_quant_config.json").read_text())
+               ["quantization"]["quantized_layers"])
+    r = _readings(path)
+    assert r["validate"] == r["lint"] == r["build"] == r["card"]
+    assert r["validate"][EXPERT] == "nvfp4" and r["validate"][IN_PROJ] in ("fp8", "nvfp4")
+    assert lint(path) == []

@@ -68,7 +68,7 @@ def test_fp8_and_nvfp4_artifacts_pass_the_default_gates(artifacts, tmp_path):
         assert r["passed"], (name, r["failures"])
         assert r["tokens"] == EVAL["samples"] * EVAL["seq_len"]
         assert r["format"] == name.split("-")[0]
-        assert r["gates"]["source"] == f"default {r['format']}"
+        assert r["gates"]["source"] == "floor" and r["noise_floor"]["tokens"] == r["tokens"]
         assert r["kv_cache"] == ("fp8" if name.endswith("-kv") else None)
         golden.check(name, name, r, artifacts[name])
         results[name] = r
