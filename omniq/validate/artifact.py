@@ -28,7 +28,6 @@ gain scale tensors; nothing else may differ.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from collections.abc import Mapping
