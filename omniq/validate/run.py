@@ -264,6 +264,7 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
         **{k: metrics[k] for k in METRIC_KEYS},
         "passed": not failures,
         "gates": gate.as_dict(),
+        "noise_floor": floor,
         "gate_table": {"text": gates_mod.side_by_side(metrics, floor, gate),
                        **{m: v["gate_table"] for m, v in by_modality.items()}},
         "gates_file": gfile,
@@ -286,13 +287,10 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
         "tokens_per_second": round(metrics["tokens"] / eval_seconds, 1) if eval_seconds > 0 else None,
         binding.KEY: binding.for_validation(cand.path, ref.path),
     }
-    if floor is not None:
-        report["noise_floor"] = floor
     if by_modality:
         text = {k: report[k] for k in METRIC_KEYS}
         report["modalities"] = {"text": {**text, "passed": not text_failures, "gates": gate.as_dict(),
-                                         "failures": text_failures, "eval": report["eval"],
-                                         **({"noise_floor": floor} if floor is not None else {})},
+                                         "noise_floor": floor, "failures": text_failures, "eval": report["eval"]},
                                 **by_modality}
     if positions:
         report["positions"] = metrics["positions"]
