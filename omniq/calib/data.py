@@ -205,11 +205,26 @@ def _offline() -> bool:
     return any(os.environ.get(k, "").lower() in _TRUE for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+def _hub_unreachable() -> bool:
+    """True when the hub's host does not resolve or accept a connection within 3 s: without this check the
+    hub client retries with backoff (minutes) and logs each failure before the one-line error."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=3):
+            return False
+    except OSError:
+        return True
+
+
 def nvidia_texts(tokenizer, samples: int) -> tuple[list[str], dict]:
     """`nvidia-default`: `samples` texts from each member of ModelOpt's default mix, interleaved."""
     ask = (f"pass --calib (a .txt / .jsonl / .parquet file, a hub dataset NAME, or {DEFAULT} for the bundled "
            "docstrings)")
-    if _offline():
+    if _offline() or _hub_unreachable():
         raise OmniqError(f"calibration data {NVIDIA_DEFAULT} (cnn_dailymail + nvidia/Nemotron-Post-Training-"
                          f"Dataset-v2, ModelOpt's default) needs the Hugging Face hub, and this run is offline; {ask}")
     try:

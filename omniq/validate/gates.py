@@ -64,6 +64,9 @@ BUNDLED_FLOOR = {"kl_mean": 2.43e-4, "kl_p95": 2.0e-4, "top1_agreement": 0.9891,
 MULTIPLIERS = {"bf16": 4.0, "fp8": 60.0, "nvfp4": 300.0, "mixed": 80.0}
 TOP1_PER_SQRT_KL = 0.7
 KL_FLOOR_MIN = 1e-6            # a floor below this (identical forwards) is taken as this
+# A floor measured on fewer tokens than this (a quick smoke run: --samples 2 --seq-len 64) is too noisy to gate
+# on alone: it is taken as at least the bundled model's floor (source "floor (few tokens) ...").
+MIN_FLOOR_TOKENS = 200
 MIN_LAYER_SQNR_DB = {"fp8": 19.0, "nvfp4": 8.0}
 KV_UTILIZATION = (0.25, 4.0)   # |K| or |V| amax on the evaluation rows / (448 x its scale), allowed range
 
@@ -103,6 +106,8 @@ def from_floor(floor: dict | None, fmt: str, overrides: dict | None = None) -> G
         raise OmniqError(f"no gates for format {fmt!r}; known: {', '.join(FORMATS)}")
     o = dict(overrides or {})
     source = "floor" if floor is not None else "constant"
+    if floor is not None and (floor.get("tokens") or 0) < MIN_FLOOR_TOKENS:
+        floor, source = at_least(floor, BUNDLED_FLOOR), "floor (few tokens: at least the bundled floor)"
     floor = dict(BUNDLED_FLOOR if floor is None else floor)
     k = float(o.pop("multiplier", None) or MULTIPLIERS[fmt])
     kl0 = max(float(floor["kl_mean"]), KL_FLOOR_MIN)

@@ -7,7 +7,8 @@ Each of N held-out documents (the evaluation set's, in order) gives a prompt: `<
 candidate dequantized, activations and KV cache quantized as an engine would). Decoding re-runs the whole
 sequence for every new token (no KV / Mamba-state cache): exact, and cheap on the bundled models (N x
 max_new_tokens forwards of at most PROMPT_TOKENS + max_new_tokens tokens, batched over the prompts); on a
-real-width model it is slow, which is why it is opt-in.
+real-width model it is slow, which is why it is opt-in. Unlike the rest of validate it is not layer-streamed:
+both models' weights are read (and the candidate's dequantized) once into memory for the decoding loop.
 
 Reported under `generation`: the share of prompts whose first 16 / 64 generated tokens are identical in both
 models (`same_first_16`, `same_first_64`; one that stopped earlier differs; null when the budget is shorter),
@@ -72,15 +73,17 @@ def greedy(arch, weights, prompt: torch.Tensor, max_new_tokens: int, eos: int | 
 
 
 def compare(reference, candidate, docs, n: int, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-            length_ratio: tuple[float, float] = DEFAULT_LENGTH_RATIO) -> dict:
-    """The `generation` section of the report (see the module doc), with its gate's `failures`."""
+            length_ratio: tuple[float, float] = DEFAULT_LENGTH_RATIO, candidate_weights=None) -> dict:
+    """The `generation` section of the report (see the module doc), with its gate's `failures`.
+    `candidate_weights`: the candidate's tensors as a mapping (default: read from its files once)."""
     if max_new_tokens < 1:
         raise OmniqError("--max-new-tokens must be at least 1")
     tok = reference.tokenizer
     p = prompts(tok, docs, n)
     eos = tok.eos_token_id
-    ref, ref_eos = greedy(reference.arch, reference.weights, p, max_new_tokens, eos)
-    cand, cand_eos = greedy(candidate.arch, candidate.weights, p, max_new_tokens, eos,
+    ref, ref_eos = greedy(reference.arch, dict(reference.weights), p, max_new_tokens, eos)
+    cw = dict(candidate.weights) if candidate_weights is None else candidate_weights
+    cand, cand_eos = greedy(candidate.arch, cw, p, max_new_tokens, eos,
                             linear=candidate.linear(), kv=candidate.kv())
     # a continuation that stopped earlier than k differs from one that did not (EOS is a token too)
     same = {f"same_first_{k}": (sum(a[:k] == b[:k] for a, b in zip(ref, cand)) / n if max_new_tokens >= k else None)

@@ -34,7 +34,8 @@ def test_the_reference_against_itself_is_identical_and_a_model_that_stops_at_onc
     cand = read_artifact(artifacts["fp8"])
     bias = torch.zeros(ref.arch.vocab_size)
     bias[ref.tokenizer.eos_token_id] = 1e4
-    cand.weights["lm_head.bias"] = bias
-    r = generate.compare(ref, cand, docs, 2, max_new_tokens=16)
+    weights = dict(cand.weights)
+    weights["lm_head.bias"] = bias
+    r = generate.compare(ref, cand, docs, 2, max_new_tokens=16, candidate_weights=weights)
     assert r["eos_rate_candidate"] == 1.0 and r["mean_length_candidate"] == 1.0
     assert not r["passed"] and r["failures"][0].startswith("generation: length_ratio")

@@ -101,7 +101,7 @@ def test_no_noise_floor_and_the_device_in_the_report(artifacts, tmp_path):
     assert main(["validate", "tiny", str(artifacts["fp8"]), "--samples", "2", "--seq-len", "64",
                  "--device", "cpu", "--no-noise-floor", "--report", str(rep)]) == 0
     data = json.loads(rep.read_text())
-    assert "noise_floor" not in data and data["device"] == "cpu"
+    assert data["noise_floor"] is None and data["device"] == "cpu"
     assert data["memory"]["total_bytes"] < data["memory"]["available_bytes"] and data["memory"]["limit_source"]
     with_floor = validate("tiny", artifacts["fp8"], samples=2, seq_len=64)
     assert with_floor["kl_mean"] == data["kl_mean"]                  # the third stream changes nothing else
