@@ -33,16 +33,7 @@ def omni_config_dir(tmp_path_factory, real_config) -> Path:
 
 
 # ----- omniq quantize artifacts of the bundled model (tests/export/test_quantize_e2e.py, tests/test_cli.py) -----
-MIXED_RECIPE = """name: mixed-e2e
-description: routed experts NVFP4, attention q/k/v BF16, everything else FP8 (a user recipe file)
-kv_cache: fp8
-default: fp8
-rules:
-  - select: [routed_experts]
-    format: nvfp4
-  - select: [attn_qkv]
-    format: bf16
-"""
+from reference_configs import MIXED_RECIPE  # noqa: E402
 QUANTIZE_CALIB = ["--calib-samples", "16", "--calib-seq-len", "128"]
 
 

@@ -65,3 +65,16 @@ def manifest_fields(recipe: dict | None = None, modules: dict | None = None, fil
     if files is not None:
         out["files"] = files
     return out
+
+
+# a user recipe file (tests/conftest.py's quantized fixtures, tests/export/test_quantize_streamed.py)
+MIXED_RECIPE = """name: mixed-e2e
+description: routed experts NVFP4, attention q/k/v BF16, everything else FP8 (a user recipe file)
+kv_cache: fp8
+default: fp8
+rules:
+  - select: [routed_experts]
+    format: nvfp4
+  - select: [attn_qkv]
+    format: bf16
+"""

@@ -60,7 +60,7 @@ def _resave(tiny_dir, d, split):
 
 def _quantize(model, name, out, extra=()):
     mixed = out.parent / "mixed.yaml"
-    from conftest import MIXED_RECIPE
+    from reference_configs import MIXED_RECIPE
 
     mixed.write_text(MIXED_RECIPE)
     recipe = {"fp8": ["--recipe", "fp8"], "nvfp4": ["--recipe", "nvfp4"],
