@@ -84,7 +84,7 @@ def compare(reference, candidate, docs, n: int, max_new_tokens: int = DEFAULT_MA
     ref, ref_eos = greedy(reference.arch, dict(reference.weights), p, max_new_tokens, eos)
     cw = dict(candidate.weights) if candidate_weights is None else candidate_weights
     cand, cand_eos = greedy(candidate.arch, cw, p, max_new_tokens, eos,
-                            linear=candidate.linear(), kv=candidate.kv())
+                            linear=candidate.linear(cw), kv=candidate.kv())
     # a continuation that stopped earlier than k differs from one that did not (EOS is a token too)
     same = {f"same_first_{k}": (sum(a[:k] == b[:k] for a, b in zip(ref, cand)) / n if max_new_tokens >= k else None)
             for k in PREFIXES}

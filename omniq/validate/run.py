@@ -334,7 +334,8 @@ def summary_table(report: dict):
              "top1_agreement": ("top-1 agreement", lambda v: f"{100 * v:.2f} %", ">= {:.2%}"),
              "ppl_ratio": ("perplexity ratio", lambda v: f"{v:.4f}", "<= {:.4f}")}
     for modality, rows in (report.get("gate_table") or {}).items():
-        prefix = "" if modality == "text" and len(report["gate_table"]) == 1 else f"{modality}: "
+        shown_set = modality if modality == "text" else f"{modality}+text"       # the media sets are captioned
+        prefix = "" if modality == "text" and len(report["gate_table"]) == 1 else f"{shown_set}: "
         for r in rows:
             label, fmt, gate_fmt = shown[r["metric"]]
             table.add_row(prefix + label, "-" if r["floor"] is None else fmt(r["floor"]), fmt(r["value"]),

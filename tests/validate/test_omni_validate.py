@@ -78,8 +78,9 @@ def test_a_broken_projector_fails_only_its_modality(mm, tmp_path):
 
 def test_cli_shows_the_media_sets(mm, capsys, tmp_path):
     rep = tmp_path / "r.json"
+    # a smoke-sized run (4 captions per medium): its perplexity ratio is noise, so that one gate is widened here
     assert main(["validate", "tiny-omni", str(mm), "--samples", "2", "--seq-len", "64", "--media-samples", "4",
-                 "--report", str(rep)]) == 0
+                 "--max-ppl-ratio", "1.2", "--report", str(rep)]) == 0
     out = capsys.readouterr().out
     assert "image+text" in out and "audio+text" in out
     assert set(json.loads(rep.read_text())["modalities"]) == {"text", "image", "audio"}
