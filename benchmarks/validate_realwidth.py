@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
         cand = work / f"{ref.name}-fp8"
         if not (cand / "config.json").is_file():
             made.append(cand)
-            p, s, rss = _run([py, "-m", "omniq.cli", "quantize", str(ref), "--recipe", "fp8", "--out", str(cand),
+            p, s, rss = _run([py, "-m", "omniq.cli", "quantize", str(ref), "--calib", "tiny-calib", "--recipe", "fp8", "--out", str(cand),
                               "--calib-samples", "4", "--calib-seq-len", "128", "--force"])
             assert p.returncode == 0, p.stderr[-3000:]
             result["quantize"] = {"seconds": round(s, 1), "peak_rss_gib": round(rss / GIB, 2)}

@@ -91,7 +91,7 @@ def biased(tmp_path_factory, tiny_dir) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, biased) -> dict:
     root = tmp_path_factory.mktemp("experts-runs")
-    q = ["quantize", str(biased), "--recipe", "nvfp4"]
+    q = ["quantize", str(biased), "--recipe", "nvfp4", "--calib", "tiny-calib"]
     cases = [
         ("all", [*q, "--out", str(root / "all"), *CALIB], None),
         ("routed", [*q, "--out", str(root / "routed"), *CALIB, "--expert-calibration", "routed"], None),

@@ -212,7 +212,7 @@ def test_real_layout_names_with_text_calibration(tmp_path):
 
     def cli(*extra):
         args = ["quantize", str(src), "--recipe", "omni-nvfp4", "--out", str(tmp_path / "out"),
-                "--calib-samples", "8", "--calib-seq-len", "128", *extra]
+                "--calib", "tiny-calib", "--calib-samples", "8", "--calib-seq-len", "128", *extra]
         code = ("import sys, json, torch; torch.set_num_threads(1)\n"
                 "from omniq.cli import main\n"
                 "sys.exit(main(json.loads(sys.argv[1])))\n")

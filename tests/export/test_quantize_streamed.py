@@ -66,7 +66,7 @@ def _quantize(model, name, out, extra=()):
     recipe = {"fp8": ["--recipe", "fp8"], "nvfp4": ["--recipe", "nvfp4"],
               "mixed-kv": ["--recipe", str(mixed), "--kv-cache", "fp8"],
               "omni-nvfp4": ["--recipe", "omni-nvfp4"]}[name]
-    r = run_cli_in_subprocess(["quantize", str(model), *recipe, "--out", str(out), *QUANTIZE_CALIB, *extra],
+    r = run_cli_in_subprocess(["quantize", str(model), *recipe, "--out", str(out), "--calib", "tiny-calib", *QUANTIZE_CALIB, *extra],
                               one_thread=True)
     assert r["rc"] == 0, r["stderr"][-3000:]
     return r
@@ -139,7 +139,7 @@ def test_shard_missing_mid_run(tmp_path, tiny_dir):
     outdir = tmp_path / "outs"
     outdir.mkdir()
     p = subprocess.Popen([sys.executable, "-m", "omniq.cli", "quantize", str(src), "--recipe", "fp8",
-                          "--out", str(outdir / "a"), *QUANTIZE_CALIB],
+                          "--out", str(outdir / "a"), "--calib", "tiny-calib", *QUANTIZE_CALIB],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not any(q.name.startswith(".a.omniq-") for q in outdir.iterdir()):

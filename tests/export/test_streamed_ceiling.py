@@ -49,7 +49,7 @@ def test_quantize_real_width_inside_6_gib(tmp_path_factory, tmp_path, recipe):
         cg = _cgroup_child(recipe)
         try:
             out = tmp_path / f"{ckpt.name}-{recipe}"
-            p = subprocess.run([sys.executable, "-m", "omniq.cli", "quantize", str(ckpt), "--recipe", recipe,
+            p = subprocess.run([sys.executable, "-m", "omniq.cli", "quantize", str(ckpt), "--calib", "tiny-calib", "--recipe", recipe,
                                 "--out", str(out), "--calib-samples", "16", "--calib-seq-len", "128"],
                                capture_output=True, text=True, timeout=7200,
                                preexec_fn=lambda: (cg / "cgroup.procs").write_text(str(os.getpid())))
