@@ -95,7 +95,7 @@ def quantize_timings(models: dict[str, Path], work: Path, samples: int, seq_len:
 
             torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-            r = quantize(str(path), recipe, work / f"{name}-{recipe}", calib_samples=samples,
+            r = quantize(str(path), recipe, work / f"{name}-{recipe}", calib="tiny-calib", calib_samples=samples,
                          calib_seq_len=seq_len, device="cuda")
             wall = time.perf_counter() - t
             row = {"model": name, "params_M": round(params / 1e6, 1), "recipe": recipe, "wall_s": round(wall, 1),

@@ -45,7 +45,7 @@ import json, sys, time
 from omniq.commands.quantize import quantize
 src, out, recipe, samples, seq_len, dest = sys.argv[1:7]
 t = time.perf_counter()
-r = quantize(src, recipe, out, calib_samples=int(samples), calib_seq_len=int(seq_len))
+r = quantize(src, recipe, out, calib="tiny-calib", calib_samples=int(samples), calib_seq_len=int(seq_len))
 json.dump({"seconds": r.seconds, "bytes_read": r.bytes_read, "output_bytes": r.output_bytes,
            "predicted_peak_bytes": r.predicted_peak_bytes, "wall_in_process_s": time.perf_counter() - t},
           open(dest, "w"))
