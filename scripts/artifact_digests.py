@@ -4,7 +4,8 @@
 
 omniq.json is hashed as canonical JSON without `created` (the time), `source.model` and `source.path` (how it was named and where the checkpoint
 lay), a recipe file's directory, `source.files` (the source's file hashes: a resharded copy of a model differs there only) and `files`
-(the other files' digests, compared themselves); lint.json without `path` (the --out it was written for). Used to record tests/data/golden/quantize_tiny.json, the
+(the other files' digests, compared themselves); lint.json without `path` (the --out it was written for) and
+`bound_to` (the sha256 of this run's omniq.json, which holds the time; added after the golden was recorded). Used to record tests/data/golden/quantize_tiny.json, the
 artifacts of the whole-model quantize before the layer-streamed one replaced it.
 """
 
@@ -39,7 +40,7 @@ def digests(path: Path) -> dict[str, str]:
             if p.name == "omniq.json":
                 out[p.name] = manifest_digest(json.loads(p.read_text()))
             elif p.name == "lint.json":
-                doc = {k: v for k, v in json.loads(p.read_text()).items() if k != "path"}
+                doc = {k: v for k, v in json.loads(p.read_text()).items() if k not in ("path", "bound_to")}
                 out[p.name] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
             else:
                 out[p.name] = sha256_file(p)
