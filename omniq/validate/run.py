@@ -100,15 +100,6 @@ def text_items(rows: torch.Tensor) -> list:
             for s in range(0, rows.shape[0], BATCH_ROWS)]
 
 
-def compare(reference: Artifact, candidate: Artifact, rows: torch.Tensor, *, positions: bool = False,
-            progress: Progress | None = None, device="cpu", noise_floor: bool = False) -> dict:
-    """Metrics of the candidate against the reference on the given token rows (the layer stream)."""
-    outcome = stream.run(reference, candidate, text_items(rows), device=device, noise_floor=noise_floor,
-                         progress=progress)
-    metrics, _, _ = outcome.summary(positions)
-    return metrics["text"]["candidate"]
-
-
 def torch_device(spec: str) -> torch.device:
     """`--device`: cpu, or cuda / cuda:N when CUDA has that device (exit 2 otherwise)."""
     spec = (spec or "cpu").strip()
