@@ -2,7 +2,7 @@
 
     nice -n 10 python benchmarks/nvfp4_quality.py [--work DIR] [--seeds 0,1,2] [--algorithms max,mse,...]
         [--recipes nvfp4,omni-nvfp4,...] [--budgets omni-nvfp4,6.8,...] [--calib-samples 16 --calib-seq-len 256]
-        [--samples 16 --seq-len 256] [--json benchmarks/results/nvfp4_quality.json]
+        [--samples 16 --seq-len 256] [--json benchmarks/results/nvfp4_quality.json] [--resume]
 
 Every point is made the way a user makes it: `omniq quantize tiny --recipe R --calib-seed S` (each seed a
 different sample of the calibration texts) and `omniq validate tiny ARTIFACT --eval eval|eval2 --report`, each
@@ -92,6 +92,14 @@ def partial(a, floor, points) -> None:
 
 def one_seed(label: str, recipe: str, seed: int, work: Path, a) -> dict:
     art = work / f"{label}-s{seed}"
+    record = work / f"{label}-s{seed}.run.json"
+    settings = {"recipe_text": Path(recipe).read_text() if Path(recipe).is_file() else recipe,
+                **{k: getattr(a, k) for k in ("calib_samples", "calib_seq_len", "samples", "seq_len")}}
+    if a.resume and record.is_file():          # this seed's figures from an earlier run of the same settings
+        done = json.loads(record.read_text())
+        if done.get("settings") == settings:
+            print(f"  {label} seed {seed}: reused {record.name}", flush=True)
+            return done["run"]
     q = run(["quantize", "tiny", "--recipe", recipe, "--out", str(art), "--force", "--calib-samples",
              str(a.calib_samples), "--calib-seq-len", str(a.calib_seq_len), "--calib-seed", str(seed)])
     m = json.loads((art / "omniq.json").read_text())
@@ -102,11 +110,13 @@ def one_seed(label: str, recipe: str, seed: int, work: Path, a) -> dict:
     for s in SETS:
         rep = work / f"{label}-s{seed}.{s}.json"
         run(["validate", "tiny", str(art), "--eval", s, "--samples", str(a.samples), "--seq-len",
-             str(a.seq_len), "--report", str(rep), "--max-kl", "10", "--min-top1", "0", "--max-ppl-ratio", "100"])
+             str(a.seq_len), "--report", str(rep), "--max-kl", "10", "--min-top1", "0", "--max-ppl-ratio", "100",
+             "--no-noise-floor"])                  # the floor is measured once below, on the same rows
         v = json.loads(rep.read_text())
         r[s] = {k: v[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_ratio", "tokens")}
     print(f"  {label} seed {seed}: KL eval {r['eval']['kl_mean']:.3e} eval2 {r['eval2']['kl_mean']:.3e}; "
           f"quantize {r['quantize_seconds']:.1f} s, peak {r['quantize_peak_rss_mib']:.0f} MiB", flush=True)
+    record.write_text(json.dumps({"settings": settings, "run": r}, indent=1) + "\n")
     return r
 
 
@@ -196,6 +206,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/nvfp4_quality.json")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run at once (each quantize + validate process)")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse a seed's figures recorded in --work by an earlier run with the same recipe and sizes")
     a = ap.parse_args(argv)
     work = a.work.absolute()
     work.mkdir(parents=True, exist_ok=True)

@@ -164,12 +164,23 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
     with export.staged_output(out, force=force, protect=(ckpt.path,)) as stage:
         skeleton = streamed.build_skeleton(ckpt)
         counter = multimodal.ModalityCounter(skeleton) if mm is not None else None
+        wcal = reader = None
+        if weight_algos:   # omniq's weight calibration, per layer inside the stream (before the layer is written)
+            from omniq.model.checkpoint import TensorReader
+            from omniq.quant.weight_calibration import LayerByLayer
+
+            reader = TensorReader(ckpt)
+            wcal = LayerByLayer(ckpt.arch, calib_set.rows, plan.formats, algorithms,
+                                reader.get(f"{ckpt.arch.prefix}backbone.embeddings.weight"))
         try:
             run = streamed.run(ckpt, plan, config, enabled, batches, stage.final, coverage=coverage,
-                               counter=counter, device=device, progress=progress, model=skeleton)
+                               counter=counter, device=device, progress=progress, model=skeleton,
+                               layer_tensors_hook=wcal.exported_layer(reader.get) if wcal is not None else None)
         finally:
             if counter is not None:
                 counter.close()
+            if reader is not None:
+                reader.close()
         modality_tokens: dict = {}
         if counter is not None:
             per_layer = counter.per_layer(plan)
@@ -181,17 +192,9 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
         coverage.enforce()    # experts left uncalibrated fail here (exit 1); the stage is removed
         modelopt_qc = run.quant_config
         weight_calibration = None
-        if weight_algos:   # omniq's weight calibration replaces those layers' exported weights and scales
-            from omniq.quant.weight_calibration import calibrate_weights
-
-            tw = time.perf_counter()
-            source = ckpt.read([tt.name for tt in ckpt.arch.tensors])
-            wc = calibrate_weights(ckpt.arch, source, calib_set.rows, plan.formats, algorithms,
-                                   export.final_tensors(stage.final, ".weight_scale_2"), progress)
-            del source
-            export.replace_tensors(stage.final, wc.overrides())
-            weight_calibration = wc.manifest(algorithms)
-            seconds["weight_calibration"] = time.perf_counter() - tw
+        if wcal is not None:
+            weight_calibration = wcal.result.manifest(algorithms)
+            seconds["weight_calibration"] = wcal.result.seconds     # part of calibrate / export_layers
         manifest = {
             "omniq_manifest": 1,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

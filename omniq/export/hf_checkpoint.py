@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 import time
 import warnings
@@ -414,46 +413,6 @@ def finish(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, mode
     exported = finish_written(stage, plan, ckpt, manifest, modelopt_quant_config, progress)
     exported.seconds["rewrite"] = rewrite
     return exported
-
-
-def final_tensors(final: Path, suffix: str) -> dict[str, object]:
-    """Tensors of the stage's hub-layout shards whose name ends with `suffix` (e.g. the NVFP4 global scales
-    `.weight_scale_2`), keyed by module name (the name without the suffix)."""
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(final.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            out.update({n[: -len(suffix)]: sf.get_tensor(n) for n in sf.keys() if n.endswith(suffix)})
-    return out
-
-
-def replace_tensors(final: Path, overrides: dict) -> None:
-    """Replace tensors of the stage's shards (same name, dtype and shape; the weight calibration of
-    `omniq.quant.weight_calibration`): each shard that holds one is rewritten whole, then renamed into place.
-    Every override must land, or RuntimeError (the stage is then removed by `staged_output`)."""
-    from safetensors.torch import load_file, save_file
-
-    todo = dict(overrides)
-    for f in sorted(final.glob("*.safetensors")):
-        names = set(read_safetensors_header(f)) - {"__metadata__"}
-        hits = names & set(todo)
-        if not hits:
-            continue
-        tensors = load_file(str(f))
-        for name in hits:
-            new, old = todo.pop(name), tensors[name]
-            if new.dtype != old.dtype or tuple(new.shape) != tuple(old.shape):
-                raise RuntimeError(f"weight calibration made {name} {new.dtype} {list(new.shape)}; the export has "
-                                   f"{old.dtype} {list(old.shape)}")
-            tensors[name] = new.contiguous()
-        tmp = f.with_name(f".{f.name}.tmp")
-        save_file(dict(sorted(tensors.items())), str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, f)
-        del tensors
-    if todo:
-        raise RuntimeError(f"weight calibration replaces {len(todo)} tensors the export does not have, "
-                           f"e.g. {sorted(todo)[0]}")
 
 
 def finish_written(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,

@@ -1,9 +1,9 @@
 """Weight calibration beyond max: calibration-input statistics layer by layer, then the algorithms.
 
-`calibrate_weights(arch, source, rows, formats, algorithms, global_scales)` runs omniq's own float32 forward
-(`omniq.model.forward.decoder_layer`, one decoder layer at a time over all calibration rows) with a `linear` hook that
-records, per linear layer and per routed expert (an expert's hook sees only the tokens routed to it), the
-token count and the input statistics its algorithm needs:
+`LayerByLayer(arch, rows, formats, algorithms, embedding)` is one step per decoder layer: `layer(i, weights,
+global_scales)` runs omniq's own float32 forward (`omniq.model.forward.decoder_layer`) of layer i over all
+calibration rows with a `linear` hook that records, per linear layer and per routed expert (an expert's hook
+sees only the tokens routed to it), the token count and the input statistics its algorithm needs:
 
     local-hessian   block-local Hessians, sum of x_b^T x_b for every 16-block b of input channels [in/16, 16, 16]
                     (their diagonals are the per-channel second moments that FP8's local-hessian weights by)
@@ -20,12 +20,20 @@ listed in `fallbacks`. Activation (input) scales stay ModelOpt's max calibration
 
 The result is per-linear packed tensors (`tensors()`, the names and dtypes ModelOpt exports) that replace the
 exported weight and weight scale of those layers; `weight_scale_2` / `input_scale` stay the export's.
+
+`omniq quantize` runs it inside the layer-streamed export (`LayerByLayer.exported_layer` as
+`omniq.export.streamed.run`'s `layer_tensors_hook`): right after ModelOpt has calibrated and packed layer i,
+the layer's source tensors are read from the shards, its statistics gathered, its weights calibrated and put
+in place of ModelOpt's before the layer is written; between layers only the float32 hidden states of the
+calibration rows are kept, so memory stays about one layer (plus those hidden states and one layer's
+statistics). `calibrate_weights` runs the same steps over a model held whole (`omniq search`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +78,6 @@ class WeightCalibration:
     fallbacks: list[str] = field(default_factory=list)       # experts that fell back to mse (too few tokens)
     seconds: float = 0.0
     stats_bytes: int = 0                                      # largest statistics held at once
-
-    def overrides(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for cw in self.weights.values():
-            out.update(cw.tensors())
-        return out
 
     def manifest(self, algorithms: dict[str, Algorithm]) -> dict:
         """omniq.json `weight_calibration`: algorithms with their parameters and layer counts, fallbacks."""
@@ -167,41 +169,66 @@ def fake_quant(w: torch.Tensor, fmt: str, ws2: torch.Tensor | None = None) -> to
     return w.float()
 
 
-def calibrate_weights(arch: Arch, source: dict[str, torch.Tensor], rows: torch.Tensor | None,
-                      formats_of: dict[str, str], algorithms: dict[str, Algorithm],
-                      global_scales: dict[str, torch.Tensor] | None = None,
-                      progress=None) -> WeightCalibration:
-    """Weights of every linear whose algorithm is not max, layer by layer (see the module doc).
+class LayerByLayer:
+    """The weight calibration as one step per decoder layer, for a caller that holds one layer at a time (the
+    layer-streamed quantize, `omniq.export.streamed.run`'s `layer_tensors_hook`; `calibrate_weights` for one
+    that holds the whole model).
 
-    `source`: every tensor of the language model (hub names), float32 or bf16; `rows`: calibration token ids
-    (samples, seq_len); `formats_of` / `algorithms`: per linear (the plan's); `global_scales`: NVFP4
-    weight_scale_2 per linear as exported (fused layers share one), else amax / (6 * 448)."""
-    t0 = time.perf_counter()
-    global_scales = global_scales or {}
-    todo = {n: a for n, a in algorithms.items() if a.name != "max" and formats_of.get(n, "bf16") != "bf16"}
-    result = WeightCalibration()
-    needs_stats = any(a.name in STATS for a in todo.values())
-    if needs_stats and rows is None:
-        raise ValueError("local-hessian and gptq need calibration token rows")
-    current = dict(source)
-    xs = []
-    if needs_stats:
-        emb = source[f"{arch.prefix}backbone.embeddings.weight"].float()
-        xs = [F.embedding(rows[b:b + BATCH_ROWS], emb) for b in range(0, rows.shape[0], BATCH_ROWS)]
-    by_layer: dict[int, list] = {}
-    for lin in arch.linears:
-        if lin.layer is not None:
-            by_layer.setdefault(lin.layer, []).append(lin)
-    for i in range(arch.num_layers):
-        lins = by_layer.get(i, [])
+    Holds, between layers, only the float32 hidden states of the calibration rows entering the next layer
+    (rows x seq_len x hidden, when some algorithm needs statistics) and the results; a layer's statistics
+    (block Hessians, full Hessians per linear and per routed expert) live only while that layer is calibrated.
+    `layer(i, weights, global_scales)` must be called for i = 0, 1, ... in order."""
+
+    def __init__(self, arch: Arch, rows: torch.Tensor | None, formats_of: dict[str, str],
+                 algorithms: dict[str, Algorithm], embedding: torch.Tensor | None = None):
+        """`embedding`: the embedding matrix (read once, for the first layer's inputs; needed only when some
+        algorithm needs statistics, see `needs_stats`)."""
+        self.arch, self.formats_of = arch, formats_of
+        self.todo = {n: a for n, a in algorithms.items() if a.name != "max" and formats_of.get(n, "bf16") != "bf16"}
+        self.result = WeightCalibration()
+        self.needs_stats = any(a.name in STATS for a in self.todo.values())
+        self.next_layer = 0
+        self.xs: list[torch.Tensor] = []
+        if self.needs_stats:
+            if rows is None:
+                raise ValueError("local-hessian and gptq need calibration token rows")
+            if embedding is None:
+                raise ValueError("local-hessian and gptq need the embedding matrix for the first layer's inputs")
+            t0 = time.perf_counter()
+            emb = embedding.float()
+            self.xs = [F.embedding(rows[b:b + BATCH_ROWS], emb) for b in range(0, rows.shape[0], BATCH_ROWS)]
+            self.result.seconds += time.perf_counter() - t0
+        self.by_layer: dict[int, list] = {}
+        for lin in arch.linears:
+            if lin.layer is not None:
+                self.by_layer.setdefault(lin.layer, []).append(lin)
+
+    def layer_tensor_names(self, i: int) -> list[str]:
+        """The source tensors `layer(i, ...)` reads (all of decoder layer i's, hub names)."""
+        prefix = f"{self.arch.layer_prefix(i)}."
+        return [t.name for t in self.arch.tensors if t.name.startswith(prefix)]
+
+    def layer(self, i: int, weights: dict[str, torch.Tensor],
+              global_scales: dict[str, torch.Tensor]) -> dict[str, CalibratedWeight]:
+        """Calibrate decoder layer `i` from its source tensors `weights` (hub names, as stored) and its
+        linears' NVFP4 global scales as exported (module name -> weight_scale_2); returns the layer's
+        calibrated weights (also kept in `result`) and moves the hidden states past the layer."""
+        if i != self.next_layer:
+            raise ValueError(f"weight calibration expects layer {self.next_layer}, got {i}")
+        self.next_layer += 1
+        t0 = time.perf_counter()
+        todo, result, formats_of = self.todo, self.result, self.formats_of
+        lins = self.by_layer.get(i, [])
         want = {lin.name: STATS[todo[lin.name].name] for lin in lins
                 if lin.name in todo and todo[lin.name].name in STATS}
+        current = dict(weights)
         rec = _Recorder(current, want)
         if want:
             with torch.inference_mode():
-                for x in xs:
-                    forward.decoder_layer(arch, current, i, x, linear=rec)
+                for x in self.xs:
+                    forward.decoder_layer(self.arch, current, i, x, linear=rec)
             result.stats_bytes = max(result.stats_bytes, rec.nbytes())
+        done: dict[str, CalibratedWeight] = {}
         stacks: dict[tuple, list] = {}          # routed experts under gptq: one batched call per projection
         for lin in lins:
             if lin.name not in todo:
@@ -214,23 +241,59 @@ def calibrate_weights(arch: Arch, source: dict[str, torch.Tensor], rows: torch.T
             if algo.name == "gptq" and lin.expert is not None:
                 stacks.setdefault((lin.role, formats_of[lin.name], algo), []).append(lin)
                 continue
-            cw = quantize_one(lin.name, source[f"{lin.name}.weight"], formats_of[lin.name], algo,
-                              global_scales.get(lin.name), rec.stats.get(lin.name), tokens)
-            result.weights[lin.name] = cw
+            done[lin.name] = quantize_one(lin.name, weights[f"{lin.name}.weight"], formats_of[lin.name], algo,
+                                          global_scales.get(lin.name), rec.stats.get(lin.name), tokens)
         for (_, fmt, algo), group in stacks.items():
-            result.weights.update(_gptq_stack(group, fmt, algo, source, rec, global_scales))
+            done.update(_gptq_stack(group, fmt, algo, weights, rec, global_scales))
         del rec
-        if needs_stats:
+        result.weights.update(done)
+        if self.needs_stats:
             for lin in lins:
                 fmt = formats_of.get(lin.name, "bf16")
-                if lin.name in result.weights:
-                    current[f"{lin.name}.weight"] = result.weights[lin.name].dequantized()
+                if lin.name in done:
+                    current[f"{lin.name}.weight"] = done[lin.name].dequantized()
                 elif fmt != "bf16":
-                    current[f"{lin.name}.weight"] = fake_quant(source[f"{lin.name}.weight"], fmt,
+                    current[f"{lin.name}.weight"] = fake_quant(weights[f"{lin.name}.weight"], fmt,
                                                                global_scales.get(lin.name))
             with torch.inference_mode():
-                xs = [forward.decoder_layer(arch, current, i, x, linear=forward.plain_linear(current)) for x in xs]
+                plain = forward.plain_linear(current)
+                self.xs = [forward.decoder_layer(self.arch, current, i, x, linear=plain) for x in self.xs]
+        result.seconds += time.perf_counter() - t0
+        return done
+
+    def exported_layer(self, read) -> "Callable[[int, dict], dict]":
+        """The layer-streamed quantize's `layer_tensors_hook`: given layer i's exported tensors (hub names ->
+        packed weights and scales, as ModelOpt wrote them), calibrate the layer from its source tensors
+        (`read(name)`, e.g. a `TensorReader.get`) and the exported global scales, and return the tensors with
+        the calibrated layers' weight and weight_scale in place of ModelOpt's (same names, dtypes, shapes)."""
+        suffix = ".weight_scale_2"
+
+        def hook(i: int, tensors: dict) -> dict:
+            if not any(lin.name in self.todo for lin in self.by_layer.get(i, [])) and not self.needs_stats:
+                self.next_layer += 1
+                return tensors
+            weights = {n: read(n) for n in self.layer_tensor_names(i)}
+            scales = {n[: -len(suffix)]: t for n, t in tensors.items() if n.endswith(suffix)}
+            for cw in self.layer(i, weights, scales).values():
+                tensors.update(cw.tensors())
+            return tensors
+        return hook
+
+
+def calibrate_weights(arch: Arch, source: dict[str, torch.Tensor], rows: torch.Tensor | None,
+                      formats_of: dict[str, str], algorithms: dict[str, Algorithm],
+                      global_scales: dict[str, torch.Tensor] | None = None,
+                      progress=None) -> WeightCalibration:
+    """Weights of every linear whose algorithm is not max, layer by layer (`LayerByLayer` over a model held
+    whole: `omniq search`).
+
+    `source`: every tensor of the language model (hub names), float32 or bf16; `rows`: calibration token ids
+    (samples, seq_len); `formats_of` / `algorithms`: per linear (the plan's); `global_scales`: NVFP4
+    weight_scale_2 per linear as exported (fused layers share one), else amax / (6 * 448)."""
+    global_scales = global_scales or {}
+    cal = LayerByLayer(arch, rows, formats_of, algorithms, source.get(f"{arch.prefix}backbone.embeddings.weight"))
+    for i in range(arch.num_layers):
+        cal.layer(i, {n: source[n] for n in cal.layer_tensor_names(i)}, global_scales)
         if progress:
             progress("weights", i + 1, arch.num_layers)
-    result.seconds = time.perf_counter() - t0
-    return result
+    return cal.result

@@ -95,6 +95,32 @@ def test_exported_scales_are_the_algorithms(artifact, tiny_dir):
     assert float(got[f"{q}.weight_scale"]) <= float(src[f"{q}.weight"].float().abs().amax() / 448) * (1 + 1e-6)
 
 
+def test_streamed_statistics_algorithms_are_the_whole_model_arithmetic(artifact, tiny_dir):
+    """gptq and local-hessian ran per layer inside the streamed quantize; their exported tensors are bit for
+    bit what `calibrate_weights` computes over the whole model from the same calibration rows (seed 3) and
+    the exported global scales."""
+    from omniq.calib import data as calib_data
+    from omniq.quant import recipe as recipes
+    from omniq.quant.plan import make_plan
+    from omniq.quant.weight_calibration import calibrate_weights
+
+    got = _tensors(artifact["path"])
+    ckpt = open_checkpoint(str(tiny_dir))
+    rec = recipes.load(str(artifact["path"].parent / "r.yaml"))
+    plan = make_plan(ckpt.arch, rec)
+    algos = {lin.name: rec.algorithm_of(lin, ckpt.arch) for lin in plan.quantized}
+    rows = calib_data.load(calib_data.default_for(ckpt.path), ckpt.tokenizer, samples=8, seq_len=64, seed=3).rows
+    ws2 = {n[: -len(".weight_scale_2")]: t for n, t in got.items() if n.endswith(".weight_scale_2")}
+    wc = calibrate_weights(ckpt.arch, ckpt.read(), rows, plan.formats, algos, ws2)
+    checked = set()
+    for name, cw in wc.weights.items():
+        if cw.algorithm in ("gptq", "local-hessian"):
+            for tname, t in cw.tensors().items():
+                assert torch.equal(got[tname].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), tname
+            checked.add(cw.algorithm)
+    assert checked == {"gptq", "local-hessian"}
+
+
 def test_validate_reads_it(artifact, tmp_path):
     from omniq.validate.artifact import read_artifact
 

@@ -164,3 +164,43 @@ def test_recipe_algorithms_parse_and_apply_per_rule(tiny_dir):
 def test_recipe_algorithm_errors(kw, message):
     with pytest.raises(OmniqError, match=message):
         _parse(**kw)
+
+
+def test_layer_by_layer_hook_reads_one_layer_and_matches_the_whole_model_run(tiny_dir):
+    """The streamed quantize's hook (`LayerByLayer.exported_layer`): each call reads only its own layer's
+    source tensors, puts the calibrated weight and weight_scale in place of the exported ones, and gives
+    exactly what `calibrate_weights` gives over the model held whole (the same arithmetic, one layer held)."""
+    from omniq.model.checkpoint import open_checkpoint
+    from omniq.quant.weight_calibration import LayerByLayer, calibrate_weights
+
+    ckpt = open_checkpoint(str(tiny_dir))
+    arch = ckpt.arch
+    source = ckpt.read()
+    names = [lin.name for lin in arch.linears if lin.layer is not None]
+    algos = {n: recipes.Algorithm("gptq" if k % 3 == 0 else "local-hessian" if k % 3 == 1 else "mse")
+             for k, n in enumerate(names)}
+    fmts = {n: "nvfp4" for n in names}
+    ws2 = {n: formats.nvfp4_global_scale(source[f"{n}.weight"].float().abs().amax()) for n in names}
+    rows = torch.randint(0, arch.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    whole = calibrate_weights(arch, source, rows, fmts, algos, ws2)
+
+    emb = f"{arch.prefix}backbone.embeddings.weight"
+    cal = LayerByLayer(arch, rows, fmts, algos, source[emb])
+    read: list[str] = []
+    hook = cal.exported_layer(lambda n: read.append(n) or source[n])
+    for i in range(arch.num_layers):
+        read.clear()
+        mine = [lin.name for lin in arch.linears if lin.layer == i]
+        exported = {f"{n}.{leaf}": torch.zeros(1) for n in mine for leaf in ("weight", "weight_scale")}
+        exported.update({f"{n}.weight_scale_2": ws2[n] for n in mine})
+        out = hook(i, exported)
+        assert read and all(n.startswith(f"{arch.layer_prefix(i)}.") for n in read)
+        for n in mine:
+            want = whole.weights[n].tensors()
+            for leaf in ("weight", "weight_scale"):
+                got = out[f"{n}.{leaf}"]
+                assert got.dtype == want[f"{n}.{leaf}"].dtype
+                assert torch.equal(got.view(torch.uint8), want[f"{n}.{leaf}"].view(torch.uint8)), (n, leaf)
+    assert cal.result.stats_bytes == whole.stats_bytes > 0
+    with pytest.raises(ValueError, match="expects layer"):
+        hook(0, {})
