@@ -116,11 +116,11 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
         raise OmniqError(f"recipe {rec.name}: quantizes nothing on this model (every linear layer BF16, no KV "
                          "cache); nothing to export")
     # Refuse before anything is loaded when the streamed peak cannot fit this process's memory limit.
+    algorithms = {lin.name: rec.algorithm_of(lin, ckpt.arch) for lin in plan.quantized}
     predicted = memory.preflight(plan, samples=calib_samples, seq_len=calib_seq_len, batch=cal.BATCH_SIZE,
-                                 device=device)
+                                 device=device, algorithms=algorithms)
     config = modelopt_config(plan)
     enabled = enabled_quantizers(plan)
-    algorithms = {lin.name: rec.algorithm_of(lin, ckpt.arch) for lin in plan.quantized}
     weight_algos = any(a.name != "max" for a in algorithms.values())
     if weight_algos and (ckpt.is_omni or device != "cpu"):
         raise OmniqError(f"recipe {rec.name}: weight calibration {', '.join(rec.algorithms)} runs on CPU on text "

@@ -258,22 +258,53 @@ class StreamedEstimate:
     overhead: int
     samples: int = 0
     seq_len: int = 0
+    weight_calibration: int = 0  # omniq's weight calibration in the stream (`weight_calibration_bytes`)
 
     @property
     def total(self) -> int:
         body = max(int(self.layer * self.layer_copies) + self.activations + self.quantizer_state, self.embedding)
-        return body + self.hidden_states + self.overhead
+        return body + self.hidden_states + self.weight_calibration + self.overhead
 
     def as_dict(self) -> dict:
         return {"layer_bytes": self.layer, "layer_copies": round(self.layer_copies, 3),
                 "embedding_bytes": self.embedding, "hidden_states_bytes": self.hidden_states,
                 "activations_bytes": self.activations, "quantizer_state_bytes": self.quantizer_state,
                 "overhead_bytes": self.overhead, "peak_bytes": self.total, "peak_gib": round(self.total / GiB, 3),
-                "samples": self.samples, "seq_len": self.seq_len}
+                "samples": self.samples, "seq_len": self.seq_len,
+                "weight_calibration_bytes": self.weight_calibration}
+
+
+def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int, seq_len: int) -> int:
+    """Extra peak of omniq's weight calibration inside the stream (`omniq.quant.weight_calibration.LayerByLayer`),
+    for `algorithms` (linear name -> recipe Algorithm): when gptq or local-hessian is used, the float32
+    hidden states of every calibration row (kept between layers, plus one layer's output) and, for the layer
+    that needs most, its float32 weights (source and calibrated) and its statistics: gptq in^2 floats per
+    linear and per routed expert, summed, plus the batched factorisation's float64 work for one projection
+    of the experts (3 x 8 bytes x in^2 each); local-hessian in x 16 floats per linear. 0 when no algorithm
+    needs statistics (mse, four-over-six and max add only a float32 copy of one weight)."""
+    arch = plan.arch
+    kinds = {n: a.name for n, a in algorithms.items() if a.name in ("gptq", "local-hessian")}
+    if not kinds:
+        return 0
+    per_layer: dict[int, int] = {}
+    stack: dict[tuple, int] = {}
+    for lin in arch.linears:
+        if lin.layer is None:
+            continue
+        stat = {"gptq": 4 * lin.in_features ** 2, "local-hessian": 4 * lin.in_features * 16}.get(kinds.get(lin.name), 0)
+        per_layer[lin.layer] = per_layer.get(lin.layer, 0) + stat + 2 * 4 * lin.params
+        if kinds.get(lin.name) == "gptq":
+            key = (lin.layer, lin.role if lin.expert is not None else lin.name)
+            stack[key] = stack.get(key, 0) + 24 * lin.in_features ** 2
+    work = {}
+    for (layer, _), b in stack.items():
+        work[layer] = max(work.get(layer, 0), b)
+    layer = max(per_layer[i] + work.get(i, 0) for i in per_layer)
+    return 2 * samples * seq_len * arch.hidden_size * 4 + layer
 
 
 def streamed_estimate(plan: LayerPlan, *, samples: int, seq_len: int, batch: int = 4, device: str = "cpu",
-                      dtype: str = "bf16") -> StreamedEstimate:
+                      dtype: str = "bf16", algorithms: dict | None = None) -> StreamedEstimate:
     """Peak memory of `omniq quantize` (layer-streamed) with `samples x seq_len` calibration tokens.
 
     One decoder layer is resident at a time (its routed experts materialized in place into the fused tensor);
@@ -296,29 +327,36 @@ def streamed_estimate(plan: LayerPlan, *, samples: int, seq_len: int, batch: int
                             activations=parts["hidden_states"] + layer_peak,
                             quantizer_state=quantizer_state_bytes(plan, dtype),
                             overhead=OVERHEAD["cpu" if device == "cpu" else "gpu"], samples=samples,
-                            seq_len=seq_len)
+                            seq_len=seq_len,
+                            weight_calibration=weight_calibration_bytes(plan, algorithms or {}, samples=samples,
+                                                                        seq_len=seq_len))
 
 
-def preflight(plan: LayerPlan, *, samples: int, seq_len: int, batch: int = 4, device: str = "cpu") -> StreamedEstimate:
+def preflight(plan: LayerPlan, *, samples: int, seq_len: int, batch: int = 4, device: str = "cpu",
+              algorithms: dict | None = None) -> StreamedEstimate:
     """Refuse (exit 2, one line) before anything is loaded when the streamed quantize's predicted peak does not
     fit the memory limit that applies to this process (`omniq.memory_limit`: cgroup v1/v2, MemAvailable, or
     the CUDA device's free memory)."""
     from omniq import memory_limit
 
-    est = streamed_estimate(plan, samples=samples, seq_len=seq_len, batch=batch, device=device)
+    est = streamed_estimate(plan, samples=samples, seq_len=seq_len, batch=batch, device=device,
+                            algorithms=algorithms)
     limit = memory_limit.available_bytes(device)
     if est.total > limit:
-        one = streamed_estimate(plan, samples=1, seq_len=seq_len, batch=batch, device=device)
+        one = streamed_estimate(plan, samples=1, seq_len=seq_len, batch=batch, device=device, algorithms=algorithms)
         if one.total <= limit:
-            per_row = seq_len * plan.arch.hidden_size * DTYPE_BYTES["bf16"]
+            per_row = seq_len * plan.arch.hidden_size * (DTYPE_BYTES["bf16"] + (8 if one.weight_calibration else 0))
             rows = max(1, int((limit - one.total) // per_row))
             hint = f"pass --calib-samples {rows} or fewer, a shorter --calib-seq-len, or another --device"
-        elif streamed_estimate(plan, samples=1, seq_len=1, batch=batch, device=device).total <= limit:
+        elif streamed_estimate(plan, samples=1, seq_len=1, batch=batch, device=device,
+                               algorithms=algorithms).total <= limit:
             hint = "pass a shorter --calib-seq-len (and fewer --calib-samples), or another --device"
         else:
             hint = "the largest layer alone does not fit; use a machine or --device with more memory"
         raise OmniqError(f"quantize needs about {est.total / GiB:.2f} GiB (layer-streamed: largest layer "
                          f"{est.layer / GiB:.2f} GiB x{est.layer_copies:.2f}, calibration {samples} x {seq_len} tokens "
-                         f"{est.hidden_states / GiB:.2f} GiB) but only {limit / GiB:.2f} GiB is available "
+                         f"{est.hidden_states / GiB:.2f} GiB"
+                         f"{f', weight calibration {est.weight_calibration / GiB:.2f} GiB' if est.weight_calibration else ''}"
+                         f") but only {limit / GiB:.2f} GiB is available "
                          f"({memory_limit.limit_source(device)}); {hint}")
     return est

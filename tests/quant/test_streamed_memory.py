@@ -66,3 +66,21 @@ def test_cli_refuses_before_loading_anything(tmp_path):
     assert len(lines) == 1 and "quantize needs about" in lines[0] and "is available (" in lines[0]
     assert "--calib-samples" in lines[0]
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_weight_calibration_adds_its_statistics_to_the_estimate(real_config):
+    """gptq keeps in^2 floats per linear and expert of one layer (plus float32 hidden states of every row):
+    at Nemotron 3 Nano's width one MoE layer's experts are GBs; mse needs no statistics and adds nothing."""
+    plan = _plan(real_config, "MEM*E", "nvfp4")
+    base = memory.streamed_estimate(plan, samples=16, seq_len=128)
+    mse = memory.streamed_estimate(plan, samples=16, seq_len=128,
+                                   algorithms={lin.name: recipes.Algorithm("mse") for lin in plan.quantized})
+    gptq = memory.streamed_estimate(plan, samples=16, seq_len=128,
+                                    algorithms={lin.name: recipes.Algorithm("gptq") for lin in plan.quantized})
+    assert mse.total == base.total and base.weight_calibration == 0
+    experts = [lin for lin in plan.arch.linears if lin.layer == 1 and lin.expert is not None]
+    stats = sum(4 * lin.in_features ** 2 for lin in experts)
+    assert stats > 3e9                                       # the docs' 3.7 GB for one MoE layer's experts
+    assert gptq.weight_calibration > stats + 2 * 16 * 128 * plan.arch.hidden_size * 4
+    assert gptq.total == base.total + gptq.weight_calibration
+    assert gptq.as_dict()["weight_calibration_bytes"] == gptq.weight_calibration
