@@ -144,3 +144,29 @@ def test_fast_e2m1_rounding_equals_the_codes():
     noise = torch.randn(20000, generator=torch.Generator().manual_seed(5)) * 3
     for x in (grid, noise):
         assert torch.equal(fm.e2m1_round(x), fm.e2m1_decode(fm.e2m1_encode(x)) + 0.0)   # + 0.0: -0 == 0
+
+
+def test_export_packs_nvfp4_with_omniq_arithmetic_bit_identically(modelopt, monkeypatch):
+    """streamed.omniq_nvfp4_packing: ModelOpt's export step `to_quantized_weight` runs omniq's packing for
+    NVFP4 (stacked experts with one global scale each included), with ModelOpt's own result."""
+    from modelopt.torch.export import unified_export_hf as ue
+
+    from omniq.export import streamed
+    from omniq.quant.formats import nvfp4
+
+    NVFP4QTensor, to_quantized_weight = modelopt
+    calls = []
+    real_pack = nvfp4.nvfp4_pack
+    monkeypatch.setattr(nvfp4, "nvfp4_pack", lambda *a, **k: calls.append(1) or real_pack(*a, **k))
+    w = _weights(torch.bfloat16)
+    stacked = torch.stack([w, w * 3])
+    for weight in (w, stacked):
+        ws2 = (weight.float().abs().amax(dim=(-2, -1)) / (6 * 448)) if weight.dim() == 3 else \
+            fm.nvfp4_global_scale(weight.float().abs().amax())
+        ws = NVFP4QTensor.get_weights_scaling_factor(weight, 16, ws2.view(-1, 1, 1) if ws2.dim() else ws2)[0]
+        theirs = to_quantized_weight(weight, ws, "nvfp4", ws2, 16)
+        with streamed.omniq_nvfp4_packing():
+            assert ue.to_quantized_weight is not to_quantized_weight
+            mine = ue.to_quantized_weight(weight, ws, "nvfp4", ws2, 16)
+        assert torch.equal(mine, theirs)
+    assert ue.to_quantized_weight is to_quantized_weight and len(calls) == 2

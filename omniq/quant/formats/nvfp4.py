@@ -125,9 +125,20 @@ def nvfp4_quantize(w: torch.Tensor, weight_scale_2: torch.Tensor | None = None,
         weight_scale_2 = nvfp4_global_scale(w.abs().amax().float())
     weight_scale_2 = torch.as_tensor(weight_scale_2, dtype=torch.float32).reshape(())
     weight_scale = nvfp4_block_scales(w, weight_scale_2, block)
-    scaled = _blocks(w.float(), block) / (weight_scale.float() * weight_scale_2).unsqueeze(-1)
-    codes = e2m1_encode(scaled.flatten(-2))
-    return NVFP4Weight(pack_e2m1(codes), weight_scale, weight_scale_2)
+    return NVFP4Weight(nvfp4_pack(w, weight_scale, weight_scale_2, block), weight_scale, weight_scale_2)
+
+
+def nvfp4_pack(w: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor,
+               block: int = NVFP4_BLOCK) -> torch.Tensor:
+    """The packed E2M1 codes (uint8 [..., n/2]) of `w` under given block scales and global scale(s), as
+    ModelOpt's `NVFP4QTensor.quantize` computes them (each value divided in float32 by its block's scale
+    times the global scale, rounded to E2M1 ties to even, two codes per byte). A `weight_scale_2` with one
+    value per stacked expert broadcasts over that leading dimension."""
+    ws2 = torch.as_tensor(weight_scale_2, dtype=torch.float32)
+    if ws2.dim():
+        ws2 = ws2.reshape(-1, *([1] * (weight_scale.dim() - 1)))
+    scaled = _blocks(w.detach().float(), block) / (weight_scale.float() * ws2).unsqueeze(-1)
+    return pack_e2m1(e2m1_encode(scaled.flatten(-2)))
 
 
 def nvfp4_dequantize(packed: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor,
