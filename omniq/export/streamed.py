@@ -255,12 +255,20 @@ def calibrate_layer(model, i: int, config: dict, hidden: list, kwargs: list, *, 
                 with observe(k) if observe is not None else contextlib.nullcontext():
                     hidden[k] = block(hidden[k], **kwargs[k][i])
 
+    prefix = f"model.layers.{i}."
+    mine = {n: f for n, f in enabled.items() if n.startswith(prefix)}
+    if not mine:
+        # Nothing of this layer is quantized (a BF16 layer of a mixed recipe, e.g. one `omniq search` wrote):
+        # the block only passes the hidden states on. ModelOpt would refuse the one-layer shell (its check that
+        # the config's weight quantizers matched some module), as a whole model it finds them elsewhere.
+        loop(shell)
+        shell.omniq_bf16_layer = True        # export_layer: the layer's tensors as loaded, no ModelOpt step
+        return shell
     log = io.StringIO()
     with modelopt_isolation(restored), contextlib.redirect_stdout(log), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mtq.quantize(shell, config, loop)
-    prefix = f"model.layers.{i}."
-    check_calibrated(shell, {n: f for n, f in enabled.items() if n.startswith(prefix)})
+    check_calibrated(shell, mine)
     return shell
 
 
@@ -338,6 +346,10 @@ def export_layer(shell, model, arch) -> LayerResult:
     log = io.StringIO()
     i = len(shell.model.layers) - 1
     block = shell.model.layers[i]
+    if getattr(shell, "omniq_bf16_layer", False):      # nothing quantized: bf16 (router F32) as loaded
+        return LayerResult({hub: t.detach().contiguous() for name, t in shell.state_dict().items()
+                            for hub, t in hub_names(name, t, arch)},
+                           {"quantization": {"quant_algo": None, "kv_cache_quant_algo": None}})
     with modelopt_isolation(), contextlib.redirect_stdout(log), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         _prepare_moe_inputs(shell, torch.bfloat16, False)

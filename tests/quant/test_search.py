@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from omniq.cli import main
 from omniq.errors import OmniqError
@@ -104,3 +105,25 @@ def test_search_end_to_end(tmp_path, capsys):
     rc = main(["search", "tiny", "--budget", "8.5", "--out", str(out), "--force", *FAST])
     stdout = capsys.readouterr().out
     assert rc == 0 and "sensitivities: 0 measured" in stdout
+
+
+def test_a_recipe_with_whole_bf16_layers_quantizes(tmp_path, tiny_dir):
+    """What `omniq search` writes at mid budgets: BF16 default, some layers with no quantized linear at all.
+    The streamed quantize passes those layers through (ModelOpt refuses a one-layer shell none of whose
+    modules its config quantizes); their tensors are the source's."""
+    from safetensors import safe_open
+
+    from conftest import run_cli_in_subprocess
+    from omniq.model.checkpoint import open_checkpoint
+
+    (tmp_path / "r.yaml").write_text("name: sparse\ndefault: bf16\nrules:\n"
+                                     "  - modules: ['backbone.layers.1.mixer.experts.*']\n    format: nvfp4\n"
+                                     "  - modules: ['backbone.layers.3.mixer.q_proj']\n    format: fp8\n")
+    run = run_cli_in_subprocess(["quantize", "tiny", "--recipe", str(tmp_path / "r.yaml"), "--out",
+                                 str(tmp_path / "out"), "--calib-samples", "4", "--calib-seq-len", "32"])
+    assert run["rc"] == 0, run["stderr"][-2000:]
+    name = "backbone.layers.0.mixer.in_proj.weight"
+    src = open_checkpoint(str(tiny_dir)).read([name])[name]
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor(name), src)
+        assert "backbone.layers.1.mixer.experts.0.up_proj.weight_scale" in f.keys()
