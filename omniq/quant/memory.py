@@ -274,13 +274,19 @@ class StreamedEstimate:
                 "weight_calibration_bytes": self.weight_calibration}
 
 
+# omniq.quant.weight_calibration runs routed experts' GPTQ as batched calls of at most this many (the
+# factorisation's float64 work is about 3 x 8 bytes x in^2 per expert: 2.6 GiB for 16 experts at Nemotron 3
+# Nano's 2,688 inputs, 21 GiB for all 128 at once).
+GPTQ_EXPERT_CHUNK = 16
+
+
 def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int, seq_len: int) -> int:
     """Extra peak of omniq's weight calibration inside the stream (`omniq.quant.weight_calibration.LayerByLayer`),
     for `algorithms` (linear name -> recipe Algorithm): when gptq or local-hessian is used, the float32
     hidden states of every calibration row (kept between layers, plus one layer's output) and, for the layer
     that needs most, its float32 weights (source and calibrated) and its statistics: gptq in^2 floats per
-    linear and per routed expert, summed, plus the batched factorisation's float64 work for one projection
-    of the experts (3 x 8 bytes x in^2 each); local-hessian in x 16 floats per linear. 0 when no algorithm
+    linear and per routed expert, summed, plus the batched factorisation's float64 work for one call
+    (3 x 8 bytes x in^2 per expert, `GPTQ_EXPERT_CHUNK` experts at most); local-hessian in x 16 floats per linear. 0 when no algorithm
     needs statistics (mse, four-over-six and max add only a float32 copy of one weight)."""
     arch = plan.arch
     kinds = {n: a.name for n, a in algorithms.items() if a.name in ("gptq", "local-hessian")}
@@ -296,9 +302,14 @@ def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int,
         if kinds.get(lin.name) == "gptq":
             key = (lin.layer, lin.role if lin.expert is not None else lin.name)
             stack[key] = stack.get(key, 0) + 24 * lin.in_features ** 2
+    count: dict[tuple, int] = {}
+    for lin in arch.linears:
+        if lin.layer is not None and kinds.get(lin.name) == "gptq":
+            key = (lin.layer, lin.role if lin.expert is not None else lin.name)
+            count[key] = count.get(key, 0) + 1
     work = {}
-    for (layer, _), b in stack.items():
-        work[layer] = max(work.get(layer, 0), b)
+    for key, b in stack.items():          # one batched call of at most GPTQ_EXPERT_CHUNK experts at a time
+        work[key[0]] = max(work.get(key[0], 0), b * min(count[key], GPTQ_EXPERT_CHUNK) // count[key])
     layer = max(per_layer[i] + work.get(i, 0) for i in per_layer)
     return 2 * samples * seq_len * arch.hidden_size * 4 + layer
 

@@ -267,8 +267,9 @@ def summarize(source: ModelSource, plan: LayerPlan, *, batch: int = 4, seq_len: 
         "bits_per_weight": round(plan.bits_per_weight, 4),
         "memory": estimate.as_dict(),
         # what `omniq quantize` (layer-streamed) peaks at, with its default calibration set of this seq_len
-        "memory_streamed": mem.streamed_estimate(plan, samples=QUANTIZE_SAMPLES, seq_len=seq_len, batch=batch,
-                                                 device=device).as_dict(),
+        "memory_streamed": mem.streamed_estimate(
+            plan, samples=QUANTIZE_SAMPLES, seq_len=seq_len, batch=batch, device=device,
+            algorithms={lin.name: recipe.algorithm_of(lin, arch) for lin in plan.quantized}).as_dict(),
         "hf_quant_config": plan.hf_quant_config(producer),
         "formats": dict(plan.formats),
         "warnings": warnings,

@@ -9,7 +9,7 @@ sees only the tokens routed to it), the token count and the input statistics its
                     (their diagonals are the per-channel second moments that FP8's local-hessian weights by)
     gptq            the full input Hessian, sum of x^T x [in, in]: in_features^2 floats per linear and per
                     expert while its layer is calibrated (tiny: 256 KiB; Nemotron 3 Nano's 2,688-wide
-                    inputs: 29 MiB per linear, 128 experts x 2 projections of one MoE layer 3.7 GB at once)
+                    inputs: 29 MiB per linear, 128 experts x 2 projections of one MoE layer 5.5 GB at once)
 
 then quantizes that layer's weights (`weight_search`, `gptq`) and runs the layer again with its quantized
 weights (every quantized linear, max ones included) to produce the next layer's inputs, so a layer's
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from omniq.model import forward
 from omniq.model.arch import Arch
 from omniq.quant import formats, gptq as gptq_mod, weight_search
+from omniq.quant.memory import GPTQ_EXPERT_CHUNK as EXPERT_CHUNK
 from omniq.quant.recipe import Algorithm
 
 STATS = {"local-hessian": "blocks", "gptq": "hessian"}
@@ -180,10 +181,13 @@ class LayerByLayer:
     `layer(i, weights, global_scales)` must be called for i = 0, 1, ... in order."""
 
     def __init__(self, arch: Arch, rows: torch.Tensor | None, formats_of: dict[str, str],
-                 algorithms: dict[str, Algorithm], embedding: torch.Tensor | None = None):
+                 algorithms: dict[str, Algorithm], embedding: torch.Tensor | None = None, *,
+                 keep_weights: bool = True):
         """`embedding`: the embedding matrix (read once, for the first layer's inputs; needed only when some
-        algorithm needs statistics, see `needs_stats`)."""
-        self.arch, self.formats_of = arch, formats_of
+        algorithm needs statistics, see `needs_stats`). `keep_weights`: keep every layer's calibrated weights
+        in `result.weights` (float32, the whole model's worth: `calibrate_weights`); the stream passes False
+        and uses each layer's as it is returned."""
+        self.arch, self.formats_of, self.keep_weights = arch, formats_of, keep_weights
         self.todo = {n: a for n, a in algorithms.items() if a.name != "max" and formats_of.get(n, "bf16") != "bf16"}
         self.result = WeightCalibration()
         self.needs_stats = any(a.name in STATS for a in self.todo.values())
@@ -212,7 +216,7 @@ class LayerByLayer:
               global_scales: dict[str, torch.Tensor]) -> dict[str, CalibratedWeight]:
         """Calibrate decoder layer `i` from its source tensors `weights` (hub names, as stored) and its
         linears' NVFP4 global scales as exported (module name -> weight_scale_2); returns the layer's
-        calibrated weights (also kept in `result`) and moves the hidden states past the layer."""
+        calibrated weights (also kept in `result` with `keep_weights`) and moves the hidden states past the layer."""
         if i != self.next_layer:
             raise ValueError(f"weight calibration expects layer {self.next_layer}, got {i}")
         self.next_layer += 1
@@ -244,9 +248,11 @@ class LayerByLayer:
             done[lin.name] = quantize_one(lin.name, weights[f"{lin.name}.weight"], formats_of[lin.name], algo,
                                           global_scales.get(lin.name), rec.stats.get(lin.name), tokens)
         for (_, fmt, algo), group in stacks.items():
-            done.update(_gptq_stack(group, fmt, algo, weights, rec, global_scales))
+            for k in range(0, len(group), EXPERT_CHUNK):
+                done.update(_gptq_stack(group[k:k + EXPERT_CHUNK], fmt, algo, weights, rec, global_scales))
         del rec
-        result.weights.update(done)
+        if self.keep_weights:
+            result.weights.update(done)
         if self.needs_stats:
             for lin in lins:
                 fmt = formats_of.get(lin.name, "bf16")

@@ -185,7 +185,7 @@ def test_layer_by_layer_hook_reads_one_layer_and_matches_the_whole_model_run(tin
     whole = calibrate_weights(arch, source, rows, fmts, algos, ws2)
 
     emb = f"{arch.prefix}backbone.embeddings.weight"
-    cal = LayerByLayer(arch, rows, fmts, algos, source[emb])
+    cal = LayerByLayer(arch, rows, fmts, algos, source[emb], keep_weights=False)   # as quantize runs it
     read: list[str] = []
     hook = cal.exported_layer(lambda n: read.append(n) or source[n])
     for i in range(arch.num_layers):
@@ -202,5 +202,6 @@ def test_layer_by_layer_hook_reads_one_layer_and_matches_the_whole_model_run(tin
                 assert got.dtype == want[f"{n}.{leaf}"].dtype
                 assert torch.equal(got.view(torch.uint8), want[f"{n}.{leaf}"].view(torch.uint8)), (n, leaf)
     assert cal.result.stats_bytes == whole.stats_bytes > 0
+    assert cal.result.weights == {}          # no layer's float32 weights outlive its step
     with pytest.raises(ValueError, match="expects layer"):
         hook(0, {})
