@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Callable
 
 from omniq.errors import OmniqError
+from omniq.heap import give_back
 from omniq.model.arch import ATTENTION
 from omniq.model.checkpoint import Checkpoint, TensorReader
 
@@ -622,7 +623,7 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
                 writer.add(tensors)
                 del tensors
                 release(block)
-                _trim()
+                give_back()
                 export_s += time.perf_counter() - t
                 if progress:
                     progress("calibrate", i + 1, arch.num_layers)
@@ -652,16 +653,3 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     out.files = names
     out.bytes_written = sum((final / n).stat().st_size for n in names)
     return out
-
-
-def _trim() -> None:
-    """Give the freed layer back to the OS (glibc keeps freed heap pages; the next layer reuses them anyway,
-    but the process's RSS and its cgroup usage would show them)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
