@@ -178,3 +178,18 @@ def test_parse_tasks():
     assert specs[0].folder == task_eval.BUNDLED_DIR and specs[1].folder is None
     with pytest.raises(OmniqError, match="at least one task"):
         task_eval.parse_tasks(" , ")
+
+
+def test_pipeline_eval_stage_runs_omniq_eval(artifacts, tiny_dir, tmp_path):
+    """The pipeline's real `eval` stage function (omniq.pipeline.stages.task_eval) on the bundled model."""
+    from omniq.pipeline import stages
+    from omniq.pipeline.spec import TaskEval
+
+    ctx = SimpleNamespace(spec=SimpleNamespace(task_eval=TaskEval((CLOZE,), limit=4, min_recovery=0.5)),
+                          source_dir=tiny_dir, artifact=artifacts["fp8"], out=tmp_path)
+    result = stages.task_eval(ctx)
+    assert result["report"] == "eval.json" and result["passed"] is True
+    assert result["tasks"][CLOZE]["samples"] == 4
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["tasks"][CLOZE]["candidate"] == result["tasks"][CLOZE]["candidate"]
+    assert report["bound_to"]["reference"]["path"] == str(Path(tiny_dir).resolve())
