@@ -83,10 +83,10 @@ def _stub_kernels() -> list[str]:
 
     if not torch.accelerator.is_available():       # torch 2.13's CPU build raises here; vLLM calls it
         torch.accelerator.empty_cache = lambda: None
-    return ["fused_moe.config.current_platform.is_xpu (non-gated MoE check)", "modelopt.select_linear_kernel", "modelopt.select_nvfp4_moe_backend",
-            "modelopt.select_fp8_moe_backend",
-            "unquantized_fused_moe_method.select_unquantized_moe_backend", "base_loader.process_weights_after_loading",
-            "torch.accelerator.empty_cache (no accelerator)"]
+    return ["fused_moe.config.current_platform.is_xpu (non-gated MoE check)", "modelopt.select_linear_kernel",
+            "modelopt.select_nvfp4_moe_backend", "modelopt.select_fp8_moe_backend",
+            "unquantized_fused_moe_method.select_unquantized_moe_backend",
+            "base_loader.process_weights_after_loading", "torch.accelerator.empty_cache (no accelerator)"]
 
 
 OMNI_MODEL_TYPES = ("NemotronH_Nano_Omni_Reasoning_V3",)

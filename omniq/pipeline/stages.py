@@ -89,7 +89,8 @@ def release_dir(ctx: StageContext):
     rel_dir.mkdir()
     for p in sorted(ctx.artifact.rglob("*")):
         # the artifact's own lint.json (written by quantize) is replaced by this pipeline's report below
-        if p.is_file() and not p.name.startswith(".") and p.relative_to(ctx.artifact).as_posix() not in (LINT, VALIDATION, EVAL):
+        reports = (LINT, VALIDATION, EVAL)
+        if p.is_file() and not p.name.startswith(".") and p.relative_to(ctx.artifact).as_posix() not in reports:
             dst = rel_dir / p.relative_to(ctx.artifact)
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(p.resolve(), dst)
