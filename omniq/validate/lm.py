@@ -17,8 +17,10 @@ Scoring (`loglikelihood`, `loglikelihood_rolling`) is layer-streamed, as validat
 tokenized, sorted by length and cut into batches (right-padded: every layer is causal and quantizes
 activations per token or with static scales, so padding after a sequence changes nothing in it); then one
 decoder layer of the artifact at a time is read from the shards onto the device and run on every batch, and
-released (`score`). Memory is one layer plus the hidden states of a pass (`PASS_BYTES`; more requests
-take more passes, each reading the weights once). `generate_until` is not streamed: it decodes one request
+released (`score`); the head scores every scored position of a pass in chunks of tokens, with the
+lm_head (or tied embedding) converted to float32 once per pass. Memory is one layer (the head: its float32
+copy too, 1.4 GB at the real width) plus the hidden states of a pass (`PASS_BYTES`; more requests take
+more passes, each reading the weights once). `generate_until` is not streamed: it decodes one request
 at a time with the full sequence re-run per new token (no KV / Mamba-state cache), like `validate
 --generate`, holding the dequantized weights in memory; exact but slow on real-width models.
 
@@ -37,12 +39,13 @@ from lm_eval.api.model import TemplateLM
 from omniq.model import forward
 from omniq.validate.artifact import Artifact
 from omniq.validate.metrics import log_probs
-from omniq.validate.stream import KEEP_FLOAT32_BYTES, embedding_names, head_names, layer_names
+from omniq.validate.stream import KEEP_FLOAT32_BYTES, _chunk_tokens, embedding_names, head_names, layer_names
 
 BATCH_TOKENS = 4096                # padded tokens per forward batch inside a layer
 PASS_BYTES = 512 * 2**20           # float32 hidden states of one pass (its batches, all held between layers)
 DEFAULT_MAX_LENGTH = 2048          # longest scored window (tokens): NemotronH has no position limit
 DEFAULT_MAX_GEN_TOKENS = 256
+ALWAYS = 2**62                     # keep_float32_below: the embedding / head matrices converted once per pass
 
 Progress = Callable[[int, int], None]
 
@@ -94,7 +97,7 @@ def score(artifact: Artifact, seqs: list[list[int]], spans: list[int], *, device
 
     kv = artifact.kv()
     for group in passes:
-        u = artifact.unit(embedding_names(artifact), device)
+        u = artifact.unit(embedding_names(artifact), device, ALWAYS)
         hidden = []
         for b in group:
             width = len(inputs[b[0]])
@@ -110,18 +113,32 @@ def score(artifact: Artifact, seqs: list[list[int]], spans: list[int], *, device
             hidden = [forward.decoder_layer(arch, u, i, x, linear=linear, kv=kv) for x in hidden]
             del u, linear
             tick()
-        u = artifact.unit(head_names(artifact), device)
+        # the head: every scored position of the pass, in chunks of tokens (logits are vocab-wide)
+        u = artifact.unit(head_names(artifact), device, ALWAYS)
         linear = artifact.linear(u)
+        rows, targets, owners = [], [], []
         for b, x in zip(group, hidden):
             for r, k in enumerate(b):
                 n, n_in = spans[k], len(inputs[k])
-                h = forward.final_norm(arch, u, x[r, n_in - n: n_in])          # the positions that predict them
-                lp = log_probs(forward.lm_head(arch, u, h, linear))
-                target = torch.tensor(seqs[k][-n:], dtype=torch.long, device=device)
-                total = float(lp.gather(-1, target[:, None]).sum())
-                greedy = bool((lp.argmax(-1) == target).all())
-                out[k] = (total, greedy)
-        del u, linear, hidden
+                rows.append(x[r, n_in - n: n_in])                        # the positions that predict them
+                targets += seqs[k][-n:]
+                owners += [k] * n
+        del hidden
+        h = torch.cat(rows) if rows else torch.zeros(0, arch.hidden_size, device=device)
+        target = torch.tensor(targets, dtype=torch.long, device=device)
+        owner = torch.tensor(owners, dtype=torch.long, device=device)
+        total = torch.zeros(len(seqs), dtype=torch.float64, device=device)
+        missed = torch.zeros(len(seqs), dtype=torch.long, device=device)
+        chunk = _chunk_tokens(arch.vocab_size)
+        for a in range(0, h.shape[0], chunk):
+            sl = slice(a, a + chunk)
+            lp = log_probs(forward.lm_head(arch, u, forward.final_norm(arch, u, h[sl]), linear))
+            total.index_add_(0, owner[sl], lp.gather(-1, target[sl, None])[:, 0].double())
+            missed.index_add_(0, owner[sl], (lp.argmax(-1) != target[sl]).long())
+        for b in group:
+            for k in b:
+                out[k] = (float(total[k]), int(missed[k]) == 0)
+        del u, linear, h
         tick()
     return out  # type: ignore[return-value]
 
