@@ -152,9 +152,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, monke
     cases = [([f"{tmp_path / 'nope.yaml'}"], "no such task file"),
              ([str(wrong)], "no `task:` name"),
              ([str(empty)], "no examples to evaluate"),
-             ([CLOZE, CLOZE], "names a task twice")]
+             ([CLOZE, CLOZE], "names a task twice"),
+             ([CLOZE, "--device", "cuda:7"], "--device cuda:7")]
     for tasks, words in cases:
-        code = main(["eval", "tiny", "tiny", "--tasks", ",".join(tasks), "--out", str(out)])
+        extra = tasks[1:] if "--device" in tasks else []
+        tasks = tasks[:1] if extra else tasks
+        code = main(["eval", "tiny", "tiny", "--tasks", ",".join(tasks), "--out", str(out), *extra])
         err = capsys.readouterr().err
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (tasks, err)
         assert not out.exists()
@@ -193,3 +196,12 @@ def test_pipeline_eval_stage_runs_omniq_eval(artifacts, tiny_dir, tmp_path):
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["tasks"][CLOZE]["candidate"] == result["tasks"][CLOZE]["candidate"]
     assert report["bound_to"]["reference"]["path"] == str(Path(tiny_dir).resolve())
+
+
+def test_omni_checkpoint_text_tasks(capsys):
+    """An Omni checkpoint (the real layout) is evaluated through its language model (`language_model.*`)."""
+    from omniq.validate.task_eval import evaluate
+
+    r = evaluate("tiny-omni-real", "tiny-omni-real", CLOZE, limit=4)
+    t = r["tasks"][CLOZE]
+    assert r["passed"] and t["samples"] == 4 and t["reference"] == t["candidate"] and t["recovery"] in (1.0, None)
