@@ -205,3 +205,15 @@ def test_omni_checkpoint_text_tasks(capsys):
     r = evaluate("tiny-omni-real", "tiny-omni-real", CLOZE, limit=4)
     t = r["tasks"][CLOZE]
     assert r["passed"] and t["samples"] == 4 and t["reference"] == t["candidate"] and t["recovery"] in (1.0, None)
+
+
+def test_eval_help_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nfrom omniq.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n    rc = main(['eval', '--help'])\n"
+            "print(rc, sorted(m for m in ('torch', 'lm_eval', 'datasets') if m in sys.modules), "
+            "'--min-recovery' in out.getvalue())\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout.split() == ["0", "[]", "True"], p.stderr
