@@ -22,7 +22,9 @@ lm_head (or tied embedding) converted to float32 once per pass. Memory is one la
 copy too, 1.4 GB at the real width) plus the hidden states of a pass (`PASS_BYTES`; more requests take
 more passes, each reading the weights once). `generate_until` is not streamed: it decodes one request
 at a time with the full sequence re-run per new token (no KV / Mamba-state cache), like `validate
---generate`, holding the dequantized weights in memory; exact but slow on real-width models.
+--generate`, holding the dequantized weights in memory; exact but slow on real-width models. It is always
+greedy (argmax): sampling arguments in a task's `generation_kwargs` are ignored; `until` and `max_gen_toks`
+are honoured.
 
 Every sequence starts with the tokenizer's BOS (the bundled models were trained on `<s> doc </s>`); a
 context that is empty is BOS alone (`prefix_token_id`).
