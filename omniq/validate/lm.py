@@ -38,6 +38,7 @@ import torch
 
 from lm_eval.api.model import TemplateLM
 
+from omniq.heap import give_back
 from omniq.model import forward
 from omniq.validate.artifact import Artifact
 from omniq.validate.metrics import log_probs
@@ -114,6 +115,7 @@ def score(artifact: Artifact, seqs: list[list[int]], spans: list[int], *, device
             linear = artifact.linear(u)
             hidden = [forward.decoder_layer(arch, u, i, x, linear=linear, kv=kv) for x in hidden]
             del u, linear
+            give_back()                      # freed pages back to the OS (omniq.heap)
             tick()
         # the head: every scored position of the pass, in chunks of tokens (logits are vocab-wide)
         u = artifact.unit(head_names(artifact), device, ALWAYS)
