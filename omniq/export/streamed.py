@@ -633,7 +633,7 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
                 writer.add(tensors)
                 del tensors
                 release(block)
-                give_back()
+                give_back(collect=True)
                 export_s += time.perf_counter() - t
                 if progress:
                     progress("calibrate", i + 1, arch.num_layers)

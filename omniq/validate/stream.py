@@ -228,7 +228,8 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
     # decoder layers
     for i in range(arch.num_layers):
         _layer_step(reference, candidate, i, hidden, device, diagnose, kv_amax)
-        give_back()                              # the layer's freed pages, not kept by the allocator
+        if reference.unit_bytes(layer_names(reference, i)) > KEEP_FLOAT32_BYTES:
+            give_back()                          # a large layer's freed pages, not kept by the allocator
         done += 1
         if progress is not None:
             progress(done, steps)
