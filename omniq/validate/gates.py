@@ -56,6 +56,7 @@ FORMATS = ("bf16", "fp8", "nvfp4", "mixed")
 MODALITIES = ("text", "image", "audio")
 GATE_KEYS = ("max_kl", "min_top1", "max_ppl_ratio")
 FLOOR_KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_ratio", "tokens")
+METRIC_KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate", "ppl_ratio", "tokens")
 
 # The floor measured on the bundled model (benchmarks/validate_figures.py, 64 x 256 tokens, worse of eval /
 # eval2), used when the run measures none (--no-noise-floor).
@@ -215,6 +216,14 @@ def side_by_side(metrics: dict, floor: dict | None, gates: Gates) -> list[dict]:
         rows.append({"metric": key, "floor": None if floor is None else floor.get(key), "gate": g,
                      "value": metrics[key], "passed": bool(ok(metrics[key], g))})
     return rows
+
+
+def section(label: str, metrics: dict, floor: dict | None, gates: Gates) -> dict:
+    """The report entry of one evaluation set (a media modality, a reasoning split): its metrics, this run's
+    floor on it, its gates side by side, and its failures prefixed with `label`."""
+    failures = [f"{label}: {f}" for f in check(metrics, gates)]
+    return {**{k: metrics[k] for k in METRIC_KEYS}, "passed": not failures, "gates": gates.as_dict(),
+            "noise_floor": floor, "gate_table": side_by_side(metrics, floor, gates), "failures": failures}
 
 
 # ----- --gates FILE.yaml ---------------------------------------------------------------------------------

@@ -102,16 +102,11 @@ def modality_report(modality: str, metrics: dict, gate, samples: int, *, noise_f
                     source=None, eval_media: str | None = None) -> dict:
     """The report entry of one media modality: metrics, this run's floor, its gates (`gate`, from that floor:
     `gates.from_floor`) side by side, failures, what was evaluated."""
-    failures = [f"{modality}: {f}" for f in gates_mod.check(metrics, gate)]
     evaluated = ({"set": eval_media, "samples": len(source.samples[modality]), "scored": "caption tokens",
                   **source.identity(modality)} if source is not None else
                  {"set": f"bundled-{modality}:eval", "samples": samples, "scored": "caption tokens",
                   **media.identity(modality, "eval")})
-    return {**{k: metrics[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate",
-                                        "ppl_ratio", "tokens")},
-            "passed": not failures, "gates": gate.as_dict(), "noise_floor": noise_floor,
-            "gate_table": gates_mod.side_by_side(metrics, noise_floor, gate), "failures": failures,
-            "eval": evaluated}
+    return {**gates_mod.section(modality, metrics, noise_floor, gate), "eval": evaluated}
 
 
 def wanted(reference, samples: int) -> tuple[list[str], list[str]]:
