@@ -315,7 +315,9 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
     generation = None
     if generate:
         generation = generate_mod.compare(ref, cand, docs, generate, max_new_tokens,
-                                          gates_mod.length_ratio_for(gfile, fmt))
+                                          gates_mod.length_ratio_for(gfile, fmt), media=media_inputs,
+                                          media_length_ratio={m: gates_mod.length_ratio_for(gfile, fmt, m)
+                                                              for m in media_inputs})
         failures += generation["failures"]
     warnings = ref.warnings + cand.warnings + mm_warnings
     if changed:
@@ -424,9 +426,11 @@ def summary_table(report: dict):
                 table.add_row(f"generation: {k.replace('_', ' ')} tokens", "", f"{100 * gen[k]:.0f} %", "", "")
         table.add_row("generation: EOS within budget, ref / cand", "",
                       f"{100 * gen['eos_rate_reference']:.0f} % / {100 * gen['eos_rate_candidate']:.0f} %", "", "")
-        g = gen["gates"]
-        table.add_row("generation: mean length ratio", "", f"{gen['length_ratio']:.3f}",
-                      f"{g['min_length_ratio']:g}-{g['max_length_ratio']:g}", ok if gen["passed"] else bad)
+        for label, s in (("", gen), *((f" ({m}+text prompts)", v) for m, v in (gen.get("modalities") or {}).items())):
+            g = s["gates"]
+            table.add_row(f"generation{label}: mean length ratio", "", f"{s['length_ratio']:.3f}",
+                          f"{g['min_length_ratio']:g}-{g['max_length_ratio']:g}",
+                          ok if g["min_length_ratio"] <= s["length_ratio"] <= g["max_length_ratio"] else bad)
     for name, b in (report.get("positions") or {}).items():
         table.add_row(f"positions {name}: KL / top-1", "",
                       f"{b['kl_mean']:.3g} / {100 * b['top1_agreement']:.1f} %", "", "")
