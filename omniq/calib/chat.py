@@ -179,11 +179,32 @@ def texts(conversations: Iterable, tokenizer, state: Rendered, where: str) -> It
         yield render(tokenizer, conv, on, where, i)
 
 
-def split(conversations: Iterable, tokenizer, state: Rendered, where: str) -> dict[str, list[str]]:
-    """{reasoning_on: [...], reasoning_off: [...]}: every conversation rendered (evaluation sets)."""
+def prompt_of(messages: list[dict]) -> list[dict]:
+    """The conversation a model answers: without its final assistant turn (unchanged if it has none)."""
+    return messages[:-1] if len(messages) > 1 and messages[-1].get("role") == "assistant" else messages
+
+
+def split(conversations: Iterable, tokenizer, state: Rendered, where: str
+          ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """({reasoning_on: [...], reasoning_off: [...]} every conversation rendered, the same for its prompt
+    (`prompt_of`, with the generation prompt) for --generate): evaluation sets."""
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    prompts: dict[str, list[str]] = {s: [] for s in SPLITS}
     for i, conv in enumerate(conversations):
         on = reasoning_on(i, state.share)
         out[SPLITS[0 if on else 1]].append(render(tokenizer, conv, on, where, i))
+        prompts[SPLITS[0 if on else 1]].append(render(tokenizer, prompt_of(conv), on, where, i))
         state.counts[SPLITS[0 if on else 1]] += 1
-    return out
+    return out, prompts
+
+
+def split_counts(n: int, share: float, option: str = "--samples") -> dict[str, int]:
+    """n rows (or prompts) shared between the splits in proportion `share`: each split of a share strictly
+    between 0 and 1 gets at least one."""
+    n_on = math.floor(n * share + 0.5)
+    if 0.0 < share < 1.0:
+        if n < 2:
+            raise OmniqError(f"--reasoning-share {share:g} splits {option} into reasoning on and off: pass "
+                             f"{option} 2 or more")
+        n_on = min(max(n_on, 1), n - 1)
+    return {SPLITS[0]: n_on, SPLITS[1]: n - n_on}

@@ -92,24 +92,49 @@ def greedy(arch, weights, prompt: torch.Tensor, max_new_tokens: int, eos: int | 
 
 def compare(reference, candidate, docs, n: int, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
             length_ratio: tuple[float, float] = DEFAULT_LENGTH_RATIO, candidate_weights=None,
-            media: dict | None = None, media_length_ratio: dict | None = None) -> dict:
+            media: dict | None = None, media_length_ratio: dict | None = None,
+            chat_prompts: dict[str, list[str]] | None = None) -> dict:
     """The `generation` section of the report (see the module doc), with its gates' `failures`.
     `candidate_weights`: the candidate's tensors as a mapping (default: read from its files once).
     `media`: {modality: [MediaInputs]} of an Omni checkpoint (the first n of each are generated from);
-    `media_length_ratio`: {modality: (lo, hi)} (default `length_ratio`)."""
+    `media_length_ratio`: {modality: (lo, hi)} (default `length_ratio`). `chat_prompts` (--eval-format chat):
+    {reasoning_on: [...], reasoning_off: [...]} rendered prompts, generated from instead of the documents'
+    first tokens (`chat_split_counts` of them per split), reported and gated per split under `reasoning`."""
     if max_new_tokens < 1:
         raise OmniqError("--max-new-tokens must be at least 1")
     tok = reference.tokenizer
-    p = prompts(tok, docs, n)
     eos = tok.eos_token_id
     rw = dict(reference.weights)
-    ref, ref_eos = greedy(reference.arch, rw, p, max_new_tokens, eos)
     cw = dict(candidate.weights) if candidate_weights is None else candidate_weights
     linear, kv = candidate.linear(cw), candidate.kv()
-    cand, cand_eos = greedy(candidate.arch, cw, p, max_new_tokens, eos, linear=linear, kv=kv)
-    out = dict(statistics(ref, cand, ref_eos, cand_eos, max_new_tokens, length_ratio, "generation"),
-               prompt_tokens=PROMPT_TOKENS, decoding="greedy, full re-forward per token (no cache)")
-    failures = list(out["failures"])
+    if chat_prompts is None:
+        p = prompts(tok, docs, n)
+        ref, ref_eos = greedy(reference.arch, rw, p, max_new_tokens, eos)
+        cand, cand_eos = greedy(candidate.arch, cw, p, max_new_tokens, eos, linear=linear, kv=kv)
+        out = dict(statistics(ref, cand, ref_eos, cand_eos, max_new_tokens, length_ratio, "generation"),
+                   prompt_tokens=PROMPT_TOKENS)
+        split_failures = []
+    else:
+        got, per = {s: ([], [], [], []) for s in chat_prompts}, {}
+        for split, texts in chat_prompts.items():
+            for text in texts:
+                p = torch.tensor([([tok.bos_token_id] if tok.bos_token_id is not None else [])
+                                  + tok(text, add_special_tokens=False)["input_ids"]])
+                for k, (g, stopped) in enumerate((greedy(reference.arch, rw, p, max_new_tokens, eos),
+                                                  greedy(candidate.arch, cw, p, max_new_tokens, eos,
+                                                         linear=linear, kv=kv))):
+                    got[split][k].append(g[0])
+                    got[split][2 + k].append(stopped[0])
+            r, c, re, ce = got[split]
+            per[split[len("reasoning_"):]] = statistics(r, c, re, ce, max_new_tokens, length_ratio,
+                                                        f"generation ({split.replace('_', ' ')})")
+        joined = [sum((got[s][k] for s in got), []) for k in range(4)]
+        out = dict(statistics(*joined, max_new_tokens, length_ratio, "generation"),
+                   prompt="the conversation up to its last assistant turn, rendered with the generation prompt",
+                   reasoning=per)
+        split_failures = [f for v in per.values() for f in v["failures"]]
+    out["decoding"] = "greedy, full re-forward per token (no cache)"
+    failures = list(out["failures"]) + split_failures
     if media:
         out["modalities"] = {}
         for m, inputs in media.items():

@@ -97,11 +97,11 @@ MAX_CHAT_CONVERSATIONS = 20_000   # read at most this many conversations of a ch
 
 
 def chat_sets(tokenizer, eval_set, column: str, split: str, share: float, samples: int, seq_len: int
-              ) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+              ) -> tuple[dict[str, torch.Tensor], dict, dict[str, list[str]]]:
     """`--eval-format chat`: the source's conversations rendered through the reference's chat template,
     `share` of them with reasoning on (`omniq.calib.chat`), as token rows per split ({reasoning_on,
-    reasoning_off}: `samples` rows shared between them in that proportion), the eval identity and every
-    rendered document (for --generate)."""
+    reasoning_off}: `samples` rows shared between them in that proportion), the eval identity and the rendered
+    prompts per split (for --generate)."""
     import itertools
 
     from omniq.calib import chat, data as calib_data
@@ -111,16 +111,10 @@ def chat_sets(tokenizer, eval_set, column: str, split: str, share: float, sample
                          "a column of conversations")
     where = f"--eval {eval_set}"
     state = chat.start(tokenizer, share, where, column)
-    n_on = math.floor(samples * share + 0.5)
-    if 0.0 < share < 1.0 and samples >= 2:
-        n_on = min(max(n_on, 1), samples - 1)
-    elif 0.0 < share < 1.0:
-        raise OmniqError(f"--reasoning-share {share:g} splits the rows into reasoning on and off: pass --samples 2 "
-                         "or more")
-    wanted = {"reasoning_on": n_on, "reasoning_off": samples - n_on}
+    wanted = chat.split_counts(samples, share)
     try:
         convs, ident = calib_data.source_texts(str(eval_set), column=column, split=split, chat=True)
-        docs = chat.split(itertools.islice(convs, MAX_CHAT_CONVERSATIONS), tokenizer, state, where)
+        docs, prompts = chat.split(itertools.islice(convs, MAX_CHAT_CONVERSATIONS), tokenizer, state, where)
     except OmniqError as e:   # the calibration readers' wording, for an evaluation source
         raise OmniqError(str(e).replace("calibration data ", "--eval ", 1).replace("--calib-column / ", "")) \
             from None
@@ -135,7 +129,7 @@ def chat_sets(tokenizer, eval_set, column: str, split: str, share: float, sample
         rows[name] = token_rows(tokenizer, docs[name], n, seq_len)
     identity = {k: v for k, v in ident.items() if k not in ("kind",)}
     identity.update(state.identity(), rows_per_split={k: int(v.shape[0]) for k, v in rows.items()})
-    return rows, identity, docs["reasoning_on"] + docs["reasoning_off"]
+    return rows, identity, prompts
 
 
 # ----- the comparison -------------------------------------------------------------------------------------
@@ -251,12 +245,19 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
     ref = read_artifact(reference)
     cand = read_artifact(candidate)
     check_same_model(ref, cand)
-    splits, chat_identity = {}, None
+    splits, chat_identity, chat_prompts, docs = {}, None, None, []
     if eval_format == "chat":
-        splits, chat_identity, docs = chat_sets(ref.tokenizer, eval_set, eval_column or chat.COLUMN, eval_split,
+        splits, chat_identity, chat_prompts = chat_sets(ref.tokenizer, eval_set, eval_column or chat.COLUMN, eval_split,
                                                 share, samples, seq_len)
         label = str(eval_set)
         rows = torch.cat(list(splits.values()))
+        if generate:        # the first prompts of each split, `generate` shared between them as the rows are
+            want = chat.split_counts(generate, share, "--generate")
+            short = [s for s, k in want.items() if len(chat_prompts[s]) < k]
+            if short:
+                raise OmniqError(f"--generate {generate}: --eval {eval_set} has only {len(chat_prompts[short[0]])} "
+                                 f"conversations with {short[0].replace('_', ' ')}; pass fewer prompts")
+            chat_prompts = {s: chat_prompts[s][:k] for s, k in want.items() if k}
     else:
         label, docs = eval_texts(eval_set)
         rows = token_rows(ref.tokenizer, docs, samples, seq_len)
@@ -317,7 +318,8 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
         generation = generate_mod.compare(ref, cand, docs, generate, max_new_tokens,
                                           gates_mod.length_ratio_for(gfile, fmt), media=media_inputs,
                                           media_length_ratio={m: gates_mod.length_ratio_for(gfile, fmt, m)
-                                                              for m in media_inputs})
+                                                              for m in media_inputs},
+                                          chat_prompts=chat_prompts)
         failures += generation["failures"]
     warnings = ref.warnings + cand.warnings + mm_warnings
     if changed:
@@ -426,7 +428,9 @@ def summary_table(report: dict):
                 table.add_row(f"generation: {k.replace('_', ' ')} tokens", "", f"{100 * gen[k]:.0f} %", "", "")
         table.add_row("generation: EOS within budget, ref / cand", "",
                       f"{100 * gen['eos_rate_reference']:.0f} % / {100 * gen['eos_rate_candidate']:.0f} %", "", "")
-        for label, s in (("", gen), *((f" ({m}+text prompts)", v) for m, v in (gen.get("modalities") or {}).items())):
+        parts = [("", gen), *((f" (reasoning {k})", v) for k, v in (gen.get("reasoning") or {}).items()),
+                 *((f" ({m}+text prompts)", v) for m, v in (gen.get("modalities") or {}).items())]
+        for label, s in parts:
             g = s["gates"]
             table.add_row(f"generation{label}: mean length ratio", "", f"{s['length_ratio']:.3f}",
                           f"{g['min_length_ratio']:g}-{g['max_length_ratio']:g}",

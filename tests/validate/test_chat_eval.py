@@ -88,3 +88,29 @@ def test_bad_chat_evaluation_is_one_line_exit_2_and_writes_no_report(case, artif
     if case == "no messages column":
         assert "no column 'messages' (columns: text)" in lines[0] and "calibration" not in lines[0]
     assert not (tmp_path / "r.json").exists()
+
+
+def test_chat_generation_prompts_are_split_by_reasoning(artifacts, tiny_chat, chat_jsonl, tmp_path):
+    from omniq.calib import chat
+    from chat_fixtures import conversations
+
+    report = tmp_path / "r.json"
+    rc = main(["validate", str(tiny_chat), str(artifacts["fp8"]), "--eval", str(chat_jsonl["eval"]),
+               "--eval-format", "chat", "--samples", "2", "--seq-len", "32", "--generate", "4",
+               "--max-new-tokens", "8", "--report", str(report)])
+    g = json.loads(report.read_text())["generation"]
+    assert rc in (0, 1) and set(g["reasoning"]) == {"on", "off"}
+    assert g["reasoning"]["on"]["prompts"] == 2 and g["reasoning"]["off"]["prompts"] == 2 and g["prompts"] == 4
+    assert g["lengths_reference"] == g["reasoning"]["on"]["lengths_reference"] + g["reasoning"]["off"]["lengths_reference"]
+    # the prompt is the conversation without its last assistant turn, opened for the model's answer
+    conv = conversations(1, "eval")[0]
+    assert chat.prompt_of(conv) == conv[:1]
+
+
+def test_chat_generation_needs_enough_conversations_per_split(artifacts, tiny_chat, chat_jsonl, tmp_path, capsys):
+    rc = main(["validate", str(tiny_chat), str(artifacts["fp8"]), "--eval", str(chat_jsonl["eval"]),
+               "--eval-format", "chat", "--reasoning-share", "0.1", "--samples", "2", "--seq-len", "32",
+               "--generate", "40", "--report", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has only 3 conversations with reasoning on" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.json").exists()
