@@ -24,6 +24,14 @@ once and the embeddings are spliced in at every step, and both models caption gr
 same statistics under `generation.modalities.<modality>`, and its own length-ratio gate (the gates file's
 `<format>.<modality>.min_length_ratio` / `max_length_ratio`, else the format's). `generation.passed` holds when
 every modality's gate holds; the top-level statistics are the text prompts'.
+
+With `--eval-format chat` the text prompts are the conversations without their last assistant turn, rendered
+through the chat template with the generation prompt (`chat_prompts`, reasoning on / off as the evaluation
+rows), decoded one at a time; each reasoning split has its statistics and gate under `generation.reasoning`.
+
+A length ratio outside its band fails only when the paired per-prompt difference of lengths is beyond
+`SIGNIFICANT_SE` standard errors: with few prompts, one that stops early in one model and runs to the budget
+in the other moves the ratio by more than the band (measured on the bundled Omni model, docs/trust.md).
 """
 
 from __future__ import annotations
