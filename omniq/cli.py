@@ -275,7 +275,8 @@ def quantize(
                f"{plan.total_bytes / 2**20:.1f} MiB); {sec['total']:.1f} s (load {sec['load']:.1f}, calibrate "
                f"{sec['calibrate']:.1f}, export {sec['export']:.1f})")
     cal = result.manifest.get("calibration") or {}
-    cal = cal.get("text", cal)       # an Omni mix records its text part under "text"
+    if isinstance(cal.get("text"), dict):      # an Omni mix records its text part under "text"
+        cal = cal["text"]
     if cal.get("format") == "chat":
         c = cal["conversations"]
         typer.echo(f"calibration: chat, {c['reasoning_on']} conversations with reasoning on, {c['reasoning_off']} "

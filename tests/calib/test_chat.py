@@ -4,11 +4,13 @@ chosen share (`enable_thinking`), recorded in omniq.json; bad chat input is one 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from chat_fixtures import TEMPLATE, conversations, with_template, write_jsonl
-from conftest import run_cli_in_subprocess
 from omniq.calib import chat, data
 from omniq.cli import main
 from omniq.errors import OmniqError
@@ -114,12 +116,13 @@ def test_bad_chat_input_is_one_line_exit_2_and_leaves_no_output(case, tiny_dir, 
 
 def test_chat_calibration_end_to_end_through_the_cli(tiny_chat, chat_jsonl, tmp_path):
     out = tmp_path / "chat-fp8"
-    r = run_cli_in_subprocess(["quantize", str(tiny_chat), "--recipe", "fp8", "--out", str(out),
-                               "--calib", str(chat_jsonl["calib"]), "--calib-format", "chat",
-                               "--reasoning-share", "0.75", "--calib-samples", "4", "--calib-seq-len", "128"],
-                              one_thread=True)
-    assert r["rc"] == 0, r["stderr"][-2000:]
-    assert "calibration: chat" in r["stdout"] and "reasoning on" in r["stdout"]
+    # its own process: ModelOpt patches torch process-wide (the test process never imports it)
+    p = subprocess.run([sys.executable, "-m", "omniq.cli", "quantize", str(tiny_chat), "--recipe", "fp8", "--out",
+                        str(out), "--calib", str(chat_jsonl["calib"]), "--calib-format", "chat",
+                        "--reasoning-share", "0.75", "--calib-samples", "4", "--calib-seq-len", "128"],
+                       capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "calibration: chat" in p.stdout and "reasoning on" in p.stdout
     cal = json.loads((out / "omniq.json").read_text())["calibration"]
     assert cal["format"] == "chat" and cal["reasoning_share"] == 0.75 and cal["column"] == "messages"
     assert cal["conversations"]["reasoning_on"] >= 1 and cal["samples"] == 4
