@@ -68,6 +68,11 @@ class Outcome:
     changed: dict[str, torch.Tensor]
     changed_elsewhere: dict[str, float]
 
+    def merge(self, into: str, sets: list[str]) -> None:
+        """Add set `into` holding every token of `sets` (which stay as they are), per stream."""
+        parts = [self.comparisons[s] for s in sets if s in self.comparisons]
+        self.comparisons[into] = {k: Comparison.merged([p[k] for p in parts]) for k in parts[0]}
+
     def summary(self, positions: bool = False) -> dict:
         """{set: {stream: metrics}}, {module: SQNR dB}, {tensor: largest difference}: host numbers."""
         metrics = {s: {k: c.summary(position_buckets=positions and s == "text") for k, c in by.items()}
