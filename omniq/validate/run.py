@@ -155,8 +155,14 @@ def torch_device(spec: str) -> torch.device:
     raise OmniqError(f"--device {spec}: expected cpu, cuda or cuda:N")
 
 
+def generation_bytes(reference: Artifact, candidate: Artifact) -> int:
+    """What `--generate` holds: both models' tensors in float32 at once (`generate.compare` decodes with
+    whole-model forwards, not layer-streamed)."""
+    return sum(4 * math.prod(a.logical_shape(n)) for a in (reference, candidate) for n in a.base_names)
+
+
 def preflight(reference: Artifact, candidate: Artifact, tokens: int, device: torch.device,
-              noise_floor: bool = True, batch_tokens: int | None = None) -> dict:
+              noise_floor: bool = True, batch_tokens: int | None = None, generate: int = 0) -> dict:
     """Refuse (exit 2) before reading any weight when the run cannot fit: the per-step estimate (largest
     layer of both artifacts, hidden states of every token, a logits chunk; `stream.estimate_bytes`) against
     the memory limit of this process (`omniq.memory_limit`: its cgroup, else MemAvailable), or the GPU's
@@ -176,6 +182,14 @@ def preflight(reference: Artifact, candidate: Artifact, tokens: int, device: tor
                          f"{est['hidden_states_bytes'] / 2**30:.2f} GiB) but {have / 2**30:.2f} GiB is available "
                          f"({source}); pass fewer --samples / a shorter --seq-len"
                          + ("" if not noise_floor else " or --no-noise-floor") + ", or run where more memory is")
+    if generate:
+        gen = generation_bytes(reference, candidate)
+        est["generation_bytes"] = gen
+        if device.type in ("cpu", "cuda") and gen > have:
+            raise OmniqError(f"--generate {generate} holds both models in float32 ({gen / 2**30:.2f} GiB; "
+                             f"generation is not layer-streamed) but {have / 2**30:.2f} GiB is available "
+                             f"({source}); drop --generate (the layer-streamed metrics need "
+                             f"{need / 2**30:.2f} GiB) or run where more memory is")
     return est
 
 
@@ -269,7 +283,7 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
                     for m in modalities}
     tokens = rows.shape[0] * (rows.shape[1] - 1) + sum(x.num_tokens for v in media_inputs.values() for x in v)
     batch_tokens = max([BATCH_ROWS * (rows.shape[1] - 1)] + [x.num_tokens for v in media_inputs.values() for x in v])
-    memory = preflight(ref, cand, tokens, dev, noise_floor, batch_tokens)
+    memory = preflight(ref, cand, tokens, dev, noise_floor, batch_tokens, generate)
 
     t_eval = time.perf_counter()
     items = [it for name, r in splits.items() for it in text_items(r, name)] if splits else text_items(rows)
