@@ -42,7 +42,11 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 def validate(
     reference: str = typer.Argument(..., help="The BF16 checkpoint the candidate was made from (directory or bundled name)."),
     candidate: str = typer.Argument(..., help="The quantized checkpoint directory, read from its files."),
-    eval_set: Optional[str] = typer.Option(None, "--eval", help="Evaluation text: bundled 'eval' / 'eval2', or a .txt / .jsonl file. [default: eval]"),
+    eval_set: Optional[str] = typer.Option(None, "--eval", help="Evaluation text: bundled 'eval' / 'eval2', or a .txt / .jsonl file; with --eval-format chat a .jsonl / .json / .parquet file or hub dataset of conversations. [default: eval]"),
+    eval_format: str = typer.Option("text", "--eval-format", help="text, or chat: --eval's conversations rendered through the reference's chat template, reasoning on for --reasoning-share of them; the report is split by reasoning on / off, each split gated on its own floor."),
+    reasoning_share: Optional[float] = typer.Option(None, "--reasoning-share", help="With --eval-format chat: the share of conversations (and rows) with reasoning on (enable_thinking=True), 0-1. [default: 0.5]"),
+    eval_column: Optional[str] = typer.Option(None, "--eval-column", help="With --eval-format chat: the column of conversations. [default: messages]"),
+    eval_split: str = typer.Option("train", "--eval-split", help="With --eval-format chat and a hub dataset: its split."),
     samples: int = typer.Option(64, "--samples", min=1, help="Rows of evaluation text."),
     seq_len: int = typer.Option(256, "--seq-len", min=2, help="Tokens per row."),
     max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Gate: highest mean KL(reference || candidate) per token. [default: per format]"),
@@ -60,9 +64,6 @@ def validate(
     no_noise_floor: bool = typer.Option(False, "--no-noise-floor", help="Skip measuring this run's noise floor (the third stream, about a third less time); the gates then come from the bundled model's floor."),
 ):
     """Compare a quantized artifact with its BF16 reference from the files; gates from this run's noise floor; exit 1 when a gate fails."""
-    from rich.console import Console
-
-    from omniq.errors import GateFailed
     from omniq.validate.run import summary_table, terminal_progress, validate as run_validate
 
     with terminal_progress(sys.stderr.isatty()) as progress:
@@ -71,16 +72,45 @@ def validate(
                               report_path=report, positions=positions, progress=progress,
                               media_samples=media_samples, device=device, noise_floor=not no_noise_floor,
                               eval_media=eval_media, bad_media=bad_media, gates_file=gates_file,
-                              generate=generate, max_new_tokens=max_new_tokens)
+                              generate=generate, max_new_tokens=max_new_tokens, eval_format=eval_format,
+                              reasoning_share=reasoning_share, eval_column=eval_column, eval_split=eval_split)
+    _verdict("validate", summary_table(result), result, report)
+
+
+def _verdict(command: str, table, result: dict, report: Optional[Path]) -> None:
+    """The summary table, warnings and report path on stdout; exit 1 (one line) when a gate failed."""
+    from rich.console import Console
+
+    from omniq.errors import GateFailed
+
     console = Console()
-    console.print(summary_table(result))
+    console.print(table)
     for w in result["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {w}")
     if report is not None:
         console.print(f"report: {report}")
     if not result["passed"]:
-        raise GateFailed("validate: " + "; ".join(result["failures"]))
+        raise GateFailed(f"{command}: " + "; ".join(result["failures"]))
     console.print("[green]passed[/green]")
+
+
+@app.command("eval")
+def eval_tasks(
+    reference: str = typer.Argument(..., help="The BF16 checkpoint the candidate was made from (directory or bundled name)."),
+    candidate: str = typer.Argument(..., help="The quantized checkpoint directory, read from its files."),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval tasks: omniq-docstring-cloze (bundled), a task YAML file, or any task lm-eval knows."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate at most N examples per task."),
+    min_recovery: float = typer.Option(0.95, "--min-recovery", help="Gate per task: candidate score / reference score at least this."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON report here (ARTIFACT/eval.json is what `omniq publish` ships)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
+    device: str = typer.Option("cpu", "--device", help="Where the forward runs: cpu, cuda or cuda:N (the CUDA path is untested: no GPU in CI)."),
+):
+    """Task accuracy of both checkpoints through lm-eval-harness; exit 1 when a task's recovery is below the gate."""
+    from omniq.validate.task_eval import evaluate, summary_table
+
+    result = evaluate(reference, candidate, tasks, limit=limit, min_recovery=min_recovery, report_path=out,
+                      force=force, device=device)
+    _verdict("eval", summary_table(result), result, out)
 
 
 @app.command()
@@ -231,7 +261,9 @@ def quantize(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to create (never overwritten without --force)."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="Override the recipe's KV cache: fp8 or none."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: tiny-calib (bundled), nvidia-default (ModelOpt hf_ptq's cnn_dailymail + Nemotron-Post-Training-Dataset-v2 mix), a .txt / .jsonl / .json / .parquet file, or a hub dataset NAME[:CONFIG]. [default: tiny-calib for the bundled models, nvidia-default otherwise]"),
-    calib_column: str = typer.Option("text", "--calib-column", help="Text column of a .jsonl / .json / .parquet file or hub dataset."),
+    calib_column: Optional[str] = typer.Option(None, "--calib-column", help="Column of a .jsonl / .json / .parquet file or hub dataset: its text, or with --calib-format chat its conversations. [default: text, or messages with --calib-format chat]"),
+    calib_format: str = typer.Option("text", "--calib-format", help="text: the column is text. chat: it holds conversations (lists of {role, content[, reasoning_content]} messages), each rendered through the checkpoint's chat template with reasoning on or off (enable_thinking)."),
+    reasoning_share: Optional[float] = typer.Option(None, "--reasoning-share", help="With --calib-format chat: the share of conversations rendered with reasoning on (enable_thinking=True), 0-1. [default: 0.5]"),
     calib_split: str = typer.Option("train", "--calib-split", help="Split of a hub dataset."),
     calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration rows."),
     calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="Tokens per calibration row."),
@@ -257,7 +289,8 @@ def quantize(
                               calib_split=calib_split, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                               force=force, allow_pickle=allow_pickle, progress=progress, device=device,
                               calib_mix=calib_mix, expert_policy=policy, calib_media=calib_media,
-                              bad_media=bad_media, calib_seed=calib_seed)
+                              bad_media=bad_media, calib_seed=calib_seed, calib_format=calib_format,
+                              reasoning_share=reasoning_share)
     plan = result.plan
     counts = ", ".join(f"{n} {fmt}" for fmt, n in sorted(result.counts.items(), key=lambda kv: -kv[1]) if n)
     sec = result.seconds
@@ -266,6 +299,13 @@ def quantize(
                f"{result.output_bytes / 2**20:.1f} MiB in {len(result.files)} files (estimated "
                f"{plan.total_bytes / 2**20:.1f} MiB); {sec['total']:.1f} s (load {sec['load']:.1f}, calibrate "
                f"{sec['calibrate']:.1f}, export {sec['export']:.1f})")
+    cal = result.manifest.get("calibration") or {}
+    if isinstance(cal.get("text"), dict):      # an Omni mix records its text part under "text"
+        cal = cal["text"]
+    if cal.get("format") == "chat":
+        c = cal["conversations"]
+        typer.echo(f"calibration: chat, {c['reasoning_on']} conversations with reasoning on, {c['reasoning_off']} "
+                   f"off (--reasoning-share {cal['reasoning_share']:g}), rendered through the chat template")
     if result.modality_tokens:
         mt = result.modality_tokens
         total = ", ".join(f"{m} {n}" for m, n in mt["total"].items() if n)

@@ -118,3 +118,22 @@ def omni_real_quantized(tmp_path_factory) -> dict:
     r = run_cli_in_subprocess(["quantize", "tiny-omni-real", "--recipe", "omni-nvfp4", "--out", str(out),
                                *QUANTIZE_CALIB], one_thread=True)
     return dict(r, path=out)
+
+
+# ----- chat-format data (tests/chat_fixtures.py) -----
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory, tiny_dir) -> Path:
+    """A copy of the bundled tiny checkpoint with a chat template that honours enable_thinking."""
+    from chat_fixtures import with_template
+
+    return with_template(tiny_dir, tmp_path_factory.mktemp("chat") / "tiny-chat")
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory) -> dict[str, Path]:
+    """Conversations from the bundled docstrings: {"calib": 12 from the calib split, "eval": 30 from eval}."""
+    from chat_fixtures import conversations, write_jsonl
+
+    d = tmp_path_factory.mktemp("chat-data")
+    return {"calib": write_jsonl(d / "calib.jsonl", conversations(12, "calib")),
+            "eval": write_jsonl(d / "eval.jsonl", conversations(30, "eval"))}

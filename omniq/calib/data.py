@@ -16,6 +16,11 @@
                                  datasets' columns and splits, so omniq does not repeat them), half the
                                  samples from each
 
+`--calib-format chat` reads conversations instead of text from a file's or dataset's `messages` column
+(`--calib-column`) and renders each through the checkpoint's chat template, with reasoning on for
+`--reasoning-share` of them (`omniq.calib.chat`); the format, the share and the conversations per split are
+recorded with the identity.
+
 No `--calib`: `tiny-calib` for the bundled models, `nvidia-default` for any other (`default_for`); offline
 (`HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE`) that fails in one line asking for `--calib`.
 
@@ -98,8 +103,23 @@ def _column_texts(rows: Iterable[dict], column: str, where: str) -> Iterator[str
             yield value
 
 
-def _read_file(path: Path, column: str) -> Iterator[str]:
+def _column_messages(rows: Iterable[dict], column: str, where: str) -> Iterator[list]:
+    """Conversations (`chat.check_messages`) of a `messages`-like column (`--calib-format chat`)."""
+    from omniq.calib import chat
+
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or column not in row:
+            cols = ", ".join(sorted(map(str, row))) if isinstance(row, dict) else "none"
+            raise OmniqError(f"calibration data {where}: no column {column!r} (columns: {cols or 'none'}); chat "
+                             "data needs a column of messages (choose it with --calib-column / --eval-column)")
+        yield chat.check_messages(row[column], f"calibration data {where}", i, column)
+
+
+def _read_file(path: Path, column: str, pick=_column_texts) -> Iterator:
     kind = FILE_KINDS[path.suffix.lower()]
+    if kind == "text" and pick is not _column_texts:
+        raise OmniqError(f"calibration data {path}: chat data needs a column of messages: pass a .jsonl / .json / "
+                         ".parquet file or a hub dataset, not plain text")
     if kind == "text":
         try:
             text = path.read_text(encoding="utf-8")
@@ -116,19 +136,19 @@ def _read_file(path: Path, column: str) -> Iterator[str]:
             raise OmniqError(f"calibration data {path}: not valid JSON ({e})") from None
         if isinstance(data, dict) and isinstance(data.get(column), list):
             data = [{column: v} for v in data[column]]
-        if isinstance(data, list) and all(isinstance(v, str) for v in data):
+        if isinstance(data, list) and all(isinstance(v, str) for v in data) and pick is _column_texts:
             data = [{column: v} for v in data]
         if not isinstance(data, list):
             raise OmniqError(f"calibration data {path}: expected a JSON array of objects with a {column!r} "
                              "field, or JSON lines (.jsonl)")
-        yield from _column_texts(data, column, str(path))
+        yield from pick(data, column, str(path))
         return
     try:
         from datasets import load_dataset
 
         with _quiet_datasets():
             ds = load_dataset(kind, data_files=str(path), split="train", streaming=True)
-            yield from _column_texts(iter(ds), column, str(path))
+            yield from pick(iter(ds), column, str(path))
     except OmniqError:
         raise
     except Exception as e:  # noqa: BLE001 - malformed files fail inside datasets with many error types
@@ -137,14 +157,14 @@ def _read_file(path: Path, column: str) -> Iterator[str]:
                          f"{first})") from None
 
 
-def _read_hub(name: str, split: str, column: str) -> Iterator[str]:
+def _read_hub(name: str, split: str, column: str, pick=_column_texts) -> Iterator:
     dataset, _, config = name.partition(":")
     try:
         from datasets import load_dataset
 
         with _quiet_datasets():
             ds = load_dataset(dataset, config or None, split=split, streaming=True)
-            yield from _column_texts(iter(ds), column, name)
+            yield from pick(iter(ds), column, name)
     except OmniqError:
         raise
     except Exception as e:  # noqa: BLE001 - network, auth, unknown dataset or split
@@ -159,8 +179,14 @@ def _quiet_datasets():
     return quiet("datasets")
 
 
-def source_texts(calib: str, *, column: str = "text", split: str = "train") -> tuple[Iterator[str], dict]:
-    """The texts of a calibration source (lazily) and its identity."""
+def source_texts(calib: str, *, column: str = "text", split: str = "train", chat: bool = False
+                 ) -> tuple[Iterator, dict]:
+    """The texts of a calibration source (lazily) and its identity; `chat`: its conversations (lists of
+    messages from `column`) instead."""
+    pick = _column_messages if chat else _column_texts
+    if calib in BUNDLED and chat:
+        raise OmniqError(f"--calib {calib}: the bundled docstrings are plain text, not conversations; chat data "
+                         "needs a .jsonl / .json / .parquet file or a hub dataset with a messages column")
     if calib in BUNDLED:
         from omniq.calib import docstrings
 
@@ -178,13 +204,13 @@ def source_texts(calib: str, *, column: str = "text", split: str = "train") -> t
                  "file_sha256": sha256_file(path)}
         if ident["kind"] != "text":
             ident["column"] = column
-        return _read_file(path, column), ident
+        return _read_file(path, column, pick), ident
     if path.exists():
         raise OmniqError(f"--calib {calib}: unsupported file type {path.suffix or '(none)'}; "
                          f"use {', '.join(FILE_KINDS)}")
     if calib.startswith((".", "/", "~")) or not calib.strip():
         raise OmniqError(f"--calib {calib}: no such file")
-    return _read_hub(calib, split, column), {"source": calib, "kind": "hub", "split": split, "column": column}
+    return _read_hub(calib, split, column, pick), {"source": calib, "kind": "hub", "split": split, "column": column}
 
 
 def default_for(ckpt_path) -> str:
@@ -280,22 +306,38 @@ def seeded(texts: Iterable[str], seed: int) -> Iterator[str]:
 
 
 def load(calib: str, tokenizer, *, samples: int, seq_len: int, column: str = "text",
-         split: str = "train", seed: int | None = None) -> CalibSet:
+         split: str = "train", seed: int | None = None, fmt: str = "text",
+         reasoning_share: float | None = None) -> CalibSet:
     """Calibration rows (samples, seq_len) from a source, tokenized with the checkpoint's tokenizer;
-    `seed` (None: the source's first texts in order) picks another sample of its texts (`seeded`)."""
+    `seed` (None: the source's first texts in order) picks another sample of its texts (`seeded`).
+    `fmt` "chat": the source's conversations rendered through the checkpoint's chat template, `reasoning_share`
+    of them with reasoning on (`omniq.calib.chat`), recorded in the identity."""
     import torch
+
+    from omniq.calib import chat
 
     if samples < 1:
         raise OmniqError(f"--calib-samples {samples}: must be at least 1")
     if seq_len < 2:
         raise OmniqError(f"--calib-seq-len {seq_len}: must be at least 2")
+    chat.check_format(fmt, "--calib-format")
+    share = chat.check_share(reasoning_share, fmt)
+    rendered = None
+    if fmt == "chat" and calib == NVIDIA_DEFAULT:
+        raise OmniqError(f"--calib {NVIDIA_DEFAULT} renders its chat data through ModelOpt's reader already; "
+                         "--calib-format chat takes a .jsonl / .json / .parquet file or a hub dataset")
     if calib == NVIDIA_DEFAULT:
         texts, identity = nvidia_texts(tokenizer, samples)
     else:
-        texts, identity = source_texts(calib, column=column, split=split)
+        if fmt == "chat":
+            rendered = chat.start(tokenizer, share, f"--calib {calib}", column)
+        texts, identity = source_texts(calib, column=column, split=split, chat=fmt == "chat")
     if seed is not None:
         texts, identity = seeded(texts, seed), dict(identity, seed=seed)
+    if rendered is not None:
+        texts = chat.texts(texts, tokenizer, rendered, f"calibration data {identity['source']}")
     ids, used = pack(texts, tokenizer, samples, seq_len, identity["source"])
+    identity = dict(identity, **(rendered.identity() if rendered is not None else {"format": "text"}))
     rows = torch.tensor(ids, dtype=torch.int64).view(samples, seq_len)
     identity = dict(identity, samples=samples, seq_len=seq_len, texts_used=used, tokens=samples * seq_len,
                     packing="texts joined with EOS, cut into rows of seq_len tokens")

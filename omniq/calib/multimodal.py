@@ -84,7 +84,8 @@ def _sha(t) -> str:
 
 def build(ckpt, mix: dict[str, float], *, calib: str = calib_data.DEFAULT, calib_column: str = "text",
           calib_split: str = "train", samples: int = 64, seq_len: int = 256, weights=None,
-          dtype: str = "bfloat16", media_source=None) -> MultimodalSet:
+          dtype: str = "bfloat16", media_source=None, calib_format: str = "text",
+          reasoning_share: float | None = None) -> MultimodalSet:
     """The calibration batches of an Omni checkpoint for `mix` (shares of modalities). `media_source`
     (`omniq.calib.user_media.MediaSource`, from --calib-media): the user's samples instead of the bundled
     calib split, for every modality it has."""
@@ -104,7 +105,7 @@ def build(ckpt, mix: dict[str, float], *, calib: str = calib_data.DEFAULT, calib
     if budget.get("text"):
         rows_needed = max(1, math.ceil(budget["text"] / seq_len))
         text = calib_data.load(calib, tok, samples=rows_needed, seq_len=seq_len, column=calib_column,
-                               split=calib_split)
+                               split=calib_split, fmt=calib_format, reasoning_share=reasoning_share)
         top = int(text.rows.max())
         if top >= ckpt.arch.vocab_size:
             raise OmniqError(f"{ckpt.path}: the tokenizer produced token id {top} but the model's vocab_size is "

@@ -87,11 +87,12 @@ def versions() -> dict[str, str]:
 
 
 def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str | None = None,
-             calib_column: str = "text", calib_split: str = "train", calib_samples: int = 64,
+             calib_column: str | None = None, calib_split: str = "train", calib_samples: int = 64,
              calib_seq_len: int = 256, force: bool = False, allow_pickle: bool = False,
              progress: Progress | None = None, device: str = "cpu",
              calib_mix: str | None = None, expert_policy=None, calib_media: str | None = None,
-             bad_media: str = "skip", calib_seed: int | None = None) -> QuantizeResult:
+             bad_media: str = "skip", calib_seed: int | None = None, calib_format: str = "text",
+             reasoning_share: float | None = None) -> QuantizeResult:
     from omniq.calib import media, multimodal, user_media
     from omniq.export import hf_checkpoint as export
     from omniq.export import streamed
@@ -107,6 +108,11 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
 
         if not device.startswith("cuda") or not torch.cuda.is_available():
             raise OmniqError(f"--device {device}: expected cpu or cuda[:N] with a CUDA device present")
+    from omniq.calib import chat
+
+    chat.check_format(calib_format, "--calib-format")
+    chat.check_share(reasoning_share, calib_format)
+    calib_column = calib_column or (chat.COLUMN if calib_format == "chat" else "text")
     rec = resolve_recipe(recipe, kv_cache)
     ckpt = open_source(model, allow_pickle=allow_pickle)
     export.check_out(out, force=force, protect=(ckpt.path,))
@@ -144,12 +150,13 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
     if ckpt.is_omni:
         mm = multimodal.build(ckpt, mix, calib=calib, calib_column=calib_column, calib_split=calib_split,
                               samples=calib_samples, seq_len=calib_seq_len, dtype=cal.LOAD_DTYPE,
-                              media_source=own_media)
+                              media_source=own_media, calib_format=calib_format, reasoning_share=reasoning_share)
         calib_set = calib_data.CalibSet(rows=None, identity=mm.identity,
                                         sample_sha256=tuple(b.sha256 for b in mm.batches))
     else:
         calib_set = calib_data.load(calib, ckpt.tokenizer, samples=calib_samples, seq_len=calib_seq_len,
-                                    column=calib_column, split=calib_split, seed=calib_seed)
+                                    column=calib_column, split=calib_split, seed=calib_seed, fmt=calib_format,
+                                    reasoning_share=reasoning_share)
     top = int(calib_set.rows.max()) if calib_set.rows is not None else 0
     if top >= ckpt.arch.vocab_size:
         raise OmniqError(f"{ckpt.path}: the tokenizer produced token id {top} but the model's vocab_size is "

@@ -56,6 +56,7 @@ FORMATS = ("bf16", "fp8", "nvfp4", "mixed")
 MODALITIES = ("text", "image", "audio")
 GATE_KEYS = ("max_kl", "min_top1", "max_ppl_ratio")
 FLOOR_KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_ratio", "tokens")
+METRIC_KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate", "ppl_ratio", "tokens")
 
 # The floor measured on the bundled model (benchmarks/validate_figures.py, 64 x 256 tokens, worse of eval /
 # eval2), used when the run measures none (--no-noise-floor).
@@ -217,6 +218,14 @@ def side_by_side(metrics: dict, floor: dict | None, gates: Gates) -> list[dict]:
     return rows
 
 
+def section(label: str, metrics: dict, floor: dict | None, gates: Gates) -> dict:
+    """The report entry of one evaluation set (a media modality, a reasoning split): its metrics, this run's
+    floor on it, its gates side by side, and its failures prefixed with `label`."""
+    failures = [f"{label}: {f}" for f in check(metrics, gates)]
+    return {**{k: metrics[k] for k in METRIC_KEYS}, "passed": not failures, "gates": gates.as_dict(),
+            "noise_floor": floor, "gate_table": side_by_side(metrics, floor, gates), "failures": failures}
+
+
 # ----- --gates FILE.yaml ---------------------------------------------------------------------------------
 LENGTH_KEYS = ("min_length_ratio", "max_length_ratio")
 FILE_FORMAT_KEYS = ("multiplier", "min_layer_sqnr_db", *GATE_KEYS, *LENGTH_KEYS, *MODALITIES)
@@ -294,10 +303,14 @@ def load_file(path: str | os.PathLike) -> dict:
                 continue
             if not isinstance(body[m], dict):
                 raise OmniqError(f"--gates {path}: {fmt}.{m} must be a mapping of gate -> value")
-            bad = [k for k in body[m] if k not in GATE_KEYS]
+            bad = [k for k in body[m] if k not in GATE_KEYS + LENGTH_KEYS]
             if bad:
-                raise OmniqError(f"--gates {path}: unknown key {fmt}.{m}.{bad[0]}; use {', '.join(GATE_KEYS)}")
+                raise OmniqError(f"--gates {path}: unknown key {fmt}.{m}.{bad[0]}; use "
+                                 f"{', '.join(GATE_KEYS + LENGTH_KEYS)}")
             out[m] = _gate_values(body[m], f"{fmt}.{m}")
+            for key in LENGTH_KEYS:          # --generate's gate for this modality's prompts
+                if key in body[m]:
+                    out[m][key] = _number(body[m][key], f"{fmt}.{m}.{key}", 0.0, lo_open=True)
         formats[fmt] = out
     return {"path": str(p), "formats": formats}
 
@@ -310,7 +323,7 @@ def overrides_for(gates_file: dict | None, fmt: str, modality: str, flags: dict 
     body = (gates_file or {}).get("formats", {}).get(fmt)
     if body:
         o.update({k: v for k, v in body.items() if k not in MODALITIES and k not in LENGTH_KEYS})
-        o.update(body.get(modality) or {})
+        o.update({k: v for k, v in (body.get(modality) or {}).items() if k not in LENGTH_KEYS})
         sources.append(Path(gates_file["path"]).name)
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     if flags:
@@ -321,12 +334,18 @@ def overrides_for(gates_file: dict | None, fmt: str, modality: str, flags: dict 
     return o
 
 
-def length_ratio_for(gates_file: dict | None, fmt: str) -> tuple[float, float]:
-    """`--generate`'s gate on the mean generated length ratio candidate / reference for a format."""
+def length_ratio_for(gates_file: dict | None, fmt: str, modality: str = "text") -> tuple[float, float]:
+    """`--generate`'s gate on the mean generated length ratio candidate / reference for a format and the
+    prompts of one modality: the file's `<fmt>.<modality>` value, else its `<fmt>` one, else the default."""
     from omniq.validate.generate import DEFAULT_LENGTH_RATIO
 
     body = (gates_file or {}).get("formats", {}).get(fmt) or {}
-    return (body.get("min_length_ratio", DEFAULT_LENGTH_RATIO[0]), body.get("max_length_ratio", DEFAULT_LENGTH_RATIO[1]))
+    own = body.get(modality) or {}
+    lo, hi = (own.get(k, body.get(k, d)) for k, d in zip(LENGTH_KEYS, DEFAULT_LENGTH_RATIO))
+    if lo > hi:
+        raise OmniqError(f"--gates {gates_file['path']}: {fmt}.{modality} gives min_length_ratio {lo:g} above "
+                         f"max_length_ratio {hi:g}")
+    return lo, hi
 
 
 if __name__ == "__main__":      # the default gates at the bundled model's floor (README)

@@ -62,6 +62,18 @@ class Comparison:
         self.nll.append(torch.stack([-lr.gather(1, t).sum(), -lc.gather(1, t).sum()]))
         self.tokens += t.shape[0]
 
+    @classmethod
+    def merged(cls, parts: list["Comparison"]) -> "Comparison":
+        """One comparison over the tokens of several (the text set over its reasoning on / off splits)."""
+        out = cls()
+        for p in parts:
+            out.kl += p.kl
+            out.agree += p.agree
+            out.positions += p.positions
+            out.nll += p.nll
+            out.tokens += p.tokens
+        return out
+
     @property
     def nll_ref(self) -> float:
         return sum(x[0].item() for x in self.nll)

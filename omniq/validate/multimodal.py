@@ -79,22 +79,31 @@ def tower_names(artifact, modality: str) -> list[str]:
 
 
 @torch.inference_mode()
-def items(reference, candidate, modality: str, inputs: list, device="cpu") -> list:
-    """Stream items (`omniq.validate.stream.Item`) of one modality: each artifact's towers (read as one unit,
-    then released) embed every sample; the language model then runs in the layer stream."""
-    from omniq.validate.stream import KEEP_FLOAT32_BYTES, Item
+def embeds(reference, candidate, modality: str, inputs: list, device="cpu") -> dict[str, list]:
+    """{"reference": [...], "candidate": [...]}: each artifact's towers (read as one unit, then released) embed
+    every sample (the projected embeddings, one tensor per sample)."""
+    from omniq.validate.stream import KEEP_FLOAT32_BYTES
 
     cfg = reference.checkpoint.config
-    embeds: dict[str, list] = {}
+    out: dict[str, list] = {}
     for stream, art in (("reference", reference), ("candidate", candidate)):
         u = art.unit(tower_names(art, modality), device, KEEP_FLOAT32_BYTES)
         if modality == "image":
-            embeds[stream] = [towers.image_embeds(towers.vision_spec(cfg), u, x.pixels.to(device)) for x in inputs]
+            out[stream] = [towers.image_embeds(towers.vision_spec(cfg), u, x.pixels.to(device)) for x in inputs]
         else:
-            embeds[stream] = [towers.audio_embeds(towers.sound_spec(cfg), u, x.features.to(device)) for x in inputs]
+            out[stream] = [towers.audio_embeds(towers.sound_spec(cfg), u, x.features.to(device)) for x in inputs]
         del u
+    return out
+
+
+def items(reference, candidate, modality: str, inputs: list, device="cpu") -> list:
+    """Stream items (`omniq.validate.stream.Item`) of one modality: the samples embedded by each artifact's
+    towers (`embeds`); the language model then runs in the layer stream."""
+    from omniq.validate.stream import Item
+
+    embeds_ = embeds(reference, candidate, modality, inputs, device)
     return [Item(modality, x.input_ids, x.input_ids[:, x.target_start:], slice(x.target_start - 1, x.num_tokens - 1),
-                 {s: {modality: embeds[s][k]} for s in embeds})
+                 {s: {modality: embeds_[s][k]} for s in embeds_})
             for k, x in enumerate(inputs)]
 
 
@@ -102,16 +111,11 @@ def modality_report(modality: str, metrics: dict, gate, samples: int, *, noise_f
                     source=None, eval_media: str | None = None) -> dict:
     """The report entry of one media modality: metrics, this run's floor, its gates (`gate`, from that floor:
     `gates.from_floor`) side by side, failures, what was evaluated."""
-    failures = [f"{modality}: {f}" for f in gates_mod.check(metrics, gate)]
     evaluated = ({"set": eval_media, "samples": len(source.samples[modality]), "scored": "caption tokens",
                   **source.identity(modality)} if source is not None else
                  {"set": f"bundled-{modality}:eval", "samples": samples, "scored": "caption tokens",
                   **media.identity(modality, "eval")})
-    return {**{k: metrics[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate",
-                                        "ppl_ratio", "tokens")},
-            "passed": not failures, "gates": gate.as_dict(), "noise_floor": noise_floor,
-            "gate_table": gates_mod.side_by_side(metrics, noise_floor, gate), "failures": failures,
-            "eval": evaluated}
+    return {**gates_mod.section(modality, metrics, noise_floor, gate), "eval": evaluated}
 
 
 def wanted(reference, samples: int) -> tuple[list[str], list[str]]:

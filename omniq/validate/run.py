@@ -93,10 +93,49 @@ def token_rows(tokenizer, docs: Iterable[str], samples: int, seq_len: int) -> to
     return torch.stack([t[r * seq_len: r * seq_len + seq_len + 1] for r in range(rows)])
 
 
+MAX_CHAT_CONVERSATIONS = 20_000   # read at most this many conversations of a chat evaluation source
+
+
+def chat_sets(tokenizer, eval_set, column: str, split: str, share: float, samples: int, seq_len: int
+              ) -> tuple[dict[str, torch.Tensor], dict, dict[str, list[str]]]:
+    """`--eval-format chat`: the source's conversations rendered through the reference's chat template,
+    `share` of them with reasoning on (`omniq.calib.chat`), as token rows per split ({reasoning_on,
+    reasoning_off}: `samples` rows shared between them in that proportion), the eval identity and the rendered
+    prompts per split (for --generate)."""
+    import itertools
+
+    from omniq.calib import chat, data as calib_data
+
+    if eval_set is None:
+        raise OmniqError("--eval-format chat needs --eval: a .jsonl / .json / .parquet file or a hub dataset with "
+                         "a column of conversations")
+    where = f"--eval {eval_set}"
+    state = chat.start(tokenizer, share, where, column)
+    wanted = chat.split_counts(samples, share)
+    try:
+        convs, ident = calib_data.source_texts(str(eval_set), column=column, split=split, chat=True)
+        docs, prompts = chat.split(itertools.islice(convs, MAX_CHAT_CONVERSATIONS), tokenizer, state, where)
+    except OmniqError as e:   # the calibration readers' wording, for an evaluation source
+        raise OmniqError(str(e).replace("calibration data ", "--eval ", 1).replace("--calib-column / ", "")) \
+            from None
+    rows = {}
+    for name, n in wanted.items():
+        if not n:
+            continue
+        if not docs[name]:
+            raise OmniqError(f"{where}: no conversation is rendered with {name.replace('_', ' ')} "
+                             f"({sum(state.counts.values())} conversations at --reasoning-share {share:g}); "
+                             "pass more conversations or another share")
+        rows[name] = token_rows(tokenizer, docs[name], n, seq_len)
+    identity = {k: v for k, v in ident.items() if k not in ("kind",)}
+    identity.update(state.identity(), rows_per_split={k: int(v.shape[0]) for k, v in rows.items()})
+    return rows, identity, prompts
+
+
 # ----- the comparison -------------------------------------------------------------------------------------
-def text_items(rows: torch.Tensor) -> list:
-    """Stream items of the text set: batches of BATCH_ROWS rows, inputs ids[:, :-1], targets ids[:, 1:]."""
-    return [stream.Item("text", rows[s: s + BATCH_ROWS, :-1], rows[s: s + BATCH_ROWS, 1:])
+def text_items(rows: torch.Tensor, name: str = "text") -> list:
+    """Stream items of a text set: batches of BATCH_ROWS rows, inputs ids[:, :-1], targets ids[:, 1:]."""
+    return [stream.Item(name, rows[s: s + BATCH_ROWS, :-1], rows[s: s + BATCH_ROWS, 1:])
             for s in range(0, rows.shape[0], BATCH_ROWS)]
 
 
@@ -116,8 +155,14 @@ def torch_device(spec: str) -> torch.device:
     raise OmniqError(f"--device {spec}: expected cpu, cuda or cuda:N")
 
 
+def generation_bytes(reference: Artifact, candidate: Artifact) -> int:
+    """What `--generate` holds: both models' tensors in float32 at once (`generate.compare` decodes with
+    whole-model forwards, not layer-streamed)."""
+    return sum(4 * math.prod(a.logical_shape(n)) for a in (reference, candidate) for n in a.base_names)
+
+
 def preflight(reference: Artifact, candidate: Artifact, tokens: int, device: torch.device,
-              noise_floor: bool = True, batch_tokens: int | None = None) -> dict:
+              noise_floor: bool = True, batch_tokens: int | None = None, generate: int = 0) -> dict:
     """Refuse (exit 2) before reading any weight when the run cannot fit: the per-step estimate (largest
     layer of both artifacts, hidden states of every token, a logits chunk; `stream.estimate_bytes`) against
     the memory limit of this process (`omniq.memory_limit`: its cgroup, else MemAvailable), or the GPU's
@@ -137,6 +182,14 @@ def preflight(reference: Artifact, candidate: Artifact, tokens: int, device: tor
                          f"{est['hidden_states_bytes'] / 2**30:.2f} GiB) but {have / 2**30:.2f} GiB is available "
                          f"({source}); pass fewer --samples / a shorter --seq-len"
                          + ("" if not noise_floor else " or --no-noise-floor") + ", or run where more memory is")
+    if generate:
+        gen = generation_bytes(reference, candidate)
+        est["generation_bytes"] = gen
+        if device.type in ("cpu", "cuda") and gen > have:
+            raise OmniqError(f"--generate {generate} holds both models in float32 ({gen / 2**30:.2f} GiB; "
+                             f"generation is not layer-streamed) but {have / 2**30:.2f} GiB is available "
+                             f"({source}); drop --generate (the layer-streamed metrics need "
+                             f"{need / 2**30:.2f} GiB) or run where more memory is")
     return est
 
 
@@ -168,7 +221,7 @@ def _sqnr_by_role(reference: Artifact, sqnr: dict[str, float]) -> dict[str, dict
     return {role: {"min": min(v), "median": statistics.median(v), "layers": len(v)} for role, v in by_role.items()}
 
 
-METRIC_KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate", "ppl_ratio", "tokens")
+METRIC_KEYS = gates_mod.METRIC_KEYS
 NOISE_FLOOR_KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_ratio", "tokens")
 
 
@@ -177,27 +230,51 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
              max_ppl_ratio: float | None = None, report_path=None, positions: bool = False,
              progress: Progress | None = None, media_samples: int | None = None, device: str = "cpu",
              noise_floor: bool = True, eval_media: str | None = None, bad_media: str = "skip", gates_file=None,
-             generate: int = 0, max_new_tokens: int = generate_mod.DEFAULT_MAX_NEW_TOKENS) -> dict:
+             generate: int = 0, max_new_tokens: int = generate_mod.DEFAULT_MAX_NEW_TOKENS,
+             eval_format: str = "text", reasoning_share: float | None = None, eval_column: str | None = None,
+             eval_split: str = "train") -> dict:
     """Read both checkpoints from their files, layer by layer, compare next-token distributions (and the
     reference's BF16-engine noise floor), apply the gates.
 
     The gates come from the noise floor measured on the same rows (`gates.from_floor`; `noise_floor=False`:
     the bundled model's constant floor), the `gates_file` (`gates.load_file`) and the flags, in that order.
     Returns the report (and writes it to `report_path` when given); `report["passed"]` says whether every
-    gate held. Raises OmniqError (exit 2) for input that cannot be compared or a run that cannot fit."""
+    gate held. Raises OmniqError (exit 2) for input that cannot be compared or a run that cannot fit.
+    `eval_format` "chat": the evaluation text is `eval_set`'s conversations rendered through the reference's
+    chat template (`chat_sets`), scored and gated per reasoning split (`report["reasoning"]`) and together."""
+    from omniq.calib import chat
     from omniq.validate import multimodal
 
     t0 = time.perf_counter()
     dev = torch_device(device)
     cand_path = Path(candidate)
     binding.check_target(report_path, cand_path if cand_path.is_dir() else str(candidate))
+    chat.check_format(eval_format, "--eval-format")
+    share = chat.check_share(reasoning_share, eval_format)
+    if eval_column is not None and eval_format != "chat":
+        raise OmniqError("--eval-column applies to --eval-format chat (a text --eval is a .txt or a .jsonl with "
+                         "a \"text\" field)")
     gfile = gates_mod.load_file(gates_file) if gates_file is not None else None
     flags = {"max_kl": max_kl, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio}
     ref = read_artifact(reference)
     cand = read_artifact(candidate)
     check_same_model(ref, cand)
-    label, docs = eval_texts(eval_set)
-    rows = token_rows(ref.tokenizer, docs, samples, seq_len)
+    splits, chat_identity, chat_prompts, docs = {}, None, None, []
+    if eval_format == "chat":
+        splits, chat_identity, chat_prompts = chat_sets(ref.tokenizer, eval_set, eval_column or chat.COLUMN, eval_split,
+                                                share, samples, seq_len)
+        label = str(eval_set)
+        rows = torch.cat(list(splits.values()))
+        if generate:        # the first prompts of each split, `generate` shared between them as the rows are
+            want = chat.split_counts(generate, share, "--generate")
+            short = [s for s, k in want.items() if len(chat_prompts[s]) < k]
+            if short:
+                raise OmniqError(f"--generate {generate}: --eval {eval_set} has only {len(chat_prompts[short[0]])} "
+                                 f"conversations with {short[0].replace('_', ' ')}; pass fewer prompts")
+            chat_prompts = {s: chat_prompts[s][:k] for s, k in want.items() if k}
+    else:
+        label, docs = eval_texts(eval_set)
+        rows = token_rows(ref.tokenizer, docs, samples, seq_len)
     n_media = multimodal.DEFAULT_MEDIA_SAMPLES if media_samples is None else media_samples
     modalities, mm_warnings = multimodal.wanted(ref, n_media)
     source, skipped = multimodal.user_source(ref, eval_media, n_media, bad_media)
@@ -206,14 +283,16 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
                     for m in modalities}
     tokens = rows.shape[0] * (rows.shape[1] - 1) + sum(x.num_tokens for v in media_inputs.values() for x in v)
     batch_tokens = max([BATCH_ROWS * (rows.shape[1] - 1)] + [x.num_tokens for v in media_inputs.values() for x in v])
-    memory = preflight(ref, cand, tokens, dev, noise_floor, batch_tokens)
+    memory = preflight(ref, cand, tokens, dev, noise_floor, batch_tokens, generate)
 
     t_eval = time.perf_counter()
-    items = text_items(rows)
+    items = [it for name, r in splits.items() for it in text_items(r, name)] if splits else text_items(rows)
     for m, inputs in media_inputs.items():
         items += multimodal.items(ref, cand, m, inputs, dev)
     kv_amax: dict = {}
     outcome = stream.run(ref, cand, items, device=dev, noise_floor=noise_floor, progress=progress, kv_amax=kv_amax)
+    if splits:
+        outcome.merge("text", list(splits))
     by_set, sqnr, changed = outcome.summary(positions)
     eval_seconds = time.perf_counter() - t_eval
     metrics = by_set["text"]["candidate"]
@@ -233,18 +312,28 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
         by_modality[m] = multimodal.modality_report(
             m, by_set[m]["candidate"], gate_of(m, own), n_media, noise_floor=own,
             source=multimodal.own_source(source, m), eval_media=eval_media)
-    if by_modality:
+    # --eval-format chat: each reasoning split gated on its own floor (never below the text set's), like a modality
+    by_split = {}
+    for name in splits:
+        own = {k: by_set[name]["noise_floor"][k] for k in NOISE_FLOOR_KEYS} if noise_floor else None
+        g = gates_mod.from_floor(gates_mod.at_least(own, floor), fmt,
+                                 gates_mod.overrides_for(gfile, fmt, "text", flags))
+        by_split[name] = gates_mod.section(name.replace("_", " "), by_set[name]["candidate"], own, g)
+    if by_modality or by_split:
         failures = [f"text: {f}" for f in failures]
     text_failures = list(failures)
     layer_failures = gates_mod.check_layers(sqnr, {n: q.weight_format for n, q in cand.quantized.items()}, gate)
     layer_failures += gates_mod.check_kv(kv_amax, cand.kv_scales)
     failures += layer_failures
-    for m in by_modality.values():
+    for m in [*by_split.values(), *by_modality.values()]:
         failures += m["failures"]
     generation = None
     if generate:
         generation = generate_mod.compare(ref, cand, docs, generate, max_new_tokens,
-                                          gates_mod.length_ratio_for(gfile, fmt))
+                                          gates_mod.length_ratio_for(gfile, fmt), media=media_inputs,
+                                          media_length_ratio={m: gates_mod.length_ratio_for(gfile, fmt, m)
+                                                              for m in media_inputs},
+                                          chat_prompts=chat_prompts)
         failures += generation["failures"]
     warnings = ref.warnings + cand.warnings + mm_warnings
     if changed:
@@ -257,6 +346,7 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
         "gates": gate.as_dict(),
         "noise_floor": floor,
         "gate_table": {"text": gates_mod.side_by_side(metrics, floor, gate),
+                       **{m: v["gate_table"] for m, v in by_split.items()},
                        **{m: v["gate_table"] for m, v in by_modality.items()}},
         "gates_file": gfile,
         "failures": failures,
@@ -267,7 +357,8 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
         "layer_formats": cand.format_counts(),
         "reference": str(ref.path),
         "candidate": str(cand.path),
-        "eval": {"set": label, "rows": int(rows.shape[0]), "seq_len": int(rows.shape[1] - 1)},
+        "eval": {"set": label, "rows": int(rows.shape[0]), "seq_len": int(rows.shape[1] - 1),
+                 **(chat_identity if chat_identity is not None else {"format": "text"})},
         "layers_sqnr": sqnr,
         "sqnr_by_role": _sqnr_by_role(ref, sqnr),
         "unquantized_changed": changed,
@@ -283,6 +374,9 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
         report["modalities"] = {"text": {**text, "passed": not text_failures, "gates": gate.as_dict(),
                                          "noise_floor": floor, "failures": text_failures, "eval": report["eval"]},
                                 **by_modality}
+    if by_split:
+        report["reasoning"] = {"share": share, "conversations": chat_identity["conversations"],
+                               **{name[len("reasoning_"):]: v for name, v in by_split.items()}}
     if positions:
         report["positions"] = metrics["positions"]
     if generation is not None:
@@ -325,7 +419,8 @@ def summary_table(report: dict):
              "top1_agreement": ("top-1 agreement", lambda v: f"{100 * v:.2f} %", ">= {:.2%}"),
              "ppl_ratio": ("perplexity ratio", lambda v: f"{v:.4f}", "<= {:.4f}")}
     for modality, rows in (report.get("gate_table") or {}).items():
-        shown_set = modality if modality == "text" else f"{modality}+text"       # the media sets are captioned
+        shown_set = (modality if modality == "text" else modality.replace("_", " ") if modality.startswith("reasoning_")
+                     else f"{modality}+text")       # the media sets are captioned
         prefix = "" if modality == "text" and len(report["gate_table"]) == 1 else f"{shown_set}: "
         for r in rows:
             label, fmt, gate_fmt = shown[r["metric"]]
@@ -347,9 +442,13 @@ def summary_table(report: dict):
                 table.add_row(f"generation: {k.replace('_', ' ')} tokens", "", f"{100 * gen[k]:.0f} %", "", "")
         table.add_row("generation: EOS within budget, ref / cand", "",
                       f"{100 * gen['eos_rate_reference']:.0f} % / {100 * gen['eos_rate_candidate']:.0f} %", "", "")
-        g = gen["gates"]
-        table.add_row("generation: mean length ratio", "", f"{gen['length_ratio']:.3f}",
-                      f"{g['min_length_ratio']:g}-{g['max_length_ratio']:g}", ok if gen["passed"] else bad)
+        parts = [("", gen), *((f" (reasoning {k})", v) for k, v in (gen.get("reasoning") or {}).items()),
+                 *((f" ({m}+text prompts)", v) for m, v in (gen.get("modalities") or {}).items())]
+        for label, s in parts:
+            g = s["gates"]
+            table.add_row(f"generation{label}: mean length ratio", "", f"{s['length_ratio']:.3f}",
+                          f"{g['min_length_ratio']:g}-{g['max_length_ratio']:g}",
+                          ok if g["min_length_ratio"] <= s["length_ratio"] <= g["max_length_ratio"] else bad)
     for name, b in (report.get("positions") or {}).items():
         table.add_row(f"positions {name}: KL / top-1", "",
                       f"{b['kl_mean']:.3g} / {100 * b['top1_agreement']:.1f} %", "", "")

@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from omniq.heap import give_back
 from omniq.model import forward, omni
 from omniq.validate.artifact import (Artifact, bf16_compute_hooks, changed_unquantized, unquantized_names)
 from omniq.validate.metrics import Comparison, log_probs, sqnr_from_sums, sqnr_sums
@@ -66,6 +67,11 @@ class Outcome:
     sqnr: dict[str, torch.Tensor]
     changed: dict[str, torch.Tensor]
     changed_elsewhere: dict[str, float]
+
+    def merge(self, into: str, sets: list[str]) -> None:
+        """Add set `into` holding every token of `sets` (which stay as they are), per stream."""
+        parts = [self.comparisons[s] for s in sets if s in self.comparisons]
+        self.comparisons[into] = {k: Comparison.merged([p[k] for p in parts]) for k in parts[0]}
 
     def summary(self, positions: bool = False) -> dict:
         """{set: {stream: metrics}}, {module: SQNR dB}, {tensor: largest difference}: host numbers."""
@@ -219,6 +225,7 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
         if noise_floor:
             hidden["noise_floor"].append(hidden["reference"][-1])
     del ref_u, cand_u
+    give_back()
     done += 1
     if progress is not None:
         progress(done, steps)
@@ -226,6 +233,8 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
     # decoder layers
     for i in range(arch.num_layers):
         _layer_step(reference, candidate, i, hidden, device, diagnose, kv_amax)
+        if reference.unit_bytes(layer_names(reference, i)) > KEEP_FLOAT32_BYTES:
+            give_back()                          # a large layer's freed pages, not kept by the allocator
         done += 1
         if progress is not None:
             progress(done, steps)
@@ -260,6 +269,7 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
                 lc = log_probs(forward.lm_head(arch, u, flat[s][sl], linear))
                 by[s].add_log_probs(lr, lc, t[sl], pos[sl], pr)
     del ref_u, cand_u, heads
+    give_back()
     done += 1
     if progress is not None:
         progress(done, steps)

@@ -113,6 +113,22 @@ def test_preflight_refuses_before_reading_weights(artifacts, monkeypatch, capsys
     assert not [n for n in read if n.endswith(".weight")]          # only the scales were read
 
 
+def test_generate_is_refused_when_both_float32_models_do_not_fit(artifacts, monkeypatch, capsys):
+    """--generate decodes with whole-model forwards: its own figure (both models in float32) is checked
+    before any weight is read, beside the streamed one."""
+    from omniq.validate import run as run_mod
+
+    ref, cand = read_artifact("tiny"), read_artifact(artifacts["fp8"])
+    gen = run_mod.generation_bytes(ref, cand)
+    assert gen == 8 * sum(int(torch.tensor(ref.logical_shape(n)).prod()) for n in ref.base_names)
+    monkeypatch.setattr(memory_limit, "available_bytes", lambda *a, **kw: 8 * 2**30)
+    monkeypatch.setattr(memory_limit, "limit_source", lambda *a, **kw: "cgroup v1 /fake")
+    monkeypatch.setattr(run_mod, "generation_bytes", lambda r, c: 9 * 2**30)     # a model too big to decode
+    code = main(["validate", "tiny", str(artifacts["fp8"]), "--samples", "2", "--seq-len", "32", "--generate", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--generate 2" in err and "9.00 GiB" in err, err
+
+
 def test_device_cuda_without_cuda_is_refused(artifacts, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -1,0 +1,26 @@
+"""Give freed memory back to the operating system between layers.
+
+Both layer-streamed commands allocate and free a decoder layer's tensors (tens of MB each) once per layer.
+glibc serves blocks of that size from its heap once its dynamic mmap threshold has grown past them, and keeps
+freed heap pages: measured on a real-width `MEM*E` checkpoint, validate's anonymous RSS grew by the size of
+each MoE layer it had released (1.7 -> 5.5 -> 9.5 GiB over two MoE layers) and with `malloc_trim` after each
+layer stayed at 1.7 GiB (and ran 2x faster). The process's RSS is what its cgroup limit counts.
+"""
+
+from __future__ import annotations
+
+
+def give_back(collect: bool = False) -> None:
+    """Return free heap pages to the OS (`malloc_trim(0)`, well under a millisecond; a no-op without glibc).
+    `collect`: run the cycle collector first (0.2 s or more in a process that imported transformers and
+    ModelOpt; quantize needs it, its layer shells hold reference cycles; validate's tensors are freed by
+    reference counting)."""
+    import ctypes
+    import gc
+
+    if collect:
+        gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
