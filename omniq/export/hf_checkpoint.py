@@ -50,7 +50,8 @@ from omniq.model import names
 from omniq.model.arch import Arch
 from omniq.model.checkpoint import Checkpoint, TensorReader, read_rows, read_safetensors_header
 from omniq.quiet import quiet
-from omniq.quant.plan import NVFP4_GROUP, LayerPlan
+from omniq.quant import formats as qformats
+from omniq.quant.plan import LayerPlan
 
 Progress = Callable[[str, int, int], None]
 SHARD_SIZE = "5GB"
@@ -235,17 +236,13 @@ def expected_tensors(plan: LayerPlan, towers: dict[str, Expected] | None = None)
         out[t.name] = Expected("F32" if t.dtype == "F32" else "BF16", t.shape, "passthrough")
     for w, lin in quantized_weights.items():
         fmt = plan.formats[lin.name]
-        o, i = lin.out_features, lin.in_features
-        if fmt == "fp8":
-            out[w] = Expected("F8_E4M3", (o, i), "weight", fmt)
-            out[f"{lin.name}.weight_scale"] = Expected("F32", (), "scale", fmt)
-        elif fmt == "nvfp4":
-            out[w] = Expected("U8", (o, i // 2), "weight", fmt)
-            out[f"{lin.name}.weight_scale"] = Expected("F8_E4M3", (o, i // NVFP4_GROUP), "scale", fmt)
-            out[f"{lin.name}.weight_scale_2"] = Expected("F32", (), "scale", fmt)
-        out[f"{lin.name}.input_scale"] = Expected("F32", (), "scale", fmt)
+        f, shape = qformats.FORMATS[fmt], (lin.out_features, lin.in_features)
+        out[w] = Expected(f.weight_dtype, f.stored_shape(shape), "weight", fmt)
+        for c in f.scales:                        # as the format stores them: weight scales, then input_scale
+            out[f"{lin.name}.{c.suffix}"] = Expected(c.dtype, c.shape(shape), "scale", fmt)
+    kv_dtype = qformats.KV_CACHE[0].dtype             # K and V scales alike
     for name in plan.kv_scale_tensors:
-        out[name] = Expected("F32", (), "kv_scale", plan.kv_cache)
+        out[name] = Expected(kv_dtype, (), "kv_scale", plan.kv_cache)
     return out
 
 
@@ -274,8 +271,6 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
     """Check the written tensors against the plan and the source; returns per-format counts."""
     import torch
     from safetensors import safe_open
-
-    from omniq.quant import formats
 
     expected = expected_tensors(plan, tower_tensors(ckpt))
     found = _headers(final)
@@ -325,11 +320,11 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
         n_rows = expected[name].shape[0]
         rows = torch.linspace(0, n_rows - 1, min(n_rows, CHECK_ROWS)).round().long().unique().tolist()
         src = source.rows(name, rows)
-        if fmt == "fp8":
-            deq = formats.fp8_dequantize(rows_of(name, rows), get(f"{module}.weight_scale"))
-        else:
-            deq = formats.nvfp4_dequantize(rows_of(name, rows), rows_of(f"{module}.weight_scale", rows),
-                                           get(f"{module}.weight_scale_2"), src.shape[-1])
+        f = qformats.FORMATS[fmt]
+        tensors = {"weight": rows_of(name, rows)}
+        for c in f.weight_scales:                  # per-block scales: the same rows; per-tensor ones whole
+            tensors[c.suffix] = rows_of(f"{module}.{c.suffix}", rows) if c.block else get(f"{module}.{c.suffix}")
+        deq = f.dequantize(tensors, src.shape[-1])
         err = _relative_error(deq, src)
         if not err <= MAX_WEIGHT_ERROR[fmt]:
             problems.append(f"{name} ({fmt}) dequantizes to relative error {err:.3f} against its source weight")
