@@ -10,7 +10,7 @@ models: tests/export/test_quantize_streamed.py against tests/data/golden/quantiz
    checkpoint's config, in bf16, with omniq's Mamba forward (`calibrate.patch_mamba_mixers`). Its module tree
    gives ModelOpt the module names and classes it knows; a layer's parameters are materialized from the
    safetensors shards (shard handles kept open; routed experts copied in place into transformers' fused 3-D tensors,
-   the router weight in F32 as `calibrate.restore_router_fp32` does, buffers in their stored dtype) when that
+   the router weight in F32 as NVIDIA stores it, buffers in their stored dtype) when that
    layer is calibrated, and dropped after it is written.
 2. Inputs: every calibration batch runs through the skeleton's own `forward` once with each decoder block
    replaced by a probe that records the block's keyword arguments (transformers' causal / Mamba masks,
