@@ -54,7 +54,6 @@ import errno
 import io
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,8 +456,9 @@ def output_layout(plan) -> dict:
     position = {t.name: k for k, t in enumerate(plan.arch.tensors)}
 
     def key(name):
-        m = re.search(r"backbone\.layers\.(\d+)\.", name)
-        layer = int(m.group(1)) if m else (-1 if "embeddings" in name else 1 << 30)
+        layer = plan.arch.layer_index(name)
+        if layer is None:
+            layer = -1 if name == plan.arch.embedding_weight else 1 << 30
         module = name.rsplit(".", 1)[0]
         return layer, position.get(name, position.get(module + ".weight", 1 << 30)), name
 

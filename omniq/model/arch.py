@@ -140,16 +140,36 @@ class Arch:
     def layer_prefix(self, i: int) -> str:
         return f"{self.prefix}backbone.layers.{i}"
 
+    def layer_index(self, name: str) -> int | None:
+        """The decoder layer a tensor or module name belongs to (None: outside the decoder layers)."""
+        head = f"{self.prefix}backbone.layers."
+        i = name[len(head):].split(".", 1)[0] if name.startswith(head) else ""
+        return int(i) if i.isdigit() else None
+
     @property
     def embedding_weight(self) -> str:
         """The token embeddings' tensor, before the decoder layers."""
         return f"{self.prefix}backbone.embeddings.weight"
 
     @property
+    def norm_f(self) -> str:
+        """The final norm's weight, after the decoder layers."""
+        return f"{self.prefix}backbone.norm_f.weight"
+
+    @property
+    def lm_head(self) -> str:
+        """The output projection's module (its weight is the embeddings' when they are tied)."""
+        return f"{self.prefix}lm_head"
+
+    @property
+    def head_weight(self) -> str:
+        """The tensor the output projection multiplies by: lm_head's weight, or the tied embeddings."""
+        return self.embedding_weight if self.tie_word_embeddings else f"{self.lm_head}.weight"
+
+    @property
     def final_tensors(self) -> list[str]:
         """The tensors after the decoder layers: the final norm and (untied) lm_head."""
-        return [f"{self.prefix}backbone.norm_f.weight"] + ([] if self.tie_word_embeddings
-                                                             else [f"{self.prefix}lm_head.weight"])
+        return [self.norm_f] + ([] if self.tie_word_embeddings else [self.head_weight])
 
     # ----- linear layers ------------------------------------------------------------------------------
     @cached_property

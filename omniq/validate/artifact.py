@@ -144,13 +144,11 @@ class Artifact:
     @cached_property
     def names_by_layer(self) -> dict[int, list[str]]:
         """Decoder layer index -> its base tensors, in file order."""
-        p = f"{self.arch.prefix}backbone.layers."
         out: dict[int, list[str]] = {}
         for n in self.base_names:
-            if n.startswith(p):
-                i = n[len(p):].split(".", 1)[0]
-                if i.isdigit():
-                    out.setdefault(int(i), []).append(n)
+            i = self.arch.layer_index(n)
+            if i is not None:
+                out.setdefault(i, []).append(n)
         return out
 
     def logical_shape(self, name: str) -> tuple[int, ...]:

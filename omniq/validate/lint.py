@@ -131,7 +131,7 @@ class Seen:
 
     @cached_property
     def lm_head(self) -> str:
-        return f"{self.arch.prefix}lm_head"
+        return self.arch.lm_head
 
     @cached_property
     def llm_linears(self) -> dict[str, object]:
