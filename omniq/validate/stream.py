@@ -26,6 +26,7 @@ fused q/k/v scales, FP8 KV cache) that no library model applies to an exported c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,6 +39,7 @@ from omniq.validate.metrics import Comparison, log_probs, sqnr_from_sums, sqnr_s
 BATCH_ROWS = 8                     # rows per forward batch inside a layer
 LOGITS_CHUNK_BYTES = 256 * 2**20   # float64 log-probabilities of one chunk, both models
 KEEP_FLOAT32_BYTES = 64 * 2**20    # a layer smaller than this in float32 keeps its dequantized matrices
+KEEP_ALL = math.inf                # the embedding and head steps keep theirs (converted once, not per batch)
 STREAMS = ("reference", "noise_floor", "candidate")
 
 Progress = Callable[[int, int], None]
@@ -109,15 +111,18 @@ def estimate_bytes(reference: Artifact, candidate: Artifact, tokens: int, with_n
     in_proj output and scan blocks, the routed experts' inputs) and a logits chunk."""
     arch = reference.arch
 
-    def step(art: Artifact, names: list[str]) -> int:
+    def step(art: Artifact, names: list[str], keep_all: bool = False) -> int:
         stored = art.unit_bytes(names)
         f32 = [4 * _numel(art.logical_shape(n)) for n in names]
+        if keep_all:             # embedding / head: float32 kept once (counted for both, shared or not)
+            return stored + sum(f32)
         kept = sum(f32) if sum(f32) < KEEP_FLOAT32_BYTES else 0
         return stored + kept + 3 * (max(f32) if f32 else 0)
 
-    steps = [embedding_names(reference), head_names(reference), tower_names(reference)]
-    steps += [layer_names(reference, i) for i in range(arch.num_layers)]
-    largest = max(step(reference, s) + step(candidate, s) for s in steps if s)
+    kept_steps = [embedding_names(reference), head_names(reference)]
+    steps = [tower_names(reference)] + [layer_names(reference, i) for i in range(arch.num_layers)]
+    largest = max([step(reference, s, True) + step(candidate, s, True) for s in kept_steps if s]
+                  + [step(reference, s) + step(candidate, s) for s in steps if s])
     n_streams = 3 if with_noise_floor else 2
     hidden = n_streams * tokens * arch.hidden_size * 4
     bt = min(tokens, batch_tokens or tokens)
@@ -188,11 +193,14 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
             if module in candidate.quantized:
                 sqnr[module] = sqnr_sums(ref_u[n], cand_u[n])
         for n in unquantized_names(reference, candidate, names):
+            if ref_u[n] is cand_u[n]:          # shared: the same stored bytes (`share_identical`)
+                continue
             changed[n] = (ref_u[n] - cand_u[n]).abs().max() if ref_u[n].numel() else ref_u[n].new_zeros(())
 
     # embeddings: every row's input (media embeddings spliced in)
     names = embedding_names(reference)
-    ref_u, cand_u = reference.unit(names, device), candidate.unit(names, device)
+    ref_u, cand_u = reference.unit(names, device, KEEP_ALL), candidate.unit(names, device, KEEP_ALL)
+    cand_u.share_identical(ref_u)
     diagnose(ref_u, cand_u, names)
     tokens = omni.context_tokens(reference.checkpoint.config, reference.tokenizer) if any(
         it.media for it in items) else None
@@ -222,7 +230,8 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
 
     # final norm, lm_head, scores in chunks of tokens
     names = head_names(reference)
-    ref_u, cand_u = reference.unit(names, device), candidate.unit(names, device)
+    ref_u, cand_u = reference.unit(names, device, KEEP_ALL), candidate.unit(names, device, KEEP_ALL)
+    cand_u.share_identical(ref_u)
     diagnose(ref_u, cand_u, names)
     heads = {"reference": (ref_u, forward.plain_linear(ref_u)),
              "noise_floor": (ref_u, bf16_compute_hooks(ref_u)[0]),

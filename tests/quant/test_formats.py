@@ -144,3 +144,67 @@ def test_fast_e2m1_rounding_equals_the_codes():
     noise = torch.randn(20000, generator=torch.Generator().manual_seed(5)) * 3
     for x in (grid, noise):
         assert torch.equal(fm.e2m1_round(x), fm.e2m1_decode(fm.e2m1_encode(x)) + 0.0)   # + 0.0: -0 == 0
+
+
+def test_export_packs_nvfp4_with_omniq_arithmetic_bit_identically(modelopt, monkeypatch):
+    """streamed.omniq_packing: ModelOpt's export step `to_quantized_weight` runs omniq's packing for
+    NVFP4 (stacked experts with one global scale each included), with ModelOpt's own result."""
+    from modelopt.torch.export import unified_export_hf as ue
+
+    from omniq.export import streamed
+    from omniq.quant.formats import nvfp4
+
+    NVFP4QTensor, to_quantized_weight = modelopt
+    calls = []
+    real_pack = nvfp4.nvfp4_pack
+    monkeypatch.setattr(nvfp4, "nvfp4_pack", lambda *a, **k: calls.append(1) or real_pack(*a, **k))
+    w = _weights(torch.bfloat16)
+    stacked = torch.stack([w, w * 3])
+    for weight in (w, stacked):
+        ws2 = (weight.float().abs().amax(dim=(-2, -1)) / (6 * 448)) if weight.dim() == 3 else \
+            fm.nvfp4_global_scale(weight.float().abs().amax())
+        ws = NVFP4QTensor.get_weights_scaling_factor(weight, 16, ws2.view(-1, 1, 1) if ws2.dim() else ws2)[0]
+        theirs = to_quantized_weight(weight, ws, "nvfp4", ws2, 16)
+        with streamed.omniq_packing():
+            assert ue.to_quantized_weight is not to_quantized_weight
+            mine = ue.to_quantized_weight(weight, ws, "nvfp4", ws2, 16)
+        assert torch.equal(mine, theirs)
+    assert ue.to_quantized_weight is to_quantized_weight and len(calls) == 2
+
+
+def test_nvfp4_pack_in_row_chunks_is_the_same_as_at_once():
+    w = torch.stack([_weights(torch.bfloat16), _weights(torch.bfloat16) * 5])
+    ws2 = w.float().abs().amax(dim=(-2, -1)) / (6 * 448)
+    ws = torch.stack([fm.nvfp4_block_scales(w[e], ws2[e]) for e in range(2)])
+    whole = nvfp4_pack_at_once(w, ws, ws2)
+    for chunk in (1, 128, 1000, 1 << 24):
+        assert torch.equal(fm.nvfp4_pack(w, ws, ws2, chunk_elements=chunk), whole)
+    one = fm.nvfp4_quantize(w[1], ws2[1])
+    assert torch.equal(fm.nvfp4_pack(w[1], one.weight_scale, ws2[1], chunk_elements=300), one.weight)
+
+
+def nvfp4_pack_at_once(w, ws, ws2):
+    from omniq.quant.formats.nvfp4 import _blocks, e2m1_encode, pack_e2m1
+
+    scaled = _blocks(w.float(), 16) / (ws.float() * ws2.reshape(-1, 1, 1)).unsqueeze(-1)
+    return pack_e2m1(e2m1_encode(scaled.flatten(-2)))
+
+
+def test_export_fp8_in_chunks_is_modelopts_division(modelopt):
+    from modelopt.torch.export import unified_export_hf as ue
+
+    from omniq.export import streamed
+
+    _, to_quantized_weight = modelopt
+    w = _weights(torch.bfloat16)
+    stacked = torch.stack([w, w * 3, w / 7])
+    cases = [(w, w.float().abs().amax() / 448),
+             (stacked, (stacked.float().abs().amax(dim=(-2, -1)) / 448).reshape(3, 1)),      # per expert
+             (stacked, stacked.float().abs().amax(dim=-1) / 448)]                            # per expert row
+    for weight, scale in cases:
+        theirs = to_quantized_weight(weight, scale, "fp8")
+        with streamed.omniq_packing():
+            mine = ue.to_quantized_weight(weight, scale, "fp8")
+        assert mine.dtype == torch.float8_e4m3fn and torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8))
+    assert torch.equal(streamed._fp8_in_chunks(w, cases[0][1], chunk_elements=200).view(torch.uint8),
+                       to_quantized_weight(w, cases[0][1], "fp8").view(torch.uint8))

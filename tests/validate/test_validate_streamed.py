@@ -73,6 +73,33 @@ def test_estimate_counts_the_largest_layer_of_both_and_the_hidden_states(pair):
     assert stream.estimate_bytes(ref, cand, 1000, with_noise_floor=False)["hidden_states_bytes"] == 2 * 1000 * 256 * 4
 
 
+def test_embedding_and_head_are_converted_once_and_shared_when_identical(pair, monkeypatch):
+    """The embedding and head steps keep one float32 form per artifact (converted once, not per batch or
+    logits chunk), and the candidate's never-quantized embedding / lm_head uses the reference's (same stored
+    bytes): at the real width that is one 1.4 GB float32 matrix instead of one per stream and chunk."""
+    ref, cand = pair
+    names = stream.head_names(ref)
+    r = ref.unit(names, "cpu", stream.KEEP_ALL)
+    c = cand.unit(names, "cpu", stream.KEEP_ALL)
+    head = f"{ref.arch.prefix}lm_head.weight"
+    assert head in c.share_identical(r)
+    assert c[head] is r[head] and r[head] is r[head]            # one float32 tensor, kept
+    conversions = []
+    real = artifact_mod.Artifact.dequantize
+
+    def counting(self, name, stored):
+        conversions.append(name)
+        return real(self, name, stored)
+
+    monkeypatch.setattr(artifact_mod.Artifact, "dequantize", counting)
+    stream.run(ref, cand, text_items(_rows(ref, 10)))           # 2 batches, several logits chunks per stream
+    for name in (head, f"{ref.arch.prefix}backbone.embeddings.weight"):
+        assert conversions.count(name) == 1, (name, conversions.count(name))
+    # a different head is not shared: the estimate counts both float32 copies
+    est = stream.estimate_bytes(ref, cand, tokens=1000)
+    assert est["largest_step_bytes"] >= 2 * 4 * ref.arch.vocab_size * ref.arch.hidden_size
+
+
 def test_preflight_refuses_before_reading_weights(artifacts, monkeypatch, capsys):
     monkeypatch.setattr(memory_limit, "available_bytes", lambda *a, **kw: 10 * 2**20)
     monkeypatch.setattr(memory_limit, "limit_source", lambda *a, **kw: "cgroup v1 /fake")

@@ -125,9 +125,34 @@ def nvfp4_quantize(w: torch.Tensor, weight_scale_2: torch.Tensor | None = None,
         weight_scale_2 = nvfp4_global_scale(w.abs().amax().float())
     weight_scale_2 = torch.as_tensor(weight_scale_2, dtype=torch.float32).reshape(())
     weight_scale = nvfp4_block_scales(w, weight_scale_2, block)
-    scaled = _blocks(w.float(), block) / (weight_scale.float() * weight_scale_2).unsqueeze(-1)
-    codes = e2m1_encode(scaled.flatten(-2))
-    return NVFP4Weight(pack_e2m1(codes), weight_scale, weight_scale_2)
+    return NVFP4Weight(nvfp4_pack(w, weight_scale, weight_scale_2, block), weight_scale, weight_scale_2)
+
+
+def nvfp4_pack(w: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor,
+               block: int = NVFP4_BLOCK, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """The packed E2M1 codes (uint8 [..., n/2]) of `w` under given block scales and global scale(s), as
+    ModelOpt's `NVFP4QTensor.quantize` computes them (each value divided in float32 by its block's scale
+    times the global scale, rounded to E2M1 ties to even, two codes per byte). A `weight_scale_2` with one
+    value per stacked expert broadcasts over that leading dimension. Rows are packed `chunk_elements` at a
+    time, so the float32 temporaries stay at about 0.3 GB whatever the tensor (a fused real-width expert stack
+    is 128 x 1856 x 2688: 2.55 GB in float32 per temporary if done at once)."""
+    w = w.detach()
+    n = w.shape[-1]
+    ws2 = torch.as_tensor(weight_scale_2, dtype=torch.float32, device=w.device)
+    rows = w.reshape(-1, n)
+    scales = weight_scale.reshape(rows.shape[0], -1)
+    if ws2.dim() and ws2.numel() > 1:          # one global scale per stacked expert: repeat it per row
+        per_row = ws2.reshape(-1, 1).expand(-1, rows.shape[0] // ws2.numel()).reshape(-1, 1)
+    else:
+        per_row = ws2.reshape(1, 1)
+    out = torch.empty((rows.shape[0], (n + (-n) % block) // 2), dtype=torch.uint8, device=w.device)
+    step = max(1, chunk_elements // max(n, 1))
+    for a in range(0, rows.shape[0], step):
+        r = slice(a, a + step)
+        g = per_row if per_row.shape[0] == 1 else per_row[r]
+        scaled = _blocks(rows[r].float(), block) / (scales[r].float() * g).unsqueeze(-1)
+        out[r] = pack_e2m1(e2m1_encode(scaled.flatten(-2)))
+    return out.reshape(*w.shape[:-1], -1)
 
 
 def nvfp4_dequantize(packed: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor,
