@@ -60,9 +60,6 @@ def validate(
     no_noise_floor: bool = typer.Option(False, "--no-noise-floor", help="Skip measuring this run's noise floor (the third stream, about a third less time); the gates then come from the bundled model's floor."),
 ):
     """Compare a quantized artifact with its BF16 reference from the files; gates from this run's noise floor; exit 1 when a gate fails."""
-    from rich.console import Console
-
-    from omniq.errors import GateFailed
     from omniq.validate.run import summary_table, terminal_progress, validate as run_validate
 
     with terminal_progress(sys.stderr.isatty()) as progress:
@@ -72,15 +69,43 @@ def validate(
                               media_samples=media_samples, device=device, noise_floor=not no_noise_floor,
                               eval_media=eval_media, bad_media=bad_media, gates_file=gates_file,
                               generate=generate, max_new_tokens=max_new_tokens)
+    _verdict("validate", summary_table(result), result, report)
+
+
+def _verdict(command: str, table, result: dict, report: Optional[Path]) -> None:
+    """The summary table, warnings and report path on stdout; exit 1 (one line) when a gate failed."""
+    from rich.console import Console
+
+    from omniq.errors import GateFailed
+
     console = Console()
-    console.print(summary_table(result))
+    console.print(table)
     for w in result["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {w}")
     if report is not None:
         console.print(f"report: {report}")
     if not result["passed"]:
-        raise GateFailed("validate: " + "; ".join(result["failures"]))
+        raise GateFailed(f"{command}: " + "; ".join(result["failures"]))
     console.print("[green]passed[/green]")
+
+
+@app.command("eval")
+def eval_tasks(
+    reference: str = typer.Argument(..., help="The BF16 checkpoint the candidate was made from (directory or bundled name)."),
+    candidate: str = typer.Argument(..., help="The quantized checkpoint directory, read from its files."),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval tasks: omniq-docstring-cloze (bundled), a task YAML file, or any task lm-eval knows."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate at most N examples per task."),
+    min_recovery: float = typer.Option(0.95, "--min-recovery", help="Gate per task: candidate score / reference score at least this."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON report here (ARTIFACT/eval.json is what `omniq publish` ships)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
+    device: str = typer.Option("cpu", "--device", help="Where the forward runs: cpu, cuda or cuda:N (the CUDA path is untested: no GPU in CI)."),
+):
+    """Task accuracy of both checkpoints through lm-eval-harness; exit 1 when a task's recovery is below the gate."""
+    from omniq.validate.task_eval import evaluate, summary_table
+
+    result = evaluate(reference, candidate, tasks, limit=limit, min_recovery=min_recovery, report_path=out,
+                      force=force, device=device)
+    _verdict("eval", summary_table(result), result, out)
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """The files omniq writes into an artifact directory, and reading them: `omniq.json` (the manifest, whose
 `files` maps every checkpoint file's relative path to its sha256) and the sidecars shipped beside it
-(validation.json, lint.json, README.md). Ground floor: validate (lint), publish and the pipeline all read
+(validation.json, lint.json, eval.json, README.md). Ground floor: validate (lint), publish and the pipeline all read
 artifacts through it.
 """
 
@@ -15,8 +15,10 @@ from omniq.errors import OmniqError
 MANIFEST = "omniq.json"
 VALIDATION = "validation.json"
 LINT = "lint.json"
+EVAL = "eval.json"
 CARD = "README.md"
-SIDECARS = (VALIDATION, LINT, CARD)
+SIDECARS = (VALIDATION, LINT, EVAL, CARD)
+EVAL_TASK_KEYS = ("reference", "candidate", "delta", "min_recovery")
 DELTA_KEYS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate", "ppl_ratio", "tokens")
 
 
@@ -138,6 +140,29 @@ def check_validation(data: dict, where: str) -> dict:
     d.mapping(data, "layer_formats", (int,), "format -> layer count")
     d.get(data, "eval", (dict,), "the evaluation set")
     return data
+
+
+def check_eval(data: dict, where: str) -> dict:
+    """eval.json as `omniq eval --out` writes it (validate/task_eval.evaluate)."""
+    d = _Doc(data, where, "re-run `omniq eval REFERENCE ARTIFACT --tasks ... --out ARTIFACT/eval.json`")
+    d.get(data, "passed", (bool,), "true / false")
+    d.sequence(data, "failures", str, "failed gates")
+    d.get(data, "format", (str,), "the candidate's format")
+    tasks = d.get(data, "tasks", (dict,), "task -> scores")
+    for name, t in tasks.items():
+        if not isinstance(t, dict):
+            d.fail(f"tasks[{name!r}]", f"is {_kind(t)}, not an object")
+        d.get(t, "metric", (str,), "a string", f"tasks[{name!r}].")
+        for k in EVAL_TASK_KEYS:
+            d.get(t, k, (int, float), "a number", f"tasks[{name!r}].")
+        for k in ("reference_stderr", "candidate_stderr", "delta_stderr", "recovery"):
+            d.get(t, k, (int, float, type(None)), "a number or null", f"tasks[{name!r}].")
+        d.get(t, "passed", (bool,), "true / false", f"tasks[{name!r}].")
+    return data
+
+
+def read_eval(path: Path) -> dict:
+    return check_eval(_load(path, "task-accuracy report"), str(path))
 
 
 def read_manifest(path: Path) -> dict:

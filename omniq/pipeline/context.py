@@ -23,7 +23,7 @@ class StageContext:
     column: Column
     out: Path                           # an empty temporary directory, the stage's output once it returns
     source_dir: Path
-    inputs: dict[str, cache.Finished]   # upstream outputs: "quantize", "lint", "validate"
+    inputs: dict[str, cache.Finished]   # upstream outputs: "quantize", "lint", "validate", "eval"
     target: str | None = None           # build
     publish: PublishTarget | None = None
     ref: str | None = None              # publish, expanded
@@ -45,3 +45,4 @@ class Stages:
     validate: StageFn
     build: StageFn
     publish: StageFn
+    eval: StageFn | None = None         # the optional task-accuracy stage (pipeline `eval:`)

@@ -9,7 +9,10 @@ GPU targets. The stages, run stage by stage over the whole matrix:
     lint[recipe]               omniq lint          -> lint.json         key: quantize key, engine, omniq
     validate[recipe]           omniq validate      -> validation.json   key: quantize key, source key,
                                                                    evaluation identity, gates, versions
-    build[recipe x target]     omniq build (only when lint and the gates passed)   key: quantize key,
+    eval[recipe]               omniq eval          -> eval.json  (only with the file's `eval:`)   key:
+                                                                   quantize key, source key, tasks (task
+                                                                   files hashed), limit, gate, versions
+    build[recipe x target]     omniq build (only when lint and the gates, eval's too, passed)   key: quantize key,
                                                                    target, build options, omniq
     publish[recipe x ref]      omniq publish (gates passed, every build finished)  key: quantize, lint and
                                                                    validate keys, the reference, its options
@@ -38,14 +41,14 @@ from omniq.pipeline import cache, summary as summary_mod
 from omniq.pipeline.context import StageContext, Stages  # noqa: F401 (Stages: part of run()'s interface)
 from omniq.pipeline.spec import Column, PipelineSpec, PublishTarget, load
 
-STAGES = ("quantize", "lint", "validate", "build", "publish")
+STAGES = ("quantize", "lint", "validate", "eval", "build", "publish")
 STAGE_FORMAT = 1                    # bump when what a stage writes changes shape
 
 
 def default_stages() -> Stages:
     from omniq.pipeline import stages
 
-    return Stages(stages.quantize, stages.lint, stages.validate, stages.build, stages.publish)
+    return Stages(stages.quantize, stages.lint, stages.validate, stages.build, stages.publish, stages.task_eval)
 
 
 @dataclass
@@ -94,6 +97,20 @@ def data_identity(ds, hashes: cache.HashCache) -> dict:
     return ident
 
 
+def task_eval_identity(spec: PipelineSpec, hashes: cache.HashCache) -> dict | None:
+    te = spec.task_eval
+    if te is None:
+        return None
+    files = {t: cache.tree_digest(Path(t).parent, hashes)[0] for t in te.tasks if Path(t).is_absolute()
+             and Path(t).is_file()}          # a task file's folder: its YAML, data and helpers
+    try:
+        lm_eval = importlib.metadata.version("lm_eval")
+    except importlib.metadata.PackageNotFoundError:
+        lm_eval = None
+    return {"tasks": list(te.tasks), "limit": te.limit, "min_recovery": te.min_recovery, "files": files,
+            "lm_eval": lm_eval}
+
+
 def resolved_recipe(col: Column) -> dict:
     from omniq.quant import recipe as recipes
 
@@ -104,6 +121,7 @@ def make_tasks(spec: PipelineSpec, source_key: str, hashes: cache.HashCache) -> 
     v = versions()
     calib = data_identity(spec.calibration, hashes)
     evaluation = data_identity(spec.evaluation, hashes)
+    task_ev = task_eval_identity(spec, hashes)
     tasks = []
     for col in spec.columns:
         base = {"format": STAGE_FORMAT, "omniq": v["omniq"]}
@@ -113,15 +131,21 @@ def make_tasks(spec: PipelineSpec, source_key: str, hashes: cache.HashCache) -> 
         val = cache.key({**base, "stage": "validate", "quantize": q, "source": source_key, "evaluation": evaluation,
                          "gates": col.gates, "torch": v["torch"]})
         tasks += [Task("quantize", col, q), Task("lint", col, lint), Task("validate", col, val)]
+        ev = None
+        if task_ev is not None:
+            ev = cache.key({**base, "stage": "eval", "quantize": q, "source": source_key, "eval": task_ev,
+                            "torch": v["torch"]})
+            tasks.append(Task("eval", col, ev))
         for t in spec.targets:
             tasks.append(Task("build", col, cache.key({**base, "stage": "build", "quantize": q, "target": t,
                                                        "options": spec.build}), target=t))
         for p in spec.publish:
             ref = p.expand(spec.name, col.id, q)
-            tasks.append(Task("publish", col, cache.key({**base, "stage": "publish", "quantize": q, "lint": lint,
-                                                         "validate": val, "ref": ref, "force": p.force,
-                                                         "allow_failed": p.allow_failed, "plain_http": p.plain_http}),
-                              publish=p, ref=ref))
+            pkey = {**base, "stage": "publish", "quantize": q, "lint": lint, "validate": val, "ref": ref,
+                    "force": p.force, "allow_failed": p.allow_failed, "plain_http": p.plain_http}
+            if ev is not None:
+                pkey["eval"] = ev
+            tasks.append(Task("publish", col, cache.key(pkey), publish=p, ref=ref))
     return tasks
 
 
@@ -134,13 +158,16 @@ def _gates_passed(tasks: list[Task], col: Column) -> tuple[bool | None, list[str
     """(passed, why not); None while lint or validate has not finished."""
     lint = _column(tasks, col, "lint")[0]
     val = _column(tasks, col, "validate")[0]
-    if lint.result is None or val.result is None:
+    ev = _column(tasks, col, "eval")
+    if lint.result is None or val.result is None or (ev and ev[0].result is None):
         return None, []
     why = []
     if not lint.result.get("passed"):
         why.append(f"lint found {lint.result.get('errors', '?')} error(s)")
     if not val.result.get("passed"):
         why.append("validation gates failed: " + "; ".join(val.result.get("failures") or []))
+    if ev and not ev[0].result.get("passed"):
+        why.append("task-accuracy gates failed: " + "; ".join(ev[0].result.get("failures") or []))
     return not why, why
 
 
@@ -153,13 +180,15 @@ def needs(task: Task, tasks: list[Task]) -> tuple[dict[str, cache.Finished] | No
     if quantize.finished is None:
         return None, "its quantize output is not there", "not run"
     inputs = {"quantize": quantize.finished}
-    if task.stage in ("lint", "validate"):
+    if task.stage in ("lint", "validate", "eval"):
         return inputs, None, ""
     passed, why = _gates_passed(tasks, col)
     if passed is None:
-        return None, "lint and validate have not both finished", "not run"
-    inputs["lint"] = _column(tasks, col, "lint")[0].finished
-    inputs["validate"] = _column(tasks, col, "validate")[0].finished
+        return None, ("lint, validate and eval have not all finished" if _column(tasks, col, "eval")
+                      else "lint and validate have not both finished"), "not run"
+    for stage in ("lint", "validate", "eval"):
+        for t in _column(tasks, col, stage):
+            inputs[stage] = t.finished
     if task.stage == "build":
         return (inputs, None, "") if passed else (None, "; ".join(why), "skipped")
     if not passed and not task.publish.allow_failed:
@@ -213,7 +242,7 @@ class Display:
         extra = ""
         if task.state == "ran":
             extra = f" in {task.seconds:.1f}s"
-        if task.result is not None and task.stage in ("lint", "validate"):
+        if task.result is not None and task.stage in ("lint", "validate", "eval"):
             extra += " (passed)" if task.result.get("passed") else " ([red]gate failed[/red])"
         if task.error:
             extra += f": {task.error}"
@@ -261,6 +290,8 @@ def run(spec_path, *, only: str | None = None, dry_run: bool = False, workdir=No
         if dry_run:
             return _dry_run(console, spec, tasks)
         stages = stages or default_stages()
+        if spec.task_eval is not None and stages.eval is None:
+            raise OmniqError(f"pipeline {spec.file}: `eval:` is set but this run has no eval stage function")
         console.print(f"omniq pipeline {spec.name}: {len(spec.columns)} recipe(s) × {len(spec.targets)} target(s), "
                       f"{len(tasks)} stage outputs, work directory {spec.workdir}")
         with Display(console, len(tasks)) as display:
@@ -328,6 +359,7 @@ def _dry_run(console, spec: PipelineSpec, tasks: list[Task]) -> Outcome:
 # ----- the summary ------------------------------------------------------------------------------------------
 def _artifact_record(col: Column, tasks: list[Task]) -> dict:
     q, lint, val = (_column(tasks, col, s)[0] for s in ("quantize", "lint", "validate"))
+    ev = next(iter(_column(tasks, col, "eval")), None)
     errors = [f"{t.stage}{' ' + (t.target or t.ref) if (t.target or t.ref) else ''}: {t.error}"
               for t in tasks if t.column.id == col.id and t.state in ("failed", "not run", "skipped") and t.error]
     path = size = None
@@ -342,7 +374,8 @@ def _artifact_record(col: Column, tasks: list[Task]) -> dict:
     gates = {"thresholds": v.get("gates"), "validate": v.get("passed") if val.result else None,
              "failures": v.get("failures") or [],
              "lint": lint.result.get("passed") if lint.result else None,
-             "lint_errors": lint.result.get("errors") if lint.result else None}
+             "lint_errors": lint.result.get("errors") if lint.result else None,
+             "eval": (ev.result.get("passed") if ev.result else None) if ev else None}
     builds = [{"target": b.target, "status": "ok" if b.finished else b.state, "key": b.key,
                "path": str(b.finished.path / b.result["path"]) if b.finished else None,
                "warnings": (b.result or {}).get("warnings", [])} for b in _column(tasks, col, "build")]
@@ -351,7 +384,7 @@ def _artifact_record(col: Column, tasks: list[Task]) -> dict:
     mine = [t for t in tasks if t.column.id == col.id]
     if any(t.exit_code == 2 for t in mine):
         status = "error"
-    elif gates["validate"] is False or gates["lint"] is False or any(t.exit_code == 1 for t in mine):
+    elif False in (gates["validate"], gates["lint"], gates["eval"]) or any(t.exit_code == 1 for t in mine):
         status = "gates failed"
     elif all(t.finished for t in mine):
         status = "passed"
@@ -359,7 +392,8 @@ def _artifact_record(col: Column, tasks: list[Task]) -> dict:
         status = "incomplete"
     return {"id": col.id, "recipe": col.recipe, "kv_cache": resolved_recipe(col)["kv_cache"], "key": q.key,
             "path": path,
-            "size_bytes": size, "formats": formats, "deltas": deltas, "gates": gates, "builds": builds,
+            "size_bytes": size, "formats": formats, "deltas": deltas, "gates": gates,
+            "task_accuracy": (ev.result or {}).get("tasks") if ev else None, "builds": builds,
             "published": published, "status": status, "errors": errors}
 
 

@@ -14,6 +14,10 @@
     targets: [h100, b200]               # the matrix's rows: omniq build --gpu (may be empty)
     build: {tp: 1, max_batch: 64}       # omniq build options (tp, ep, max_batch, max_seq_len, trtllm_version)
     lint: {engine: trtllm}              # omniq lint --engine
+    eval:                               # optional: omniq eval (lm-eval-harness task accuracy, gated per task)
+      tasks: [omniq-docstring-cloze]    # bundled name, task YAML file or lm-eval task name
+      limit: 100                        # examples per task [default: all]
+      min_recovery: 0.95                # per-task gate: candidate / reference score
     publish:                            # per column; {name} {recipe} (column id) {key} (artifact key, 12 hex),
       - oci://${REGISTRY}/omniq/{name}:{recipe}-{key}    # ${VAR}: from the environment
       - {ref: "hf://acme/{name}-{recipe}", force: false, allow_failed: false}
@@ -33,13 +37,14 @@ from pathlib import Path
 from omniq.errors import OmniqError
 
 TOP_KEYS = {"name", "source", "workdir", "calibration", "evaluation", "recipes", "targets", "build", "lint",
-            "publish"}
+            "eval", "publish"}
 CAL_KEYS = {"set", "samples", "seq_len", "column", "split"}
 EVAL_KEYS = {"set", "samples", "seq_len"}
 RECIPE_KEYS = {"recipe", "id", "kv_cache", "gates"}
 GATE_KEYS = {"max_kl", "min_top1", "max_ppl_ratio"}
 BUILD_KEYS = {"tp", "ep", "max_batch", "max_seq_len", "trtllm_version"}
 LINT_KEYS = {"engine"}
+TASK_EVAL_KEYS = {"tasks", "limit", "min_recovery"}
 PUBLISH_KEYS = {"ref", "force", "allow_failed", "plain_http"}
 PLACEHOLDERS = {"name", "recipe", "key"}
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -61,6 +66,13 @@ class Column:
     recipe: str                        # built-in name or absolute path of a YAML file
     kv_cache: str | None = None
     gates: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskEval:
+    tasks: tuple[str, ...]             # as `omniq eval --tasks` takes them; task files absolute
+    limit: int | None = None
+    min_recovery: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,7 @@ class PipelineSpec:
     build: dict = field(default_factory=dict)
     lint_engine: str | None = None
     publish: tuple[PublishTarget, ...] = ()
+    task_eval: TaskEval | None = None  # the `eval:` key: an eval stage per column
 
 
 def _fail(file, msg: str):
@@ -216,6 +229,21 @@ def _publish(file, data) -> tuple[PublishTarget, ...]:
     return tuple(out)
 
 
+def _task_eval(file, base: Path, data) -> TaskEval | None:
+    if data is None:
+        return None
+    d = _mapping(file, data, "eval", TASK_EVAL_KEYS)
+    tasks = d.get("tasks")
+    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else tasks
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+        _fail(file, "eval.tasks must be a non-empty list of task names or task YAML files")
+    limit = _int(file, d["limit"], "eval.limit") if d.get("limit") is not None else None
+    rec = d.get("min_recovery", 0.95)
+    if isinstance(rec, bool) or not isinstance(rec, (int, float)) or not 0 < rec <= 10:
+        _fail(file, f"eval.min_recovery must be a ratio such as 0.95, got {rec!r}")
+    return TaskEval(tuple(_local(base, t) for t in tasks), limit, float(rec))
+
+
 def parse(data, file: Path) -> PipelineSpec:
     base = file.parent
     d = _mapping(file, data, "the top level", TOP_KEYS)
@@ -253,7 +281,7 @@ def parse(data, file: Path) -> PipelineSpec:
     return PipelineSpec(name=name, file=file, source=_local(base, d["source"]), workdir=workdir,
                         calibration=calibration, evaluation=evaluation, columns=_columns(file, base, d["recipes"]),
                         targets=tuple(targets), build=dict(build), lint_engine=lint.get("engine"),
-                        publish=_publish(file, d.get("publish")))
+                        publish=_publish(file, d.get("publish")), task_eval=_task_eval(file, base, d.get("eval")))
 
 
 def load(path) -> PipelineSpec:

@@ -10,7 +10,7 @@ import os
 import shutil
 
 from omniq.pipeline.context import StageContext
-from omniq.publish.release import LINT, VALIDATION
+from omniq.publish.release import EVAL, LINT, VALIDATION
 
 DELTAS = ("kl_mean", "kl_p95", "top1_agreement", "ppl_reference", "ppl_candidate", "ppl_ratio", "tokens")
 
@@ -56,6 +56,18 @@ def validate(ctx: StageContext) -> dict:
             "gates": report["gates"], "format": report.get("format"), "report": VALIDATION}
 
 
+def task_eval(ctx: StageContext) -> dict:
+    from omniq.validate.task_eval import evaluate
+
+    te = ctx.spec.task_eval
+    report = evaluate(str(ctx.source_dir), str(ctx.artifact), list(te.tasks), limit=te.limit,
+                      min_recovery=te.min_recovery, report_path=ctx.out / EVAL)
+    keep = ("metric", "reference", "candidate", "delta", "delta_stderr", "recovery", "min_recovery", "passed",
+            "samples")
+    return {"passed": report["passed"], "failures": report["failures"], "report": EVAL,
+            "tasks": {n: {k: t.get(k) for k in keep} for n, t in report["tasks"].items()}}
+
+
 def build(ctx: StageContext) -> dict:
     from omniq.deploy import trtllm
     from omniq.deploy.bundle import build as run_build
@@ -71,18 +83,21 @@ def build(ctx: StageContext) -> dict:
 
 
 def release_dir(ctx: StageContext):
-    """The artifact as `omniq publish` reads it: links to the quantize output's files plus the lint and
-    validation reports of this pipeline (the cached outputs themselves stay untouched)."""
+    """The artifact as `omniq publish` reads it: links to the quantize output's files plus the lint,
+    validation and (with `eval:`) eval reports of this pipeline (the cached outputs themselves stay untouched)."""
     rel_dir = ctx.out / "release"
     rel_dir.mkdir()
     for p in sorted(ctx.artifact.rglob("*")):
         # the artifact's own lint.json (written by quantize) is replaced by this pipeline's report below
-        if p.is_file() and not p.name.startswith(".") and p.relative_to(ctx.artifact).as_posix() not in (LINT, VALIDATION):
+        reports = (LINT, VALIDATION, EVAL)
+        if p.is_file() and not p.name.startswith(".") and p.relative_to(ctx.artifact).as_posix() not in reports:
             dst = rel_dir / p.relative_to(ctx.artifact)
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(p.resolve(), dst)
-    for stage, name in (("lint", LINT), ("validate", VALIDATION)):
-        f = ctx.inputs[stage]
+    for stage, name in (("lint", LINT), ("validate", VALIDATION), ("eval", EVAL)):
+        f = ctx.inputs.get(stage)
+        if f is None:                                  # no eval stage in this pipeline
+            continue
         shutil.copyfile(f.path / f.result["report"], rel_dir / name)
     return rel_dir
 

@@ -71,6 +71,11 @@ def markdown(summary: dict) -> str:
                      f"{_with_gate(a, 'kl_mean', 'max_kl', '≤')} | {_with_gate(a, 'top1_agreement', 'min_top1', '≥')} | "
                      f"{_with_gate(a, 'ppl_ratio', 'max_ppl_ratio', '≤')} | {_tick(a['gates'].get('lint'))} | "
                      f"{builds} | {pubs} |")
+    accuracy = [f"- **{a['id']}** {name}: {t['metric']} {_num(t['reference'])} → {_num(t['candidate'])}, "
+                f"recovery {_num(t['recovery'])} (≥ {_num(t['min_recovery'])}) {_tick(t['passed'])}"
+                for a in arts for name, t in (a.get("task_accuracy") or {}).items()]
+    if accuracy:
+        lines += ["", "Task accuracy (`omniq eval`, lm-eval-harness):", "", *accuracy]
     problems = [f"- **{a['id']}**: {e}" for a in arts for e in a["errors"]]
     if problems:
         lines += ["", "Problems:", "", *problems]

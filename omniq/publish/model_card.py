@@ -1,7 +1,8 @@
 """The model card (README.md) of a published artifact, written from what the artifact says about itself.
 
 Sections: the recipe as resolved, what was kept in BF16 (the recipe's rules and the concrete modules,
-grouped), the measured deltas against the source with their gates, source and provenance (file hashes,
+grouped), the measured deltas against the source with their gates, task accuracy when the artifact carries
+an eval.json (`omniq eval`), source and provenance (file hashes,
 calibration, versions), and how to serve it with TensorRT-LLM (PyTorch backend) and vLLM. Nothing in it is
 made up: a number that was not measured is shown as "not measured".
 """
@@ -128,6 +129,22 @@ def render(release: rel.Release, repo_id: str | None = None) -> str:
             lines.append(f"| {label_} | {_fmt(deltas[key])} | {gate} |")
         lines += ["", "Gates: " + ("passed." if gates["passed"] else
                                    "**not passed** — " + "; ".join(gates["problems"]) + ".")]
+
+    # task accuracy (eval.json, optional)
+    tasks = meta.get("task_accuracy")
+    if tasks:
+        ev = release.eval
+        lines += ["", "## Task accuracy (lm-eval-harness)", "",
+                  f"Both checkpoints evaluated from their files by lm-eval {ev.get('lm_eval', '')} "
+                  f"(`omniq eval`{', ' + str(ev['limit']) + ' examples per task' if ev.get('limit') else ''}); "
+                  "delta ± its standard error, recovery = quantized / source:", "",
+                  "| task | metric | examples | source | quantized | delta | recovery | gate |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, t in tasks.items():
+            delta = _fmt(t["delta"]) + (f" ± {_fmt(t['delta_stderr'])}" if t.get("delta_stderr") is not None else "")
+            lines.append(f"| {name} | {t['metric']} | {_fmt(t.get('samples'))} | {_fmt(t['reference'])} | "
+                         f"{_fmt(t['candidate'])} | {delta} | {_fmt(t.get('recovery'))} | "
+                         f"≥ {_fmt(t['min_recovery'])}: {'passed' if t['passed'] else '**failed**'} |")
 
     # provenance
     lines += ["", "## Source and provenance", "", f"- source: `{source_name}`"]

@@ -53,6 +53,7 @@ MEDIA_TYPES = (
     (rel.MANIFEST, "application/vnd.omniq.manifest+json"),
     (rel.VALIDATION, "application/vnd.omniq.validation+json"),
     (rel.LINT, "application/vnd.omniq.lint+json"),
+    (rel.EVAL, "application/vnd.omniq.eval+json"),
     (rel.CARD, "application/vnd.omniq.model-card+markdown"),
     ("hf_quant_config.json", "application/vnd.omniq.quant-config+json"),
     ("generation_config.json", "application/vnd.omniq.generation-config+json"),

@@ -2,7 +2,7 @@
 may ship: the one place `omniq publish` (OCI and hub), the model card and the pipeline read an artifact from.
 
 An artifact directory (from `omniq quantize`) holds the checkpoint files and `omniq.json`, omniq's manifest,
-whose `files` maps every other file's relative path to its sha256 hex. Three sidecar files may be added after quantization and are shipped with it, hashed as they
+whose `files` maps every other file's relative path to its sha256 hex. Sidecar files may be added after quantization and are shipped with it, hashed as they
 are (`omniq.json` cannot list them):
 
     validation.json   the report of `omniq validate REFERENCE ARTIFACT --report ARTIFACT/validation.json`
@@ -10,6 +10,8 @@ are (`omniq.json` cannot list them):
     lint.json         the findings of `omniq lint ARTIFACT --report ...` (`passed`, `counts`, `findings`:
                       [{"id", "severity", "tensor_or_module", "message", "fix"}...]); an artifact passes lint
                       when no finding has severity "error"
+    eval.json         optional: task accuracy of `omniq eval REFERENCE ARTIFACT --tasks ... --out ...`
+                      (`passed`, `tasks`: {task: {metric, reference, candidate, delta, recovery, ...}})
     README.md         the model card (`omniq publish hf://...` writes one if absent)
 
 Any other file that `omniq.json` does not list is refused (hidden files, such as a report being written, are
@@ -27,8 +29,8 @@ from pathlib import Path
 
 from omniq.checksums import sha256_file
 from omniq.errors import GateFailed, OmniqError
-from omniq.manifest import (CARD, DELTA_KEYS, LINT, MANIFEST, SIDECARS, VALIDATION,  # noqa: F401
-                            listed_files, module_formats, read_lint, read_manifest, read_validation)
+from omniq.manifest import (CARD, DELTA_KEYS, EVAL, LINT, MANIFEST, SIDECARS, VALIDATION,  # noqa: F401
+                            listed_files, module_formats, read_eval, read_lint, read_manifest, read_validation)
 
 @dataclass
 class Release:
@@ -38,6 +40,7 @@ class Release:
     sidecars: list[str] = field(default_factory=list)
     validation: dict | None = None
     lint: dict | None = None
+    eval: dict | None = None                # eval.json, when the artifact has one
 
     @property
     def files(self) -> list[str]:
@@ -73,7 +76,8 @@ def open_release(path: str | os.PathLike) -> Release:
     sidecars = [s for s in SIDECARS if (root / s).is_file()]
     validation = read_validation(root / VALIDATION) if VALIDATION in sidecars else None
     lint = read_lint(root / LINT) if LINT in sidecars else None
-    return Release(root, manifest, listed, sidecars, validation, lint)
+    evaluation = read_eval(root / EVAL) if EVAL in sidecars else None
+    return Release(root, manifest, listed, sidecars, validation, lint, evaluation)
 
 
 def digests(release: Release) -> dict[str, str]:
@@ -115,6 +119,9 @@ def gate_problems(release: Release) -> list[str]:
         errors = lint_errors(release.lint)
         if errors:
             problems.append(f"lint found {len(errors)} error(s): {'; '.join(errors[:3])}")
+    if release.eval is not None and release.eval["passed"] is not True:     # optional; gates when present
+        failures = release.eval["failures"] or ["passed is not true"]
+        problems.append(f"task-accuracy gates failed ({EVAL}): {'; '.join(map(str, failures))}")
     return problems
 
 
@@ -123,7 +130,7 @@ def check_publishable(release: Release, allow_failed: bool) -> list[str]:
     `--allow-failed` (empty when there were none)."""
     from omniq.validate import binding
 
-    unbound = binding.problems(release.path, release.manifest, release.validation, release.lint)
+    unbound = binding.problems(release.path, release.manifest, release.validation, release.lint, release.eval)
     if unbound:    # not a failed gate to wave through: the report is about something else
         raise GateFailed(f"{release.path} may not be published: {' / '.join(unbound)}")
     problems = gate_problems(release)
@@ -189,6 +196,16 @@ def _calibration(cal: dict) -> dict:
     return out
 
 
+def task_accuracy(release: Release) -> dict | None:
+    """eval.json's per-task scores (None without one): {task: {metric, reference, candidate, delta,
+    delta_stderr, recovery, min_recovery, passed, samples}}."""
+    if release.eval is None:
+        return None
+    keep = ("metric", "reference", "candidate", "delta", "delta_stderr", "recovery", "min_recovery", "passed",
+            "samples")
+    return {name: {k: t.get(k) for k in keep} for name, t in release.eval["tasks"].items()}
+
+
 def metadata(release: Release) -> dict:
     """What a published artifact says about itself (OCI annotations, model card, pipeline summary)."""
     v = release.validation or {}
@@ -199,6 +216,7 @@ def metadata(release: Release) -> dict:
         "deltas": deltas(release),
         "gates": {"passed": not gate_problems(release), "problems": gate_problems(release),
                   "thresholds": v.get("gates"), "eval": v.get("eval")},
+        "task_accuracy": task_accuracy(release),
         "source": {k: val for k, val in source(release).items() if k != "files"},
         "source_hashes": source_hashes(release),
         "calibration": _calibration(release.manifest["calibration"]),

@@ -5,6 +5,7 @@ A report carries `bound_to`:
     validation.json   {"candidate": {"path", "omniq.json": sha256 | null},
                        "reference": {"path", "files": {name: sha256}}}   (every top-level file, as
                       `omniq quantize` lists the source's files in omniq.json `source.files`)
+    eval.json         as validation.json (`omniq eval` judges the candidate against the same reference)
     lint.json         {"candidate": {"path", "omniq.json": sha256 | null}}
 
 `omniq publish` (and the pipeline, which publishes through it) refuses a report whose `omniq.json` hash is
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from omniq.checksums import sha256_file
 from omniq.errors import OmniqError
-from omniq.manifest import LINT, MANIFEST, VALIDATION
+from omniq.manifest import EVAL, LINT, MANIFEST, VALIDATION
 
 KEY = "bound_to"
 # reference files that must be the ones omniq.json's source lists (others are compared when both have them)
@@ -76,11 +77,12 @@ def check_target(report_path: str | os.PathLike | None, judged: str | os.PathLik
                          f"({judged}); a report goes into the artifact it judges, or outside any artifact")
 
 
-def problems(release_path: Path, manifest: dict, validation: dict | None, lint: dict | None) -> list[str]:
+def problems(release_path: Path, manifest: dict, validation: dict | None, lint: dict | None,
+             evaluation: dict | None = None) -> list[str]:
     """Why the reports do not judge this artifact (empty when they do), one line per report, naming it."""
     out = []
     here = _manifest_sha(release_path)
-    for name, report in ((VALIDATION, validation), (LINT, lint)):
+    for name, report in ((VALIDATION, validation), (LINT, lint), (EVAL, evaluation)):
         if report is None:
             continue
         bound = report.get(KEY)
@@ -94,11 +96,12 @@ def problems(release_path: Path, manifest: dict, validation: dict | None, lint: 
                        f"{str(cand.get(MANIFEST))[:12]}... is not this one's {str(here)[:12]}...); re-run it on "
                        "this artifact")
             continue
-        if name == VALIDATION:
+        if name in (VALIDATION, EVAL):
             why = _reference_mismatch(bound.get("reference"), manifest)
             if why:
-                out.append(f"{release_path / name} compared with another reference: {why}; re-run validate "
-                           "against the source this artifact was made from")
+                out.append(f"{release_path / name} compared with another reference: {why}; re-run "
+                           f"{'validate' if name == VALIDATION else 'eval'} against the source this artifact was "
+                           "made from")
     return out
 
 

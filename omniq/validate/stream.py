@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from omniq.heap import give_back
 from omniq.model import forward, omni
 from omniq.validate.artifact import (Artifact, bf16_compute_hooks, changed_unquantized, unquantized_names)
 from omniq.validate.metrics import Comparison, log_probs, sqnr_from_sums, sqnr_sums
@@ -217,6 +218,7 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
         if noise_floor:
             hidden["noise_floor"].append(hidden["reference"][-1])
     del ref_u, cand_u
+    give_back()
     done += 1
     if progress is not None:
         progress(done, steps)
@@ -224,6 +226,7 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
     # decoder layers
     for i in range(arch.num_layers):
         _layer_step(reference, candidate, i, hidden, device, diagnose, kv_amax)
+        give_back()                              # the layer's freed pages, not kept by the allocator
         done += 1
         if progress is not None:
             progress(done, steps)
@@ -258,6 +261,7 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
                 lc = log_probs(forward.lm_head(arch, u, flat[s][sl], linear))
                 by[s].add_log_probs(lr, lc, t[sl], pos[sl], pr)
     del ref_u, cand_u, heads
+    give_back()
     done += 1
     if progress is not None:
         progress(done, steps)

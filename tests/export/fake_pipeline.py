@@ -7,6 +7,7 @@ Environment:
     FAKE_LOG      file that gets one line per stage invocation: "STAGE COLUMN [TARGET|REF]"
     FAKE_KILL     "STAGE:COLUMN[:TARGET]": that invocation writes part of its output, then SIGKILLs the process
     FAKE_KL       JSON {column: kl_mean} (default: fp8 0.004, nvfp4 0.03, anything else 0.02)
+    FAKE_RECOVERY JSON {column: task recovery} for the eval stage (default 1.0)
 
 The fake validate gates like the real one: kl_mean against the column's max_kl (default 0.01).
 """
@@ -90,6 +91,24 @@ def validate(ctx) -> dict:
     return {**report, "report": "validation.json"}
 
 
+def task_eval(ctx) -> dict:
+    """Like `omniq eval`: one task per name in the file's `eval.tasks`, gated on recovery."""
+    _log("eval", ctx)
+    _maybe_die("eval", ctx)
+    recovery = json.loads(os.environ.get("FAKE_RECOVERY", "{}")).get(ctx.column.id, 1.0)
+    te = ctx.spec.task_eval
+    tasks = {Path(t).stem: {"metric": "acc", "reference": 0.6, "candidate": 0.6 * recovery,
+                            "delta": 0.6 * recovery - 0.6, "delta_stderr": 0.05, "recovery": recovery,
+                            "reference_stderr": 0.035, "candidate_stderr": 0.035,
+                            "min_recovery": te.min_recovery, "passed": recovery >= te.min_recovery, "samples": 8}
+             for t in te.tasks}
+    failures = [f"{n}: recovery {t['recovery']:.3f} < {te.min_recovery:g}" for n, t in tasks.items() if not t["passed"]]
+    report = {"passed": not failures, "tasks": tasks, "failures": failures, "format": "fp8",
+              binding.KEY: binding.for_validation(ctx.artifact, ctx.source_dir)}
+    (ctx.out / "eval.json").write_text(json.dumps(report))
+    return {"passed": report["passed"], "failures": failures, "tasks": tasks, "report": "eval.json"}
+
+
 def build(ctx) -> dict:
     _log("build", ctx)
     (ctx.out / "bundle").mkdir()
@@ -109,7 +128,7 @@ def main(argv: list[str]) -> int:
     only = argv[argv.index("--only") + 1] if "--only" in argv else None
     try:
         outcome = pipeline.run(file, only=only, dry_run="--dry-run" in argv,
-                               stages=pipeline.Stages(quantize, lint, validate, build, publish))
+                               stages=pipeline.Stages(quantize, lint, validate, build, publish, task_eval))
     except OmniqError as e:
         print(f"omniq: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -1,0 +1,87 @@
+"""The 52-layer Nemotron 3 Nano quantize, extrapolated from the measured 5- and 12-layer real-width runs.
+
+    python benchmarks/extrapolate_52.py [benchmarks/results/quantize_scale.json] [--tokens 16384]
+
+Reads the runs `benchmarks/quantize_scale.py` recorded for the 12-layer real-width checkpoint `rw12`
+(`MEM*EMEM*EME`; `rw5` when there is no 12-layer run), per recipe and per setting (inside the cgroup limit or
+not), and scales each stage by the work it does, at the rate that run achieved: calibration by the matmul
+FLOPs of the calibration forward (`quantize_scale.calibration_flops`' count, from the real 30B-A3B config,
+at --tokens), export (packing, verify, manifest) by the bytes written (the plan's size of the real model for
+that recipe), loading and preparing by the BF16 bytes read. Peak memory: the growth from 5 to 12 layers
+measured, and the plan's 52-layer prediction (`omniq.quant.memory.streamed_estimate`, `predicted` in the JSON)
+times the measured / predicted ratio of the run used. An estimate from rates, printed as one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+
+def _flops_per_token(arch) -> float:
+    per_token = 0.0
+    for lin in arch.linears:
+        if lin.role == "lm_head":
+            continue
+        share = arch.num_experts_per_tok / arch.n_routed_experts if lin.expert is not None else 1
+        per_token += 2 * lin.in_features * lin.out_features * share
+    return per_token
+
+
+def extrapolate(doc: dict, tokens: int) -> list[dict]:
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from omniq.model.arch import from_config
+    from omniq.quant import recipe as recipes
+    from omniq.quant.plan import make_plan
+
+    real = from_config(json.loads((ROOT / "tests" / "data" / "nemotron-3-nano-30b-a3b.config.json").read_text()))
+    runs = {}
+    for r in doc["runs"]:
+        if r.get("tool") == "omniq" and r.get("rc") == 0 and r.get("seconds"):
+            runs[(r["model"], r["recipe"], "cgroup_max_usage_bytes" in r)] = r
+    pred = {(p["model"], p["recipe"]): p["peak_bytes"] for p in doc.get("predicted", [])}
+    out = []
+    for (recipe, cg) in sorted({(k[1], k[2]) for k in runs}):
+        base = runs.get(("rw12", recipe, cg)) or runs.get(("rw5", recipe, cg))
+        r5 = runs.get(("rw5", recipe, cg))
+        plan = make_plan(real, recipes.load(recipe))
+        work = {"calibrate": (_flops_per_token(real) * tokens, base["calib_flops"]),
+                "export": (plan.total_bytes, base["output_bytes"]),
+                "load": (plan.original_bytes, base["source_bytes"]),
+                "prepare": (plan.original_bytes, base["source_bytes"])}
+        per_stage = {s: base["seconds"].get(s, 0.0) * w52 / w for s, (w52, w) in work.items()}
+        ratio = base["peak_anon_bytes"] / base["predicted_peak_bytes"]
+        growth = (base["peak_anon_bytes"] / r5["peak_anon_bytes"] - 1) if r5 and base is not r5 else None
+        out.append({"recipe": recipe, "in_cgroup": cg, "from": base["model"], "tokens": tokens,
+                    "seconds": per_stage, "total_s": sum(per_stage.values()), "peak_growth_5_to_12": growth,
+                    "peak_52_gib": pred.get(("real52", recipe), 0) * ratio / GIB,
+                    "calib_flops_per_s": base["calib_flops"] / base["seconds"]["calibrate"]})
+    return out
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", nargs="?", type=Path, default=ROOT / "benchmarks" / "results" / "quantize_scale.json")
+    ap.add_argument("--tokens", type=int, default=16384)
+    a = ap.parse_args(argv)
+    rows = extrapolate(json.loads(a.json.read_text()), a.tokens)
+    for x in rows:
+        s = x["seconds"]
+        g = x["peak_growth_5_to_12"]
+        print(f"{x['recipe']:10} {'in 6 GiB cgroup' if x['in_cgroup'] else 'no cgroup':15} from {x['from']}: 52 layers, "
+              f"{x['tokens']} calibration tokens: about {x['total_s'] / 60:.0f} min ("
+              + ", ".join(f"{k} {v / 60:.1f}" for k, v in s.items()) + " min); peak anonymous memory "
+              + (f"{g * 100:+.1f} % from 5 to 12 layers, " if g is not None else "") + "52 layers about "
+              f"{x['peak_52_gib']:.2f} GiB (calibration at {x['calib_flops_per_s'] / 1e9:.1f} GFLOP/s)"
+              )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
