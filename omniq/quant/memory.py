@@ -238,9 +238,8 @@ def layer_bytes(arch: Arch, dtype: str = "bf16") -> dict[int, int]:
     size = DTYPE_BYTES[dtype]
     out: dict[int, int] = {}
     for t in arch.tensors:
-        m = re.search(r"backbone\.layers\.(\d+)\.", t.name)
-        if m:
-            i = int(m.group(1))
+        i = arch.layer_index(t.name)
+        if i is not None:
             out[i] = out.get(i, 0) + t.numel * max(size, 4 if t.dtype == "F32" else 2)
     return out
 

@@ -186,7 +186,7 @@ def calibrate_weights(arch: Arch, source: dict[str, torch.Tensor], rows: torch.T
     current = dict(source)
     xs = []
     if needs_stats:
-        emb = source[f"{arch.prefix}backbone.embeddings.weight"].float()
+        emb = source[arch.embedding_weight].float()
         xs = [F.embedding(rows[b:b + BATCH_ROWS], emb) for b in range(0, rows.shape[0], BATCH_ROWS)]
     by_layer: dict[int, list] = {}
     for lin in arch.linears:
