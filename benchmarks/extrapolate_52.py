@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 GIB = 2**30
 
 
@@ -45,7 +47,11 @@ def extrapolate(doc: dict, tokens: int) -> list[dict]:
     for r in doc["runs"]:
         if r.get("tool") == "omniq" and r.get("rc") == 0 and r.get("seconds"):
             runs[(r["model"], r["recipe"], "cgroup_max_usage_bytes" in r)] = r
-    pred = {(p["model"], p["recipe"]): p["peak_bytes"] for p in doc.get("predicted", [])}
+    # predictions of the current code (the JSON's `predicted` are those of the code that ran)
+    from benchmarks.quantize_scale import predictions
+
+    pred = {(p["model"], p["recipe"]): p["predicted_peak_bytes"]
+            for p in predictions(sorted({k[1] for k in runs}), doc["samples"], doc["seq_len"])}
     out = []
     for (recipe, cg) in sorted({(k[1], k[2]) for k in runs}):
         base = runs.get(("rw12", recipe, cg)) or runs.get(("rw5", recipe, cg))
@@ -56,11 +62,13 @@ def extrapolate(doc: dict, tokens: int) -> list[dict]:
                 "load": (plan.original_bytes, base["source_bytes"]),
                 "prepare": (plan.original_bytes, base["source_bytes"])}
         per_stage = {s: base["seconds"].get(s, 0.0) * w52 / w for s, (w52, w) in work.items()}
-        ratio = base["peak_anon_bytes"] / base["predicted_peak_bytes"]
+        ratio = base["peak_anon_bytes"] / pred[(base["model"], recipe)]
         growth = (base["peak_anon_bytes"] / r5["peak_anon_bytes"] - 1) if r5 and base is not r5 else None
         out.append({"recipe": recipe, "in_cgroup": cg, "from": base["model"], "tokens": tokens,
                     "seconds": per_stage, "total_s": sum(per_stage.values()), "peak_growth_5_to_12": growth,
                     "peak_52_gib": pred.get(("real52", recipe), 0) * ratio / GIB,
+                    "measured_vs_predicted": {m: runs[(m, recipe, cg)]["peak_anon_bytes"] / pred[(m, recipe)]
+                                              for m in ("rw5", "rw12") if (m, recipe, cg) in runs},
                     "calib_flops_per_s": base["calib_flops"] / base["seconds"]["calibrate"]})
     return out
 
@@ -78,7 +86,8 @@ def main(argv=None) -> list[dict]:
               f"{x['tokens']} calibration tokens: about {x['total_s'] / 60:.0f} min ("
               + ", ".join(f"{k} {v / 60:.1f}" for k, v in s.items()) + " min); peak anonymous memory "
               + (f"{g * 100:+.1f} % from 5 to 12 layers, " if g is not None else "") + "52 layers about "
-              f"{x['peak_52_gib']:.2f} GiB (calibration at {x['calib_flops_per_s'] / 1e9:.1f} GFLOP/s)"
+              f"{x['peak_52_gib']:.2f} GiB (calibration at {x['calib_flops_per_s'] / 1e9:.1f} GFLOP/s); measured / "
+              "predicted peak " + ", ".join(f"{m} {v:.2f}" for m, v in x["measured_vs_predicted"].items())
               )
     return rows
 

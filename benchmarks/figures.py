@@ -217,7 +217,9 @@ def timing(work: Path, size: dict) -> dict:
     if size is QUICK:
         return {"skipped": "--quick"}
     q = script("quantize_bench.py", "--models", "tiny", "--recipes", "fp8,nvfp4")
-    last = [line for line in q.stdout.splitlines() if line.startswith("{")]
+    lines = q.stdout.splitlines()
+    starts = [k for k, line in enumerate(lines) if line == "{"]      # its last output: one indented JSON object
+    last = ["\n".join(lines[starts[-1]:])] if starts else []
     v = work / "validate_throughput.json"
     script("validate_throughput.py", str(quantized(work, "nvfp4", size)), "--json", str(v))
     return {"quantize_bench": json.loads(last[-1]) if last else q.stdout[-2000:],

@@ -217,11 +217,6 @@ class ModalityCounter:
         return out
 
 
-def forwards(batches: list[Batch], counter: ModalityCounter) -> list:
-    """The batches as callables `f(model)` for `calibrate.calibrate` (each runs one counted forward)."""
-    return [(lambda m, b=b: counter.forward(m, b)) for b in batches]
-
-
 def summary(per_layer: dict[str, dict[str, int]]) -> dict:
     """Compact facts for the CLI: totals, and for each modality how many quantized layers saw none of it."""
     mods = [m for m in MODALITIES if any(c[m] for c in per_layer.values())]

@@ -178,7 +178,7 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
 
             reader = TensorReader(ckpt)
             wcal = LayerByLayer(ckpt.arch, calib_set.rows, plan.formats, algorithms,
-                                reader.get(f"{ckpt.arch.prefix}backbone.embeddings.weight"), keep_weights=False)
+                                reader.get(ckpt.arch.embedding_weight), keep_weights=False)
         try:
             run = streamed.run(ckpt, plan, config, enabled, batches, stage.final, coverage=coverage,
                                counter=counter, device=device, progress=progress, model=skeleton,

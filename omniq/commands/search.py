@@ -170,7 +170,7 @@ class Sensitivity:
         self.ref_logp = []
         plain = forward.plain_linear(weights)
         with torch.inference_mode():
-            xs = [torch.nn.functional.embedding(b, weights[f"{arch.prefix}backbone.embeddings.weight"]).float()
+            xs = [torch.nn.functional.embedding(b, weights[arch.embedding_weight]).float()
                   for b in self.batches]
             for i in range(arch.num_layers):
                 self.inputs.append(xs)
@@ -183,11 +183,11 @@ class Sensitivity:
         from omniq.model import forward
 
         a = self.arch
-        h = forward.rms_norm(x, self.weights[f"{a.prefix}backbone.norm_f.weight"], a.norm_eps)
+        h = forward.rms_norm(x, self.weights[a.norm_f], a.norm_eps)
         if a.tie_word_embeddings:
-            logits = torch.nn.functional.linear(h, self.weights[f"{a.prefix}backbone.embeddings.weight"].float())
+            logits = torch.nn.functional.linear(h, self.weights[a.embedding_weight].float())
         else:
-            logits = linear(f"{a.prefix}lm_head", h)
+            logits = linear(a.lm_head, h)
         return torch.log_softmax(logits.double(), dim=-1).float()
 
     def kl(self, group: srch.Group, fmt: str, qweights: dict, amax: dict[str, float]) -> float:

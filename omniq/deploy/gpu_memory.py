@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 
 from omniq.model.arch import MAMBA, Arch
+from omniq.quant import formats as qformats
 
 GIB = 2**30
 RUNTIME_RESERVE_BYTES = 3 * GIB
@@ -57,7 +58,7 @@ def weight_bytes_from_headers(arch: Arch, headers: dict) -> WeightBytes:
     sharded = replicated = 0
     for name, info in headers.items():
         module, _, suffix = name.rpartition(".")
-        if module in linears and suffix not in ("k_scale", "v_scale"):     # KV-cache scales: per layer, whole
+        if module in linears and suffix not in qformats.KV_SUFFIXES:     # KV-cache scales: per layer, whole
             sharded += info.nbytes
         else:
             replicated += info.nbytes
@@ -75,7 +76,7 @@ def weight_bytes_from_plan(plan, extra_replicated: int = 0) -> WeightBytes:
         sharded += weight_bytes(plan.formats[lin.name], lin.out_features, lin.in_features)
         linear_weights.add(f"{lin.name}.weight")
     replicated = sum(tensor_bytes(t.dtype, t.numel) for t in plan.arch.tensors if t.name not in linear_weights)
-    replicated += 4 * len(plan.kv_scale_tensors)
+    replicated += qformats.SCALAR_BYTES * len(plan.kv_scale_tensors)
     return WeightBytes(sharded, replicated + extra_replicated)
 
 

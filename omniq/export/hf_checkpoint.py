@@ -1,4 +1,4 @@
-"""The unified HF checkpoint: ModelOpt's export, then the fixes, checks and manifest, written atomically.
+"""The unified HF checkpoint around the layer-streamed export: its names, checks and manifest, written atomically.
 
 `staged_output` owns the output directory's life: it refuses an existing `--out` without `force`, stages
 everything in a hidden temporary sibling (`.NAME.omniq-XXXX`, same file system), moves the finished
@@ -6,15 +6,16 @@ artifact into place with one rename at the end, and on any failure removes the s
 directories it created), so nothing is ever left at `--out`.
 
 Inside the stage:
-1. `modelopt_export`: `modelopt.torch.export.export_hf_checkpoint` into `stage/modelopt` (bf16 for
-   unquantized tensors, 5 GB shards), under `modelopt_isolation`.
-2. `write_tensors`: every ModelOpt shard is rewritten into `stage/final` in NVIDIA's hub layout. ModelOpt
-   0.47 reverses transformers' load-time conversion itself (`backbone.*`, one tensor per expert) except one
-   name: transformers' reverse rename writes `backbone.embedding.weight` where NVIDIA's checkpoints have
-   `backbone.embeddings.weight`. `hub_names` also covers the fallbacks ModelOpt takes when its reverse
-   conversion fails (native `model.*` names, fused 3-D expert tensors). An Omni checkpoint's tower and
-   projector tensors (never loaded into the model) are copied from the source shards byte for byte into one
-   more shard (`copy_raw_tensors`), and `expected_tensors` lists them as passthrough.
+1. (`omniq.export.streamed`) the decoder layers are calibrated and exported one at a time, with ModelOpt's own
+   export steps, straight into `stage/final` in NVIDIA's hub layout (`expected_tensors` gives every tensor's
+   dtype and shape up front). `hub_names` maps ModelOpt's names onto the hub's: ModelOpt 0.47 reverses
+   transformers' load-time conversion itself (`backbone.*`, one tensor per expert) except one name:
+   transformers' reverse rename writes `backbone.embedding.weight` where NVIDIA's checkpoints have
+   `backbone.embeddings.weight`; it also covers native `model.*` names and fused 3-D expert tensors. An Omni
+   checkpoint's tower and projector tensors (never loaded into the model) are copied from the source shards
+   byte for byte into one more shard (`copy_raw_tensors`), and `expected_tensors` lists them as passthrough.
+2. (`omniq.quant.weight_calibration`, optional) inside step 1, per layer: weights of another algorithm replace
+   ModelOpt's before the layer is written (`streamed.run`'s `layer_tensors_hook`).
 3. `verify_tensors`: the tensors are exactly what the plan says, or the export fails (GateFailed, exit 1):
    every plan-quantized layer has its quantized weight and scales with the right dtypes and shapes, and
    dequantizes close to its own source weight on sampled rows (a swapped or garbled expert fails); every BF16 layer and
@@ -31,12 +32,9 @@ Inside the stage:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -48,11 +46,10 @@ from omniq.manifest import MANIFEST
 from omniq.model import names
 from omniq.model.arch import Arch
 from omniq.model.checkpoint import Checkpoint, TensorReader, read_rows, read_safetensors_header
-from omniq.quiet import quiet
-from omniq.quant.plan import NVFP4_GROUP, LayerPlan
+from omniq.quant import formats as qformats
+from omniq.quant.plan import LayerPlan
 
 Progress = Callable[[str, int, int], None]
-SHARD_SIZE = "5GB"
 # Files of the source checkpoint that travel with the artifact (weights and configs are written anew).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
               "generation_config.json", "chat_template.json", "chat_template.jinja", "vocab.json", "merges.txt",
@@ -72,9 +69,6 @@ class Stage(Staged):
     def out(self) -> Path:
         return self.dest
 
-    @property
-    def raw(self) -> Path:
-        return self.root / "modelopt"
 
 
 def check_out(out: str | Path, *, force: bool, protect: tuple[Path, ...] = ()) -> Path:
@@ -97,23 +91,7 @@ def staged_output(out: str | Path, *, force: bool = False, protect: tuple[Path, 
                       appeared=f"--out {out} appeared while quantizing; pass --force to replace it")
 
 
-# ----- 1. ModelOpt's export ------------------------------------------------------------------------------
-def modelopt_export(model, stage: Stage) -> dict:
-    """`export_hf_checkpoint` into the stage; returns ModelOpt's own hf_quant_config (for cross-checks)."""
-    import torch
-    from modelopt.torch.export import export_hf_checkpoint
-
-    from omniq.quant.calibrate import modelopt_isolation
-
-    with quiet(transformers=True, progress_bar=True), modelopt_isolation(), \
-            contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=stage.raw, max_shard_size=SHARD_SIZE)
-    hq = stage.raw / "hf_quant_config.json"
-    return json.loads(hq.read_text()) if hq.is_file() else {}
-
-
-# ----- 2. tensors in the hub layout ----------------------------------------------------------------------
+# ----- 1. tensors in the hub layout ----------------------------------------------------------------------
 def hub_names(name: str, tensor, arch: Arch) -> list[tuple[str, object]]:
     """One exported tensor -> [(hub-layout name, tensor)]: `model.` -> `backbone.`, `embedding` ->
     `embeddings`, and a fused 3-D expert tensor split into one tensor per expert."""
@@ -123,48 +101,6 @@ def hub_names(name: str, tensor, arch: Arch) -> list[tuple[str, object]]:
         return [(arch.prefix + names.expert_weight(fused[0], e, fused[1]), tensor[e].contiguous())
                 for e in range(tensor.shape[0])]
     return [(arch.prefix + local, tensor)]
-
-
-def _raw_shards(raw: Path) -> list[Path]:
-    shards = sorted(raw.glob("*.safetensors"))
-    if not shards:
-        raise RuntimeError(f"ModelOpt's export wrote no safetensors into {raw}")
-    return shards
-
-
-def write_tensors(stage: Stage, arch: Arch, progress: Progress | None = None,
-                  ckpt: Checkpoint | None = None) -> list[str]:
-    """Rewrite ModelOpt's shards into the final directory in hub-layout names; returns the file names.
-    With an Omni `ckpt`, its tower and projector tensors go into one more shard, copied byte for byte."""
-    from safetensors.torch import load_file, save_file
-
-    shards = _raw_shards(stage.raw)
-    towers = tower_tensors(ckpt) if ckpt is not None else {}
-    n = len(shards) + (1 if towers else 0)
-    names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    weight_map: dict[str, str] = {}
-    total = 0
-    for k, (src, dst) in enumerate(zip(shards, names)):
-        out: dict = {}
-        for name, t in load_file(str(src)).items():
-            for hub, tensor in hub_names(name, t, arch):
-                if hub in weight_map or hub in out:
-                    raise RuntimeError(f"export wrote tensor {hub} twice")
-                out[hub] = tensor
-        save_file(dict(sorted(out.items())), str(stage.final / dst), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in out.values())
-        weight_map.update({hub: dst for hub in out})
-        del out
-        src.unlink()
-        if progress:
-            progress("export", k + 1, n)
-    if towers:
-        total += copy_raw_tensors(ckpt, sorted(towers), stage.final / names[-1])
-        weight_map.update({name: names[-1] for name in towers})
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (stage.final / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return names
 
 
 # ----- 3. the tensors are the plan ----------------------------------------------------------------------
@@ -234,17 +170,13 @@ def expected_tensors(plan: LayerPlan, towers: dict[str, Expected] | None = None)
         out[t.name] = Expected("F32" if t.dtype == "F32" else "BF16", t.shape, "passthrough")
     for w, lin in quantized_weights.items():
         fmt = plan.formats[lin.name]
-        o, i = lin.out_features, lin.in_features
-        if fmt == "fp8":
-            out[w] = Expected("F8_E4M3", (o, i), "weight", fmt)
-            out[f"{lin.name}.weight_scale"] = Expected("F32", (), "scale", fmt)
-        elif fmt == "nvfp4":
-            out[w] = Expected("U8", (o, i // 2), "weight", fmt)
-            out[f"{lin.name}.weight_scale"] = Expected("F8_E4M3", (o, i // NVFP4_GROUP), "scale", fmt)
-            out[f"{lin.name}.weight_scale_2"] = Expected("F32", (), "scale", fmt)
-        out[f"{lin.name}.input_scale"] = Expected("F32", (), "scale", fmt)
+        f, shape = qformats.FORMATS[fmt], (lin.out_features, lin.in_features)
+        out[w] = Expected(f.weight_dtype, f.stored_shape(shape), "weight", fmt)
+        for c in f.scales:                        # as the format stores them: weight scales, then input_scale
+            out[f"{lin.name}.{c.suffix}"] = Expected(c.dtype, c.shape(shape), "scale", fmt)
+    kv_dtype = qformats.KV_CACHE[0].dtype             # K and V scales alike
     for name in plan.kv_scale_tensors:
-        out[name] = Expected("F32", (), "kv_scale", plan.kv_cache)
+        out[name] = Expected(kv_dtype, (), "kv_scale", plan.kv_cache)
     return out
 
 
@@ -273,8 +205,6 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
     """Check the written tensors against the plan and the source; returns per-format counts."""
     import torch
     from safetensors import safe_open
-
-    from omniq.quant import formats
 
     expected = expected_tensors(plan, tower_tensors(ckpt))
     found = _headers(final)
@@ -324,11 +254,11 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
         n_rows = expected[name].shape[0]
         rows = torch.linspace(0, n_rows - 1, min(n_rows, CHECK_ROWS)).round().long().unique().tolist()
         src = source.rows(name, rows)
-        if fmt == "fp8":
-            deq = formats.fp8_dequantize(rows_of(name, rows), get(f"{module}.weight_scale"))
-        else:
-            deq = formats.nvfp4_dequantize(rows_of(name, rows), rows_of(f"{module}.weight_scale", rows),
-                                           get(f"{module}.weight_scale_2"), src.shape[-1])
+        f = qformats.FORMATS[fmt]
+        tensors = {"weight": rows_of(name, rows)}
+        for c in f.weight_scales:                  # per-block scales: the same rows; per-tensor ones whole
+            tensors[c.suffix] = rows_of(f"{module}.{c.suffix}", rows) if c.block else get(f"{module}.{c.suffix}")
+        deq = f.dequantize(tensors, src.shape[-1])
         err = _relative_error(deq, src)
         if not err <= MAX_WEIGHT_ERROR[fmt]:
             problems.append(f"{name} ({fmt}) dequantizes to relative error {err:.3f} against its source weight")
@@ -403,16 +333,6 @@ class Exported:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def finish(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,
-           progress: Progress | None = None) -> Exported:
-    """Steps 2-5 on a stage that holds ModelOpt's export."""
-    t = time.perf_counter()
-    write_tensors(stage, plan.arch, progress, ckpt)
-    shutil.rmtree(stage.raw, ignore_errors=True)
-    rewrite = time.perf_counter() - t
-    exported = finish_written(stage, plan, ckpt, manifest, modelopt_quant_config, progress)
-    exported.seconds["rewrite"] = rewrite
-    return exported
 
 
 def finish_written(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,

@@ -10,7 +10,7 @@ models: tests/export/test_quantize_streamed.py against tests/data/golden/quantiz
    checkpoint's config, in bf16, with omniq's Mamba forward (`calibrate.patch_mamba_mixers`). Its module tree
    gives ModelOpt the module names and classes it knows; a layer's parameters are materialized from the
    safetensors shards (shard handles kept open; routed experts copied in place into transformers' fused 3-D tensors,
-   the router weight in F32 as `calibrate.restore_router_fp32` does, buffers in their stored dtype) when that
+   the router weight in F32 as NVIDIA stores it, buffers in their stored dtype) when that
    layer is calibrated, and dropped after it is written.
 2. Inputs: every calibration batch runs through the skeleton's own `forward` once with each decoder block
    replaced by a probe that records the block's keyword arguments (transformers' causal / Mamba masks,
@@ -54,7 +54,6 @@ import errno
 import io
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +61,7 @@ from typing import Callable
 
 from omniq.errors import OmniqError
 from omniq.heap import give_back
+from omniq.model import names
 from omniq.model.arch import ATTENTION
 from omniq.model.checkpoint import Checkpoint, TensorReader
 
@@ -109,7 +109,7 @@ def materialize(module, native_prefix: str, source: TensorReader) -> int:
     entries = [(n, p, True) for n, p in module.named_parameters()] + [(n, b, False) for n, b in module.named_buffers()]
     for name, old, is_param in entries:
         full = f"{native_prefix}.{name}" if native_prefix else name
-        if old.dim() == 3 and name.endswith(("experts.up_proj", "experts.down_proj")):
+        if old.dim() == 3 and names.fused_expert(full):
             parts = [hub_name_of(full, ckpt, e) for e in range(old.shape[0])]
             first = source.get(parts[0])
             t = torch.empty((len(parts), *first.shape), dtype=first.dtype)    # filled in place: no second copy
@@ -124,7 +124,7 @@ def materialize(module, native_prefix: str, source: TensorReader) -> int:
             raise OmniqError(f"{ckpt.path}: tensor {parts[0]} has shape {list(t.shape)} but the config says "
                              f"{list(old.shape)}; config and weights do not match")
         if is_param:
-            dtype = torch.float32 if name.endswith("gate.weight") else old.dtype     # router: F32 as stored
+            dtype = torch.float32 if names.is_router_weight(name) else old.dtype     # router: F32 as stored
         else:
             dtype = t.dtype
         t = t.to(dtype)
@@ -135,7 +135,7 @@ def materialize(module, native_prefix: str, source: TensorReader) -> int:
         owner, _, leaf = name.rpartition(".")
         sub = module.get_submodule(owner) if owner else module
         if is_param:
-            sub._parameters[leaf] = torch.nn.Parameter(t, requires_grad=not name.endswith("gate.weight"))
+            sub._parameters[leaf] = torch.nn.Parameter(t, requires_grad=not names.is_router_weight(name))
         else:
             sub._buffers[leaf] = t
         loaded += t.numel() * t.element_size()
@@ -266,7 +266,7 @@ def calibrate_layer(model, i: int, config: dict, hidden: list, kwargs: list, *, 
                 with observe(k) if observe is not None else contextlib.nullcontext():
                     hidden[k] = block(hidden[k], **kwargs[k][i])
 
-    prefix = f"model.layers.{i}."
+    prefix = names.native_layer(i) + "."
     mine = {n: f for n, f in enabled.items() if n.startswith(prefix)}
     if not mine:
         # Nothing of this layer is quantized (a BF16 layer of a mixed recipe, e.g. one `omniq search` wrote):
@@ -512,10 +512,10 @@ class ShardWriter:
             raise GateFailed(f"exported checkpoint does not match the layer plan: "
                              f"{'; '.join(f'missing {n}' for n in missing[:3])}{more}")
         n = len(self.shards) + extra
-        names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-        for shard, name in zip(self.shards, names):
+        files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        for shard, name in zip(self.shards, files):
             os.replace(shard.path, self.final / name)
-        return names
+        return files
 
     def close(self) -> None:
         for s in self.shards:
@@ -523,8 +523,8 @@ class ShardWriter:
                 os.close(s.fd)
                 s.fd = -1
 
-    def weight_map(self, names: list[str]) -> dict[str, str]:
-        return {t: name for shard, name in zip(self.shards, names) for t in shard.names}
+    def weight_map(self, files: list[str]) -> dict[str, str]:
+        return {t: name for shard, name in zip(self.shards, files) for t in shard.names}
 
 
 def _itemsize(dtype: str) -> int:
@@ -542,8 +542,9 @@ def output_layout(plan) -> dict:
     position = {t.name: k for k, t in enumerate(plan.arch.tensors)}
 
     def key(name):
-        m = re.search(r"backbone\.layers\.(\d+)\.", name)
-        layer = int(m.group(1)) if m else (-1 if "embeddings" in name else 1 << 30)
+        layer = plan.arch.layer_index(name)
+        if layer is None:
+            layer = -1 if name == plan.arch.embedding_weight else 1 << 30
         module = name.rsplit(".", 1)[0]
         return layer, position.get(name, position.get(module + ".weight", 1 << 30)), name
 
@@ -603,7 +604,7 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     register_modelopt_plugins(model)
     source = TensorReader(ckpt)
     mm = bool(batches) and hasattr(batches[0], "kwargs")
-    out.bytes_read += materialize(model.model.embeddings, "model.embeddings", source)   # token rows (Omni too)
+    out.bytes_read += materialize(model.model.embeddings, names.NATIVE_EMBEDDINGS, source)   # token rows (Omni too)
     model.model.embeddings.to(device)
     hidden, kwargs = [], []
     for b in batches:
@@ -623,12 +624,12 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     counting = coverage.installed(model) if coverage is not None else contextlib.nullcontext()
     calib_s = export_s = 0.0
     try:
-        writer.add({n: _passthrough(source, arch, n) for n in [f"{arch.prefix}backbone.embeddings.weight"]})
+        writer.add({n: _passthrough(source, arch, n) for n in [arch.embedding_weight]})
         with counting:
             for i in range(arch.num_layers):
                 t = time.perf_counter()
                 block = model.model.layers[i]
-                n = materialize(block, f"model.layers.{i}", source)
+                n = materialize(block, names.native_layer(i), source)
                 out.bytes_read += n
                 out.peak_layer_bytes = max(out.peak_layer_bytes, n)
                 block.to(device)
@@ -654,24 +655,22 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
                 counter.count(b)
         del hidden, kwargs
         t = time.perf_counter()
-        tail = [f"{arch.prefix}backbone.norm_f.weight"] + ([] if arch.tie_word_embeddings
-                                                             else [f"{arch.prefix}lm_head.weight"])
-        writer.add({n: _passthrough(source, arch, n) for n in tail})
+        writer.add({n: _passthrough(source, arch, n) for n in arch.final_tensors})
         towers = tower_tensors(ckpt)
-        names = writer.finish(extra=1 if towers else 0)
+        files = writer.finish(extra=1 if towers else 0)
     finally:
         writer.close()
         source.close()
-    weight_map = writer.weight_map(names)
+    weight_map = writer.weight_map(files)
     total = writer.total
     if towers:
-        total += copy_raw_tensors(ckpt, sorted(towers), final / names[-1])
-        weight_map.update({name: names[-1] for name in towers})
-    if len(names) > 1:
+        total += copy_raw_tensors(ckpt, sorted(towers), final / files[-1])
+        weight_map.update({name: files[-1] for name in towers})
+    if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (final / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     out.seconds.update(calibrate=calib_s, export_layers=export_s + time.perf_counter() - t)
     out.quant_config = _merge_quant_config(configs)
-    out.files = names
-    out.bytes_written = sum((final / n).stat().st_size for n in names)
+    out.files = files
+    out.bytes_written = sum((final / n).stat().st_size for n in files)
     return out

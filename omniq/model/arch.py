@@ -140,6 +140,37 @@ class Arch:
     def layer_prefix(self, i: int) -> str:
         return f"{self.prefix}backbone.layers.{i}"
 
+    def layer_index(self, name: str) -> int | None:
+        """The decoder layer a tensor or module name belongs to (None: outside the decoder layers)."""
+        head = f"{self.prefix}backbone.layers."
+        i = name[len(head):].split(".", 1)[0] if name.startswith(head) else ""
+        return int(i) if i.isdigit() else None
+
+    @property
+    def embedding_weight(self) -> str:
+        """The token embeddings' tensor, before the decoder layers."""
+        return f"{self.prefix}backbone.embeddings.weight"
+
+    @property
+    def norm_f(self) -> str:
+        """The final norm's weight, after the decoder layers."""
+        return f"{self.prefix}backbone.norm_f.weight"
+
+    @property
+    def lm_head(self) -> str:
+        """The output projection's module (its weight is the embeddings' when they are tied)."""
+        return f"{self.prefix}lm_head"
+
+    @property
+    def head_weight(self) -> str:
+        """The tensor the output projection multiplies by: lm_head's weight, or the tied embeddings."""
+        return self.embedding_weight if self.tie_word_embeddings else f"{self.lm_head}.weight"
+
+    @property
+    def final_tensors(self) -> list[str]:
+        """The tensors after the decoder layers: the final norm and (untied) lm_head."""
+        return [self.norm_f] + ([] if self.tie_word_embeddings else [self.head_weight])
+
     # ----- linear layers ------------------------------------------------------------------------------
     @cached_property
     def linears(self) -> tuple[Linear, ...]:
@@ -180,7 +211,7 @@ class Arch:
     @cached_property
     def tensors(self) -> tuple[Tensor, ...]:
         h = self.hidden_size
-        out = [Tensor(f"{self.prefix}backbone.embeddings.weight", (self.vocab_size, h), "embeddings")]
+        out = [Tensor(self.embedding_weight, (self.vocab_size, h), "embeddings")]
         comp = {"mamba_in": "mamba", "mamba_out": "mamba", "attn_q": "attention", "attn_k": "attention",
                 "attn_v": "attention", "attn_o": "attention", "expert_up": "routed_experts",
                 "expert_down": "routed_experts", "shared_up": "shared_experts", "shared_down": "shared_experts",
@@ -211,9 +242,9 @@ class Arch:
                     out.append(Tensor(f"{lin.name}.bias", (lin.out_features,), comp[lin.role]))
                 if lin.role.startswith(("expert_", "shared_", "mlp_")) and self.mlp_bias:
                     out.append(Tensor(f"{lin.name}.bias", (lin.out_features,), comp[lin.role]))
-        out.append(Tensor(f"{self.prefix}backbone.norm_f.weight", (h,), "norms"))
-        if not self.tie_word_embeddings:
-            out.append(Tensor(f"{self.prefix}lm_head.weight", (self.vocab_size, h), "lm_head"))
+        norm_f, *lm_head = self.final_tensors
+        out.append(Tensor(norm_f, (h,), "norms"))
+        out += [Tensor(n, (self.vocab_size, h), "lm_head") for n in lm_head]
         return tuple(out)
 
     @cached_property

@@ -160,19 +160,19 @@ def decoder_layer(arch: Arch, weights: Mapping[str, torch.Tensor], i: int, x: to
 
 
 def embed(arch: Arch, weights: Mapping[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
-    return F.embedding(input_ids, weights[f"{arch.prefix}backbone.embeddings.weight"]).float()
+    return F.embedding(input_ids, weights[arch.embedding_weight]).float()
 
 
 def final_norm(arch: Arch, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return rms_norm(x, weights[f"{arch.prefix}backbone.norm_f.weight"], arch.norm_eps)
+    return rms_norm(x, weights[arch.norm_f], arch.norm_eps)
 
 
 def lm_head(arch: Arch, weights: Mapping[str, torch.Tensor], h: torch.Tensor,
             linear: LinearFn | None = None) -> torch.Tensor:
     """Logits from final normed hidden states (the embedding matrix when tied)."""
     if arch.tie_word_embeddings:
-        return F.linear(h, weights[f"{arch.prefix}backbone.embeddings.weight"].float())
-    return (linear or plain_linear(weights))(f"{arch.prefix}lm_head", h)
+        return F.linear(h, weights[arch.embedding_weight].float())
+    return (linear or plain_linear(weights))(arch.lm_head, h)
 
 
 def hidden_states(arch: Arch, weights: Mapping[str, torch.Tensor], input_ids=None, *, inputs_embeds=None,

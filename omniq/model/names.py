@@ -23,6 +23,9 @@ NATIVE = "model."
 # the spellings some writers use for a hub-layout tensor -> the hub name
 ALIASES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
 EXPERT_PROJS = ("up_proj", "down_proj")
+ROUTER = "mixer.gate"               # a MoE layer's router module, relative to its decoder layer
+NATIVE_EMBEDDINGS = NATIVE + "embeddings"      # transformers' embedding module (hub: `backbone.embeddings`)
+QKV = ("q_proj", "k_proj", "v_proj")            # an attention mixer's input projections
 _FUSED_EXPERT = re.compile(r"^(?P<base>.*\.mixer\.experts)\.(?P<proj>up_proj|down_proj)(?:\.weight)?$")
 _EXPERT = re.compile(r"\.layers\.(\d+)\.mixer\.experts\.(\d+)\.")
 
@@ -62,6 +65,30 @@ def native_module(hub_name: str, prefix: str = "") -> str:
     return name
 
 
+def native_layer(i: int) -> str:
+    """transformers' module name of decoder layer `i` (hub: `backbone.layers.{i}`)."""
+    return f"{NATIVE}layers.{i}"
+
+
+def is_router_weight(name: str) -> bool:
+    """The router's weight (`....mixer.gate.weight`), in any spelling."""
+    return name.endswith(f"{ROUTER}.weight")
+
+
+def is_router(module: str) -> bool:
+    return module == ROUTER or module.endswith(f".{ROUTER}")
+
+
+def qkv(attention_mixer: str) -> list[str]:
+    """An attention layer's mixer module -> its q / k / v projection modules (one fused GEMM in the engines)."""
+    return [f"{attention_mixer}.{p}" for p in QKV]
+
+
+def experts_glob(expert_module: str) -> str:
+    """A routed expert's module (`....mixer.experts.{e}.up_proj`) -> the glob of its layer's experts."""
+    return expert_module.rsplit(".experts.", 1)[0] + ".experts.*"
+
+
 def fused_expert(local: str) -> tuple[str, str] | None:
     """`....mixer.experts.up_proj[.weight]` (a fused 3-D tensor's name) -> (`....mixer.experts`, `up_proj`)."""
     m = _FUSED_EXPERT.match(local)
@@ -83,9 +110,12 @@ def experts_module_pattern(layer: int) -> re.Pattern:
     return re.compile(rf"(^|\.)layers\.{layer}\.mixer\.experts$")
 
 
+KV_SCALE_SUFFIXES = {"k": "k_scale", "v": "v_scale"}     # on `mixer.k_proj` / `mixer.v_proj`
+
+
 def kv_scales(attention_mixer: str) -> dict[str, str]:
     """An attention layer's mixer module -> {"k": its K-cache scale tensor, "v": its V-cache scale tensor}."""
-    return {w: f"{attention_mixer}.{w}_proj.{w}_scale" for w in ("k", "v")}
+    return {w: f"{attention_mixer}.{w}_proj.{s}" for w, s in KV_SCALE_SUFFIXES.items()}
 
 
 def hub_spellings(declared: str, is_omni: bool, component_of) -> list[str]:

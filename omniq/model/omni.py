@@ -95,7 +95,7 @@ def splice(arch, weights, input_ids, image_embeds=None, audio_embeds=None, *, to
 
     from omniq.errors import OmniqError
 
-    x = F.embedding(input_ids, weights[f"{arch.prefix}backbone.embeddings.weight"]).float()
+    x = F.embedding(input_ids, weights[arch.embedding_weight]).float()
     for name, tid, emb in (("image", tokens.image, image_embeds), ("audio", tokens.sound, audio_embeds)):
         mask = input_ids == tid if tid is not None else torch.zeros_like(input_ids, dtype=torch.bool)
         n = int(mask.sum())

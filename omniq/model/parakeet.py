@@ -29,8 +29,11 @@ import functools
 import math
 from dataclasses import dataclass
 
-ENCODER = "sound_encoder.encoder."
-PROJECTOR = "sound_projection."
+from omniq.model import tower_parts as parts
+from omniq.model.tower_parts import AudioSpec
+
+ENCODER = parts.SOUND
+PROJECTOR = parts.SOUND_PROJECTOR
 NOT_READ = (f"{ENCODER}feature_extractor.",)
 OPTIONAL = (".num_batches_tracked",)
 CLIP_SECONDS = 30.0          # vLLM ExtractorConfig.clip_duration_s
@@ -40,34 +43,16 @@ NORM_EPS = 1e-5
 
 
 @dataclass(frozen=True)
-class ParakeetSpec:
-    mel_bins: int
-    width: int
-    layers: int
-    heads: int
-    ff_width: int
-    conv_kernel: int
+class ParakeetSpec(AudioSpec):
+    """The real FastConformer (clips of 30 s, the last one of the remainder)."""
+
     convolution_bias: bool
-    subsampling_factor: int
-    subsampling_channels: int
     subsampling_kernel: int
     subsampling_stride: int
-    projector_width: int
-    projection_bias: bool
     projection_eps: float
-    llm_hidden: int
-    sampling_rate: int
-    n_fft: int
-    win_length: int
-    hop_length: int
     preemphasis: float
-    clip_samples: int
     clip_min_samples: int
     hidden_act: str = "silu"
-
-    @property
-    def stages(self) -> int:
-        return int(math.log2(self.subsampling_factor))
 
     def frames(self, samples: int) -> int:
         """Valid feature frames of a clip (vLLM's count; the centred STFT's extra frame is dropped)."""
@@ -79,10 +64,6 @@ class ParakeetSpec:
         for _ in range(self.stages):
             frames = math.floor((frames + pad) / self.subsampling_stride + 1.0)
         return int(frames)
-
-    @property
-    def tokens_per_clip(self) -> int:
-        return self.tokens(self.frames(self.clip_samples))
 
     def clip_sizes(self, samples: int) -> list[int]:
         """vLLM's ParakeetExtractor._clip_sizes: full clips, then the remainder (at least the minimum)."""
@@ -135,9 +116,7 @@ def build(s: ParakeetSpec, device: str = "meta"):
     """transformers' ParakeetEncoder for this spec (weights uninitialised on `meta`), eval mode."""
     from transformers import ParakeetEncoder
 
-    from omniq.model import towers
-
-    return towers.hf_module(ParakeetEncoder, encoder_config(s), device)
+    return parts.hf_module(ParakeetEncoder, encoder_config(s), device)
 
 
 @functools.lru_cache(maxsize=4)
@@ -156,12 +135,7 @@ def checkpoint_tensors(s: ParakeetSpec) -> dict[str, tuple[int, ...]]:
     """Every audio encoder and projector tensor of the real layout (checkpoint names), name -> shape:
     the encoder's state dict under `sound_encoder.encoder.`, then `sound_projection.`."""
     t = {f"{ENCODER}{n}": shape for n, shape in _encoder_names(s)}
-    t[f"{PROJECTOR}norm.weight"] = (s.width,)
-    t[f"{PROJECTOR}linear1.weight"] = (s.projector_width, s.width)
-    t[f"{PROJECTOR}linear2.weight"] = (s.llm_hidden, s.projector_width)
-    if s.projection_bias:
-        t[f"{PROJECTOR}linear1.bias"] = (s.projector_width,)
-        t[f"{PROJECTOR}linear2.bias"] = (s.llm_hidden,)
+    t.update(parts.sound_projector_tensors(s))
     return t
 
 
@@ -202,11 +176,9 @@ def audio_embeds(s: ParakeetSpec, w, features):
     embeddings of all clips one after another (total_tokens, llm_hidden)."""
     import torch
 
-    from omniq.model import towers
-
     if isinstance(features, (list, tuple)):
         return torch.cat([audio_embeds(s, w, f).reshape(-1, s.llm_hidden) for f in features])
-    return towers.sound_projector(s, w, encoder_states(s, w, features))
+    return parts.sound_projector(s, w, encoder_states(s, w, features))
 
 
 @functools.lru_cache(maxsize=4)

@@ -32,10 +32,8 @@ import functools
 import math
 from dataclasses import dataclass
 
-from omniq.model import towers
-
-VISION = "vision_model.radio_model."
-PROJECTOR = "mlp1."
+from omniq.model import tower_parts as parts
+from omniq.model.tower_parts import PROJECTOR, VISION  # noqa: F401
 
 # vLLM's VIT_TIMM_DIM_BY_NAME: timm name -> (width, layers, heads, mlp width)
 TIMM_DIMS = {
@@ -49,7 +47,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
-class RadioSpec(towers.TileGeometry):
+class RadioSpec(parts.TileGeometry):
     image_size: int             # one tile, square (force_image_size)
     patch_size: int
     width: int
@@ -124,8 +122,8 @@ def checkpoint_tensors(s: RadioSpec) -> dict[str, tuple[int, ...]]:
     if s.video_temporal_patch_size > 1:
         t[f"{m}patch_generator.video_embedder.weight"] = (c, 3 * s.video_temporal_patch_size * p * p)
     for i in range(s.layers):
-        t.update(towers.vit_block_tensors(f"{m}blocks.{i}.", c, s.mlp_width))
-    t.update(towers.projector_tensors(c * s.shuffle ** 2, s.projector_width, s.llm_hidden))
+        t.update(parts.vit_block_tensors(f"{m}blocks.{i}.", c, s.mlp_width))
+    t.update(parts.projector_tensors(c * s.shuffle ** 2, s.projector_width, s.llm_hidden))
     return t
 
 
@@ -170,7 +168,7 @@ def build(s: RadioSpec, device: str = "meta"):
     """transformers' RadioModel for this spec (weights uninitialised on `meta`), eval mode, SDPA attention."""
     from transformers import RadioModel
 
-    return towers.hf_module(RadioModel, radio_config(s), device)
+    return parts.hf_module(RadioModel, radio_config(s), device)
 
 
 @functools.lru_cache(maxsize=4)
@@ -210,7 +208,7 @@ def vision_features(s: RadioSpec, w, pixels):
 
 def image_embeds(s: RadioSpec, w, pixels):
     """(n, 3, S, S) tiles -> (n, tokens_per_tile, llm_hidden): what replaces the image context tokens."""
-    return towers.vision_projector(s, w, vision_features(s, w, pixels))          # pixel shuffle + mlp1
+    return parts.vision_projector(s, w, vision_features(s, w, pixels))          # pixel shuffle + mlp1
 
 
 def tile_grid(width: int, height: int, max_tiles: int, size: int) -> tuple[int, int]:

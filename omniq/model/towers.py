@@ -36,35 +36,19 @@ same functions for both.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
-VISION = "vision_model.radio_model."
+from omniq.model import parakeet, radio
+# the pieces both layouts share; re-exported here, where callers have always found them
+from omniq.model.tower_parts import (PROJECTOR, SOUND, SOUND_PROJECTOR, VISION, AudioSpec,  # noqa: F401
+                                     TileGeometry, hf_module, pixel_shuffle, projector_tensors, relu2,
+                                     sound_projector, sound_projector_tensors, vision_projector, vit_block_tensors)
+from omniq.model.tower_parts import attention as _attention, f32 as _f, layer_norm as _layer_norm, linear as _linear
+
 VIT = VISION + "model."
-PROJECTOR = "mlp1."
-SOUND = "sound_encoder.encoder."
-SOUND_PROJECTOR = "sound_projection."
-
-
-class TileGeometry:
-    """Patch grid and tokens of one square tile (both vision layouts): `image_size`, `patch_size`,
-    `downsample_ratio` come from the spec."""
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def shuffle(self) -> int:
-        return int(round(1 / self.downsample_ratio))
-
-    @property
-    def tokens_per_tile(self) -> int:
-        return (self.grid // self.shuffle) ** 2
 
 
 @dataclass(frozen=True)
@@ -84,28 +68,11 @@ class VisionSpec(TileGeometry):
 
 
 @dataclass(frozen=True)
-class SoundSpec:
-    mel_bins: int
-    width: int
-    layers: int
-    heads: int
-    ff_width: int
-    conv_kernel: int
-    subsampling_factor: int
-    subsampling_channels: int
-    projector_width: int
-    projection_bias: bool
-    llm_hidden: int
-    sampling_rate: int
-    n_fft: int
-    win_length: int
-    hop_length: int
-    clip_samples: int           # audio is cut into clips of this many samples (the last one zero-padded)
-    eps: float = 1e-5
+class SoundSpec(AudioSpec):
+    """The simplified conformer (clips zero-padded to `clip_samples`)."""
 
-    @property
-    def stages(self) -> int:
-        return int(math.log2(self.subsampling_factor))
+    eps: float = 1e-5
+    projection_eps: float = 1e-5
 
     def frames(self, samples: int) -> int:
         """Feature frames of a clip (centred STFT)."""
@@ -116,10 +83,6 @@ class SoundSpec:
         for _ in range(self.stages):
             frames = (frames - 1) // 2 + 1
         return frames
-
-    @property
-    def tokens_per_clip(self) -> int:
-        return self.tokens(self.frames(self.clip_samples))
 
 
 def _unsupported(part: str, detail: str):
@@ -133,8 +96,6 @@ def _unsupported(part: str, detail: str):
 
 def vision_spec(cfg: dict):
     """The vision tower's spec: `radio.RadioSpec` for the real layout, `VisionSpec` for the simplified one."""
-    from omniq.model import radio
-
     try:
         return radio.spec(cfg) if radio.is_radio(cfg) else _vision_spec(cfg)
     except (KeyError, TypeError, ValueError) as e:
@@ -143,8 +104,6 @@ def vision_spec(cfg: dict):
 
 def sound_spec(cfg: dict):
     """The audio encoder's spec: `parakeet.ParakeetSpec` for the real layout, `SoundSpec` for the simplified one."""
-    from omniq.model import parakeet
-
     try:
         return parakeet.spec(cfg) if parakeet.is_parakeet(cfg) else _sound_spec(cfg)
     except (KeyError, TypeError, ValueError) as e:
@@ -153,8 +112,6 @@ def sound_spec(cfg: dict):
 
 def check_supported(cfg: dict, names) -> None:
     """The checkpoint's tower and projector tensors are exactly the ones these functions read."""
-    from omniq.model import parakeet
-
     want = tower_tensors(cfg)
     have = {n for n in names if n.startswith((VISION, PROJECTOR, "sound_encoder.", SOUND_PROJECTOR))}
     have -= {n for n in have if n.startswith(parakeet.NOT_READ)}          # extractor buffers, never read
@@ -192,34 +149,7 @@ def _sound_spec(cfg: dict) -> SoundSpec:
 
 
 # ----- tensor inventory ---------------------------------------------------------------------------------
-def vit_block_tensors(b: str, c: int, mlp: int) -> dict[str, tuple[int, ...]]:
-    """One RADIO ViT block's tensors under prefix `b` (the original RADIO / timm names, both layouts)."""
-    return {f"{b}norm1.weight": (c,), f"{b}norm1.bias": (c,),
-            f"{b}attn.qkv.weight": (3 * c, c), f"{b}attn.qkv.bias": (3 * c,),
-            f"{b}attn.proj.weight": (c, c), f"{b}attn.proj.bias": (c,),
-            f"{b}norm2.weight": (c,), f"{b}norm2.bias": (c,),
-            f"{b}mlp.fc1.weight": (mlp, c), f"{b}mlp.fc1.bias": (mlp,),
-            f"{b}mlp.fc2.weight": (c, mlp), f"{b}mlp.fc2.bias": (c,)}
-
-
-def projector_tensors(shuffled: int, width: int, llm_hidden: int) -> dict[str, tuple[int, ...]]:
-    """`mlp1`: RMSNorm over the pixel-shuffled width, two linears without bias (vLLM's nn.Sequential indices)."""
-    return {f"{PROJECTOR}0.weight": (shuffled,), f"{PROJECTOR}1.weight": (width, shuffled),
-            f"{PROJECTOR}3.weight": (llm_hidden, width)}
-
-
-def hf_module(model_cls, config, device: str = "meta"):
-    """A transformers model built from `config` on `device` (`meta`: shapes only, no memory), eval mode, SDPA."""
-    import torch
-
-    config._attn_implementation = "sdpa"
-    with torch.device(device):
-        return model_cls(config).eval()
-
-
 def vision_tensors(v) -> dict[str, tuple[int, ...]]:
-    from omniq.model import radio
-
     if isinstance(v, radio.RadioSpec):
         return radio.checkpoint_tensors(v)
     c, p = v.width, v.patch_size
@@ -234,8 +164,6 @@ def vision_tensors(v) -> dict[str, tuple[int, ...]]:
 
 
 def sound_tensors(s) -> dict[str, tuple[int, ...]]:
-    from omniq.model import parakeet
-
     if isinstance(s, parakeet.ParakeetSpec):
         return parakeet.checkpoint_tensors(s)
     c, ch = s.width, s.subsampling_channels
@@ -262,12 +190,7 @@ def sound_tensors(s) -> dict[str, tuple[int, ...]]:
                   f"{b}conv.pointwise_conv2.weight": (c, c, 1), f"{b}conv.pointwise_conv2.bias": (c,)})
         for norm in ("norm_feed_forward1", "norm_self_att", "norm_conv", "norm_feed_forward2", "norm_out"):
             t.update({f"{b}{norm}.weight": (c,), f"{b}{norm}.bias": (c,)})
-    t[f"{SOUND_PROJECTOR}norm.weight"] = (c,)
-    t[f"{SOUND_PROJECTOR}linear1.weight"] = (s.projector_width, c)
-    t[f"{SOUND_PROJECTOR}linear2.weight"] = (s.llm_hidden, s.projector_width)
-    if s.projection_bias:
-        t[f"{SOUND_PROJECTOR}linear1.bias"] = (s.projector_width,)
-        t[f"{SOUND_PROJECTOR}linear2.bias"] = (s.llm_hidden,)
+    t.update(sound_projector_tensors(s))
     return t
 
 
@@ -279,34 +202,6 @@ def tower_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
     if cfg.get("sound_config"):
         out.update(sound_tensors(sound_spec(cfg)))
     return out
-
-
-# ----- shared pieces ------------------------------------------------------------------------------------
-def _f(w: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    return w[name].float()
-
-
-def _linear(w, name, x, bias=True):
-    return F.linear(x, _f(w, f"{name}.weight"), _f(w, f"{name}.bias") if bias else None)
-
-
-def _layer_norm(w, name, x, eps):
-    return F.layer_norm(x, (x.shape[-1],), _f(w, f"{name}.weight"), _f(w, f"{name}.bias"), eps)
-
-
-def _rms_norm(w, name, x, eps):
-    return _f(w, f"{name}.weight") * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _attention(q, k, v, heads):
-    b, L, c = q.shape
-    q, k, v = (t.reshape(b, L, heads, c // heads).transpose(1, 2) for t in (q, k, v))
-    o = F.scaled_dot_product_attention(q, k, v, scale=(c // heads) ** -0.5)
-    return o.transpose(1, 2).reshape(b, L, c)
-
-
-def relu2(x):
-    return torch.relu(x).square()
 
 
 # ----- vision -------------------------------------------------------------------------------------------
@@ -335,30 +230,8 @@ def vision_tower(v: VisionSpec, w, pixels: torch.Tensor) -> torch.Tensor:
     return x[:, v.cls_tokens:]
 
 
-def pixel_shuffle(x: torch.Tensor, scale: float, ps_version: str) -> torch.Tensor:
-    """(n, w, h, c) -> (n, h*scale, w*scale, c/scale^2), as InternVL / Nemotron VL do it."""
-    n, w, h, c = x.shape
-    x = x.reshape(n, w, int(h * scale), int(c / scale)).permute(0, 2, 1, 3)
-    x = x.reshape(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
-    if ps_version != "v1":
-        x = x.permute(0, 2, 1, 3)
-    return x.contiguous()
-
-
-def vision_projector(v: VisionSpec, w, features: torch.Tensor) -> torch.Tensor:
-    """Tower features (n, grid^2, width) -> language-model embeddings (n, tokens_per_tile, llm_hidden)."""
-    n = features.shape[0]
-    x = pixel_shuffle(features.reshape(n, v.grid, v.grid, -1), v.downsample_ratio, v.ps_version)
-    x = x.reshape(n, -1, x.shape[-1])
-    x = _rms_norm(w, f"{PROJECTOR}0", x, 1e-5)
-    x = relu2(F.linear(x, _f(w, f"{PROJECTOR}1.weight")))
-    return F.linear(x, _f(w, f"{PROJECTOR}3.weight"))
-
-
 def image_embeds(v, w, pixels: torch.Tensor) -> torch.Tensor:
     """(n, 3, S, S) tiles -> (n, tokens_per_tile, llm_hidden): what replaces the image context tokens."""
-    from omniq.model import radio
-
     if isinstance(v, radio.RadioSpec):
         return radio.image_embeds(v, w, pixels)
     return vision_projector(v, w, vision_tower(v, w, pixels))
@@ -415,17 +288,9 @@ def sound_tower(s: SoundSpec, w, features: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def sound_projector(s: SoundSpec, w, states: torch.Tensor) -> torch.Tensor:
-    x = _rms_norm(w, f"{SOUND_PROJECTOR}norm", states, getattr(s, "projection_eps", 1e-5))
-    x = relu2(_linear(w, f"{SOUND_PROJECTOR}linear1", x, s.projection_bias))
-    return _linear(w, f"{SOUND_PROJECTOR}linear2", x, s.projection_bias)
-
-
 def audio_embeds(s, w, features) -> torch.Tensor:
     """(n_clips, frames, mel_bins) -> (n_clips, tokens, llm_hidden): what replaces the sound context tokens
     (real layout: also a list of clips of different lengths, see `parakeet.audio_embeds`)."""
-    from omniq.model import parakeet
-
     if isinstance(s, parakeet.ParakeetSpec):
         return parakeet.audio_embeds(s, w, features)
     return sound_projector(s, w, sound_tower(s, w, features))

@@ -1,11 +1,10 @@
-"""Calibration with ModelOpt on transformers' native NemotronH, numerically right on CPU, isolated.
+"""What calibrating with ModelOpt on transformers' native NemotronH needs, numerically right on CPU, isolated.
 
-Loading. `NemotronHForCausalLM.from_pretrained` (transformers' own class: the checkpoint's `auto_map` code is
-never imported or run), `use_mamba_kernels=False`, in **bfloat16**: the checkpoint's own dtype, what
-ModelOpt's GPU flow calibrates in, and half the memory of fp32 (the 30B model fits in about 63 GB). The
-router weight is the one tensor NVIDIA stores in fp32; transformers would round it to bf16, so it is put
-back in fp32 from the checkpoint (the router computes in fp32 anyway), and export writes it as F32 again.
-Every loaded tensor is checked for NaN / inf.
+The model itself is built and filled layer by layer by `omniq.export.streamed` (transformers' own
+`NemotronHForCausalLM` on the meta device, in bf16, the checkpoint's `auto_map` code never imported or run;
+the router weight kept in fp32 as NVIDIA stores it). This module holds what that run uses around ModelOpt:
+the Mamba forward, the isolation of ModelOpt's global patches, the check that exactly the plan's quantizers
+calibrated, and the loading constants quantize records.
 
 Numerics. transformers' CPU Mamba-2 path (`torch_forward`) is wrong past `chunk_size` and clamps `dt` at
 `time_step_min`. `patch_mamba_mixers` replaces `forward` on every mixer instance with one that calls
@@ -31,103 +30,19 @@ runs without CUDA; nothing here runs the NVFP4 fake-quant model afterwards (Mode
 from __future__ import annotations
 
 import contextlib
-import io
 import types
-import warnings
-from dataclasses import dataclass
-from typing import Callable
 
 from omniq.errors import OmniqError
-from omniq.model.arch import MOE
 from omniq.model import names
 from omniq.model.checkpoint import Checkpoint
-from omniq.quiet import quiet
 
-Progress = Callable[[str, int, int], None]   # (stage, done, total)
-LOAD_DTYPE = "bfloat16"
-BATCH_SIZE = 4
-
-
-# ----- loading -----------------------------------------------------------------------------------------
-def load_model(ckpt: Checkpoint, progress: Progress | None = None, device: str = "cpu"):
-    """The checkpoint as transformers' `NemotronHForCausalLM` in bf16 (router fp32), checked for NaN / inf,
-    on `device` (cpu, or cuda: then ModelOpt's CUDA kernels serve the export)."""
-    import torch
-    from transformers import NemotronHForCausalLM
-
-    if progress:
-        progress("load", 0, 2)
-    try:  # quiet: an Omni checkpoint's tower tensors are "unexpected" here, by design
-        with quiet(transformers=True, progress_bar=True), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, info = NemotronHForCausalLM.from_pretrained(
-                str(ckpt.path), dtype=getattr(torch, LOAD_DTYPE), output_loading_info=True, **_llm_only(ckpt))
-    except Exception as e:  # noqa: BLE001 - a checkpoint transformers cannot load is a user-fixable input
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise OmniqError(f"{ckpt.path}: transformers cannot load it as NemotronH ({type(e).__name__}: "
-                         f"{first})") from None
-    missing = [k for k in info.get("missing_keys", []) if k]
-    if missing:
-        raise OmniqError(f"{ckpt.path}: transformers found no weights for {missing[0]} "
-                         f"({len(missing)} missing); config and weights do not match")
-    model.eval()
-    model.config.use_cache = False
-    if progress:
-        progress("load", 1, 2)
-    check_finite(model, ckpt)
-    restore_router_fp32(model, ckpt)
-    if device != "cpu":
-        model.to(device)
-    if progress:
-        progress("load", 2, 2)
-    return model
-
-
-def _llm_only(ckpt: Checkpoint) -> dict:
-    """from_pretrained arguments: a plain NemotronH as is; of an Omni checkpoint only the language model,
-    built from `llm_config` and read from the `language_model.*` tensors (the towers are never loaded: they
-    are run by omniq's own functions for multimodal calibration and copied byte for byte at export)."""
-    if not ckpt.is_omni:
-        return {"use_mamba_kernels": False}
-    from transformers import NemotronHConfig
-
-    cfg = NemotronHConfig(**dict(ckpt.llm_config, use_mamba_kernels=False))
-    return {"config": cfg, "key_mapping": {"^" + ckpt.arch.prefix.replace(".", r"\."): ""}}
+LOAD_DTYPE = "bfloat16"       # the dtype the skeleton computes in (the checkpoint's own; what ModelOpt's GPU flow uses)
+BATCH_SIZE = 4                # calibration rows per forward
 
 
 def hub_name_of(native: str, ckpt: Checkpoint, expert: int | None = None) -> str:
     """transformers' parameter name -> the checkpoint's tensor name (for messages)."""
     return names.hub_from_native(native, ckpt.arch.prefix, expert)
-
-
-def check_finite(model, ckpt: Checkpoint) -> None:
-    """Refuse weights with NaN or inf (they would poison every scale computed from them)."""
-    import torch
-
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
-            continue
-        expert = None
-        if t.dim() == 3:  # fused routed experts: name the first bad expert
-            bad = (~torch.isfinite(t)).flatten(1).any(1)
-            expert = int(bad.nonzero()[0, 0])
-        kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
-        raise OmniqError(f"{ckpt.path}: tensor {hub_name_of(name, ckpt, expert)} contains {kind} values; "
-                         "fix or re-download the checkpoint")
-
-
-def restore_router_fp32(model, ckpt: Checkpoint) -> None:
-    """Put every router weight back in fp32, read from the checkpoint (transformers loads it in bf16)."""
-    import torch
-
-    arch = ckpt.arch
-    names = {i: f"{arch.layer_prefix(i)}.mixer.gate.weight" for i in arch.layers_of(MOE)}
-    if not names:
-        return
-    src = ckpt.read(names.values())
-    for i, hub in names.items():
-        gate = model.model.layers[i].mixer.gate
-        gate.weight = torch.nn.Parameter(src[hub].to(torch.float32), requires_grad=False)
 
 
 # ----- a right Mamba-2 forward for calibration -----------------------------------------------------------
@@ -187,56 +102,6 @@ def modelopt_isolation(restored: list[str] | None = None):
                 if name.startswith("_") and name[1:] in before:   # replace_function's stash of the original
                     with contextlib.suppress(AttributeError, TypeError):
                         delattr(mod, name)
-
-
-# ----- calibration --------------------------------------------------------------------------------------
-@dataclass
-class Calibration:
-    model: object
-    restored: list[str]          # torch functions ModelOpt left patched (put back)
-    log: str                     # what ModelOpt printed
-
-
-def calibrate(model, config: dict, rows, *, batch_size: int = BATCH_SIZE, progress: Progress | None = None,
-              enabled: dict[str, str] | None = None, coverage=None) -> Calibration:
-    """`mtq.quantize(model, config, loop)` over calibration rows (samples, seq_len), isolated.
-
-    `enabled` (quantizer name -> format), when given, is checked against the quantized model afterwards:
-    exactly those quantizers are on, each with a finite, positive amax. `coverage`
-    (`omniq.calib.experts.ExpertCoverage`), when given, counts (and per its policy tops up) the tokens of every
-    routed expert while ModelOpt calibrates."""
-    import torch
-
-    import modelopt.torch.quantization as mtq
-
-    # rows: token rows (samples, seq_len), or a list of callables f(model) that each run one forward
-    # (multimodal calibration: `omniq.calib.multimodal.forwards`, inputs_embeds one sample at a time)
-    batches = list(rows) if isinstance(rows, list) else [rows[i:i + batch_size]
-                                                         for i in range(0, rows.shape[0], batch_size)]
-    total = len(batches)
-
-    def forward_loop(m):
-        if progress:
-            progress("calibrate", 0, total)
-        device = next(m.parameters()).device
-        with torch.no_grad():
-            for k, batch in enumerate(batches):
-                if callable(batch):
-                    batch(m)
-                else:
-                    m(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)
-                if progress:
-                    progress("calibrate", k + 1, total)
-
-    restored: list[str] = []
-    log = io.StringIO()
-    counting = coverage.installed(model) if coverage is not None else contextlib.nullcontext()
-    with modelopt_isolation(restored), contextlib.redirect_stdout(log), warnings.catch_warnings(), counting:
-        warnings.simplefilter("ignore")
-        mtq.quantize(model, config, forward_loop)
-    if enabled is not None:
-        check_calibrated(model, enabled)
-    return Calibration(model=model, restored=restored, log=log.getvalue())
 
 
 def check_calibrated(model, enabled: dict[str, str]) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from omniq.errors import OmniqError
+from omniq.model import names
 from omniq.model.arch import Arch, Linear
 from omniq.quant.plan import LayerPlan, weight_bytes
 from omniq.quant.recipe import ALGORITHMS, FORMATS, parse
@@ -48,7 +49,7 @@ class Group:
     def modules(self) -> list[str]:
         """Recipe `modules` globs naming exactly this group."""
         if self.kind == "routed_experts":
-            return [self.linears[0].name.rsplit(".experts.", 1)[0] + ".experts.*"]
+            return [names.experts_glob(self.linears[0].name)]
         return [lin.name for lin in self.linears]
 
 

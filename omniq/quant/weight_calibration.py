@@ -297,7 +297,7 @@ def calibrate_weights(arch: Arch, source: dict[str, torch.Tensor], rows: torch.T
     (samples, seq_len); `formats_of` / `algorithms`: per linear (the plan's); `global_scales`: NVFP4
     weight_scale_2 per linear as exported (fused layers share one), else amax / (6 * 448)."""
     global_scales = global_scales or {}
-    cal = LayerByLayer(arch, rows, formats_of, algorithms, source.get(f"{arch.prefix}backbone.embeddings.weight"))
+    cal = LayerByLayer(arch, rows, formats_of, algorithms, source.get(arch.embedding_weight))
     for i in range(arch.num_layers):
         cal.layer(i, {n: source[n] for n in cal.layer_tensor_names(i)}, global_scales)
         if progress:

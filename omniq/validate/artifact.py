@@ -44,16 +44,8 @@ from omniq.quant import formats
 from omniq.validate import declaration as decl_mod
 
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
-# Tensors a quantizer adds next to `X.weight`; everything else must be the reference's.
-COMPANION_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale",
-                      "output_scale")
-# Declared per-layer algorithm -> (weight format, activation format).
-ALGOS = {
-    "FP8": ("fp8", "fp8"),
-    "NVFP4": ("nvfp4", "nvfp4"),
-    "W4A8_NVFP4_FP8": ("nvfp4", "fp8"),
-    "W4A16_NVFP4": ("nvfp4", None),
-}
+ALGOS = decl_mod.ALGO_FORMATS      # declared per-layer algorithm -> (weight format, activation format)
+_companion = formats.companion_of  # a quantizer's tensor next to `X.weight`; everything else is the reference's
 
 LinearFn = Callable[[str, torch.Tensor], torch.Tensor]
 KvFn = Callable[[int, str, torch.Tensor], torch.Tensor]
@@ -152,13 +144,11 @@ class Artifact:
     @cached_property
     def names_by_layer(self) -> dict[int, list[str]]:
         """Decoder layer index -> its base tensors, in file order."""
-        p = f"{self.arch.prefix}backbone.layers."
         out: dict[int, list[str]] = {}
         for n in self.base_names:
-            if n.startswith(p):
-                i = n[len(p):].split(".", 1)[0]
-                if i.isdigit():
-                    out.setdefault(int(i), []).append(n)
+            i = self.arch.layer_index(n)
+            if i is not None:
+                out.setdefault(i, []).append(n)
         return out
 
     def logical_shape(self, name: str) -> tuple[int, ...]:
@@ -171,7 +161,8 @@ class Artifact:
         logical = self.arch.tensor_by_name.get(name)
         if logical is not None:
             return logical.shape
-        return info.shape if layer.weight_format == "fp8" else (*info.shape[:-1], 2 * info.shape[-1])
+        f = formats.FORMATS[layer.weight_format]
+        return (*info.shape[:-1], f.logical_in_features(info.shape[-1]))
 
     def stored_names(self, names) -> list[str]:
         """The base tensors `names` and the companions their dequantization reads from the shards."""
@@ -180,8 +171,8 @@ class Artifact:
             out.append(n)
             module = n[: -len(".weight")] if n.endswith(".weight") else None
             layer = self.layers.get(module) if module else None
-            if layer is not None and layer.weight_format == "nvfp4":
-                out.append(f"{module}.weight_scale")
+            if layer is not None and layer.weight_format in formats.FORMATS:
+                out += [f"{module}.{c.suffix}" for c in formats.FORMATS[layer.weight_format].block_scales]
         return out
 
     def unit_bytes(self, names) -> int:
@@ -204,19 +195,24 @@ class Artifact:
         tensor at a time, e.g. tests and benchmarks; the validate run uses `unit` per layer."""
         return LazyWeights(self)
 
+    def _stored_tensors(self, module: str, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{"weight", and the weight's scale companions} of a quantized `module`, as its format names them:
+        the per-block scales from `stored` (on its device), the small ones read up front moved there."""
+        w = stored[f"{module}.weight"]
+        out = {"weight": w}
+        for c in formats.FORMATS[self.layers[module].weight_format].weight_scales:
+            name = f"{module}.{c.suffix}"
+            out[c.suffix] = stored[name] if c.block else self.small[name].to(w.device)
+        return out
+
     def _check_codes(self, module: str, stored: dict[str, torch.Tensor]) -> None:
         """Refuse a quantized weight whose codes or scales are corrupt (NaN), read on the CPU."""
         layer = self.layers.get(module)
-        where = _where(self.checkpoint)
         if layer is None or layer.weight_format == "bf16":
             return
-        if layer.weight_format == "fp8":
-            t, s = stored[f"{module}.weight"], self.small[f"{module}.weight_scale"]
-            if ((t.view(torch.uint8) & 0x7F) == 0x7F).any() or not torch.isfinite(s).all() or (s <= 0).any():
-                raise OmniqError(f"{where}: {module} has NaN FP8 codes or a non-positive weight_scale; the artifact "
-                                 "is corrupt; re-export it")
-        elif not torch.isfinite(stored[f"{module}.weight_scale"].view(torch.float8_e4m3fn).float()).all():
-            raise OmniqError(f"{where}: {module}.weight_scale has NaN entries; the artifact is corrupt; re-export it")
+        bad = formats.FORMATS[layer.weight_format].corrupt(self._stored_tensors(module, stored))
+        if bad:
+            raise OmniqError(f"{_where(self.checkpoint)}: {module}{bad}; the artifact is corrupt; re-export it")
 
     def dequantize(self, name: str, stored: dict[str, torch.Tensor]) -> torch.Tensor:
         """Base tensor `name` in float32 from its stored tensors (on their device)."""
@@ -224,9 +220,12 @@ class Artifact:
         module = name[: -len(".weight")] if name.endswith(".weight") else None
         layer = self.layers.get(module) if module else None
         fmt = layer.weight_format if layer else "bf16"
+        if fmt == "bf16":
+            return t.float()
+        tensors = self._stored_tensors(module, stored)
         if fmt == "fp8":
-            q = t.view(torch.float8_e4m3fn)
-            s = self.small[f"{module}.weight_scale"].float().to(t.device)
+            # a per-output-channel scale (third-party FP8 exports) is read too
+            q, s = t.view(torch.float8_e4m3fn), tensors["weight_scale"].float()
             s = s.reshape(()) if s.numel() == 1 else s.reshape(-1, *([1] * (t.dim() - 1)))
             common = self.common_scale.get(module)
             if common is not None:
@@ -234,12 +233,8 @@ class Artifact:
                 common = common.to(t.device)
                 return formats.fp8_dequantize(formats.cast_e4m3((q.to(torch.bfloat16) * s) / common), common)
             return formats.fp8_dequantize(q, s)
-        if fmt == "nvfp4":
-            logical = self.arch.tensor_by_name[name].shape if name in self.arch.tensor_by_name else None
-            bs = stored[f"{module}.weight_scale"].view(torch.float8_e4m3fn)
-            s2 = self.small[f"{module}.weight_scale_2"].to(t.device)
-            return formats.nvfp4_dequantize(t, bs, s2, None if logical is None else logical[-1])
-        return t.float()
+        logical = self.arch.tensor_by_name[name].shape if name in self.arch.tensor_by_name else None
+        return formats.FORMATS[fmt].dequantize(tensors, None if logical is None else logical[-1])
 
     # ----- hooks -------------------------------------------------------------------------------------------
     def linear(self, weights: Mapping[str, torch.Tensor] | None = None) -> "EngineLinear":
@@ -402,58 +397,49 @@ def bf16_compute_hooks(weights: Mapping[str, torch.Tensor]) -> tuple[LinearFn, K
 
 
 # ----- reading ------------------------------------------------------------------------------------------
-def _companion(name: str) -> tuple[str, str] | None:
-    """`X.weight_scale` -> ("X", "weight_scale"); None for a base tensor."""
-    module, _, suffix = name.rpartition(".")
-    return (module, suffix) if suffix in COMPANION_SUFFIXES and module else None
-
-
 def _where(ckpt: Checkpoint) -> str:
     return str(ckpt.source or ckpt.path)
 
 
 def weight_format(ckpt: Checkpoint, module: str) -> str:
-    """Infer how `module.weight` is stored from its dtype and companion tensors."""
+    """Infer how `module.weight` is stored from its dtype and companion tensors (the format whose stored
+    weight dtype it is, with that format's weight scales in their dtypes)."""
     h = ckpt.headers
     w = h[f"{module}.weight"]
-    scale = h.get(f"{module}.weight_scale")
     where = _where(ckpt)
     if w.dtype in FLOAT_DTYPES:
-        if scale is not None:
-            raise OmniqError(f"{where}: {module}.weight is {w.dtype} but has a weight_scale; "
+        scales = [c.suffix for g in formats.FORMATS.values() for c in g.weight_scales if f"{module}.{c.suffix}" in h]
+        if scales:
+            raise OmniqError(f"{where}: {module}.weight is {w.dtype} but has a {scales[0]}; "
                              "the artifact mixes quantized and unquantized tensors; re-export it")
         return "bf16"
-    if w.dtype == "F8_E4M3":
-        if scale is None or scale.dtype != "F32":
-            raise OmniqError(f"{where}: {module}.weight is F8_E4M3 without an F32 weight_scale; "
-                             "cannot dequantize it; re-export the checkpoint")
-        n = 1
-        for s in scale.shape:
-            n *= s
-        if n != 1 and n != w.shape[0]:
-            raise OmniqError(f"{where}: {module}.weight_scale has shape {list(scale.shape)}; expected a "
-                             "per-tensor or per-output-channel FP8 scale")
-        return "fp8"
-    if w.dtype == "U8":
-        s2 = h.get(f"{module}.weight_scale_2")
-        if scale is None or scale.dtype != "F8_E4M3" or s2 is None:
-            raise OmniqError(f"{where}: {module}.weight is U8 but lacks an F8_E4M3 weight_scale and a "
-                             "weight_scale_2; only NVFP4 packed weights are supported; re-export it")
-        return "nvfp4"
-    raise OmniqError(f"{where}: {module}.weight has dtype {w.dtype}; omniq validates BF16, FP8 (E4M3) and "
-                     "NVFP4 checkpoints")
+    f = formats.BY_WEIGHT_DTYPE.get(w.dtype)
+    if f is None:
+        raise OmniqError(f"{where}: {module}.weight has dtype {w.dtype}; omniq validates BF16, "
+                         f"{' and '.join(f'{g.quant_algo} ({g.weight_dtype})' for g in formats.FORMATS.values())} "
+                         "checkpoints")
+    wrong = [c for c in f.weight_scales if getattr(h.get(f"{module}.{c.suffix}"), "dtype", None) != c.dtype]
+    if wrong:
+        want = " and ".join(f"a {c.dtype} {c.suffix}" for c in f.weight_scales)
+        raise OmniqError(f"{where}: {module}.weight is {w.dtype} but lacks {want}; cannot read it as "
+                         f"{f.quant_algo}; re-export the checkpoint")
+    for c in f.weight_scales:
+        n = math.prod(h[f"{module}.{c.suffix}"].shape)
+        # a per-output-channel FP8 scale (third-party exports) is read too; block scales: _check_packed_shape
+        if c.block is None and n != 1 and not (f is formats.FP8 and n == w.shape[0]):
+            raise OmniqError(f"{where}: {module}.{c.suffix} has shape {list(h[f'{module}.{c.suffix}'].shape)}; "
+                             f"expected a per-tensor{' or per-output-channel' if f is formats.FP8 else ''} "
+                             f"{f.quant_algo} scale")
+    return f.name
 
 
 def _check_packed_shape(ckpt: Checkpoint, module: str, fmt: str, shape: tuple[int, ...]) -> None:
     """The stored shapes of a quantized weight are consistent with the logical shape the config implies."""
     h = ckpt.headers
     w = h[f"{module}.weight"].shape
-    if fmt == "fp8":
-        ok = w == shape
-    else:
-        blocks = -(-shape[-1] // formats.NVFP4_BLOCK)
-        ok = (w == (*shape[:-1], blocks * formats.NVFP4_BLOCK // 2)
-              and h[f"{module}.weight_scale"].shape == (*shape[:-1], blocks))
+    f = formats.FORMATS[fmt]
+    ok = w == f.stored_shape(shape) and all(h[f"{module}.{c.suffix}"].shape == c.shape(shape)
+                                            for c in f.block_scales)
     if not ok:
         raise OmniqError(f"{_where(ckpt)}: {module}.weight is stored as {list(w)} ({fmt}), which does not hold "
                          f"the {list(shape)} weight config.json implies; config and weights do not match")
@@ -500,11 +486,12 @@ def read_artifact(name_or_path) -> Artifact:
                              f"config.json implies {list(t.shape)}; config and weights do not match")
 
     reader = ShardReader(ckpt)
-    # the small companions (every scale but NVFP4's per-block weight_scale) are read now
+    # the small companions (every scale but the per-block ones, NVFP4's weight_scale) are read now
     small = {}
     for n in ckpt.headers:
         c = _companion(n)
-        if c is not None and not (c[1] == "weight_scale" and fmt_of.get(c[0]) == "nvfp4"):
+        f = formats.FORMATS.get(fmt_of.get(c[0])) if c is not None else None
+        if c is not None and not (f is not None and c[1] in {b.suffix for b in f.block_scales}):
             small[n] = reader.get(n)
     layers = _layers(ckpt, fmt_of, small, reading, warnings)
     common = _fuse_qkv_fp8(arch, layers, small)
@@ -556,12 +543,13 @@ def _layers(ckpt: Checkpoint, fmt_of: dict[str, str], raw: dict, reading: decl_m
         if want_w != f:
             raise OmniqError(f"{where}: {m} is stored as {f} but the checkpoint declares {layer_algo}; "
                              "declaration and tensors disagree; re-export it")
-        s = raw.get(f"{m}.input_scale")
-        input_scale = _scalar(s, f"{m}.input_scale", where) if s is not None else None
+        s_name = f"{m}.{formats.FORMATS[f].input_scale.suffix}"
+        s = raw.get(s_name)
+        input_scale = _scalar(s, s_name, where) if s is not None else None
         if act is not None and input_scale is None:
             warnings.append(f"{m}: {layer_algo} without input_scale; simulated weight-only")
             act = None
-        pqs = raw.get(f"{m}.pre_quant_scale")
+        pqs = raw.get(f"{m}.{formats.PRE_QUANT_SCALE.suffix}")
         layers[m] = Layer(m, f, act, input_scale, None if pqs is None else pqs.float())
     unused = sorted(set(reading.declared.quantized_layers) - used) if algo == "MIXED_PRECISION" else []
     if unused:
@@ -578,19 +566,20 @@ def _fuse_qkv_fp8(arch: Arch, layers: dict[str, Layer], small: dict) -> dict[str
     scale. Returns module -> common weight scale, for the modules whose own scale is smaller."""
     common_scale: dict[str, torch.Tensor] = {}
     for i in arch.attention_layers:
-        names = [f"{arch.layer_prefix(i)}.mixer.{x}_proj" for x in "qkv"]
-        group = [layers.get(n) for n in names]
-        if any(g is None or g.weight_format != "fp8" or small[f"{g.name}.weight_scale"].numel() != 1 for g in group):
+        qkv = names.qkv(f"{arch.layer_prefix(i)}.mixer")
+        group = [layers.get(n) for n in qkv]
+        scale = formats.FP8.weight_scales[0].suffix
+        if any(g is None or g.weight_format != "fp8" or small[f"{g.name}.{scale}"].numel() != 1 for g in group):
             continue
-        scales = [small[f"{n}.weight_scale"].float().reshape(()) for n in names]
+        scales = [small[f"{n}.{scale}"].float().reshape(()) for n in qkv]
         s_max = max(scales)
-        for n, s in zip(names, scales):
+        for n, s in zip(qkv, scales):
             if s != s_max:
                 common_scale[n] = s_max
         inputs = [g.input_scale for g in group]
         if all(x is not None for x in inputs):
             common = max(inputs)
-            for n, g in zip(names, group):
+            for n, g in zip(qkv, group):
                 layers[n] = replace(g, input_scale=common)
     return common_scale
 

@@ -28,12 +28,12 @@ from omniq.model import names, omni
 HF_QUANT_CONFIG = "hf_quant_config.json"
 CONFIG_QUANT = "config.json quantization_config"
 
-# Declared algorithm -> (weight format, whether activations are quantized with a stored input_scale).
+# Declared (per-layer) algorithm -> (weight format, activation format: None when the input is not quantized).
 ALGO_FORMATS = {
-    "FP8": ("fp8", True),
-    "NVFP4": ("nvfp4", True),
-    "W4A8_NVFP4_FP8": ("nvfp4", True),
-    "W4A16_NVFP4": ("nvfp4", False),
+    "FP8": ("fp8", "fp8"),
+    "NVFP4": ("nvfp4", "nvfp4"),
+    "W4A8_NVFP4_FP8": ("nvfp4", "fp8"),
+    "W4A16_NVFP4": ("nvfp4", None),
 }
 MIXED = "MIXED_PRECISION"
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from omniq.errors import OmniqError
 from omniq.model import omni
 from omniq.quant import formats as qformats
-from omniq.model.names import kv_scales
+from omniq.model import names
 from omniq.model.arch import Arch
 from omniq.model.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from omniq.quant.plan import NVFP4_GROUP, weight_bytes
@@ -69,9 +69,7 @@ ENGINE_KV_ALGOS = {
 }
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
 STORED_FORMAT = {dtype: f.name for dtype, f in qformats.BY_WEIGHT_DTYPE.items()}   # weight dtype -> format
-COMPANIONS = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "output_scale", "k_scale",
-              "v_scale")
-SCALES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")
+companion_of = qformats.companion_of     # `X.weight_scale` -> ("X", "weight_scale"); None for a base tensor
 SIZE_TOLERANCE = 0.02       # relative difference between the bytes on disk and the declared formats' bytes
 
 REEXPORT = "re-export the checkpoint with `omniq quantize`"
@@ -133,7 +131,7 @@ class Seen:
 
     @cached_property
     def lm_head(self) -> str:
-        return f"{self.arch.prefix}lm_head"
+        return self.arch.lm_head
 
     @cached_property
     def llm_linears(self) -> dict[str, object]:
@@ -156,12 +154,6 @@ class Seen:
         return decl_mod.format_of(self.declared_algo(module))
 
 
-def companion_of(name: str) -> tuple[str, str] | None:
-    """`X.weight_scale` -> ("X", "weight_scale"); None for a base tensor."""
-    module, _, suffix = name.rpartition(".")
-    return (module, suffix) if module and suffix in COMPANIONS else None
-
-
 def keep_bf16_family(seen: Seen, module: str) -> str | None:
     """Which part of the model that is never quantized a module belongs to (None: a quantizable one)."""
     comp = omni.component_of(module)
@@ -171,7 +163,7 @@ def keep_bf16_family(seen: Seen, module: str) -> str | None:
         return "lm_head"
     t = seen.arch.tensor_by_name.get(f"{module}.weight")
     last = module.rsplit(".", 1)[-1]
-    if (t is not None and t.component == "router") or module.endswith(".mixer.gate"):
+    if (t is not None and t.component == "router") or names.is_router(module):
         return "router"
     if last == "conv1d":
         return "conv1d"
@@ -227,10 +219,10 @@ def check_declaration(seen: Seen) -> list[Finding]:
             algo = d.layer_algo(entry)
             if algo not in ALGO_FORMATS or algo not in ENGINE_ALGOS[seen.engine]:
                 bad.setdefault(algo, []).append(name)
-        for algo, names in bad.items():
+        for algo, layers in bad.items():
             engine = ENGINE_NAMES.get(seen.engine, "omniq lint")
-            out.append(Finding("quant-algo-unsupported", "error", names[0],
-                               f"quantized_layers gives {len(names)} layers quant_algo {algo!r}, which {engine} "
+            out.append(Finding("quant-algo-unsupported", "error", layers[0],
+                               f"quantized_layers gives {len(layers)} layers quant_algo {algo!r}, which {engine} "
                                "does not handle", "use FP8 or NVFP4 for these layers"))
     if d is not None:
         out += _check_kv_algo(seen, d)
@@ -338,7 +330,7 @@ def check_layout(seen: Seen) -> list[Finding]:
         fmt = seen.stored.get(t.name[: -len(".weight")]) if t.name.endswith(".weight") else None
         if fmt == "nvfp4":
             o, i = t.shape[0], t.shape[-1]
-            want = (o, -(-i // NVFP4_GROUP) * NVFP4_GROUP // 2)
+            want = qformats.NVFP4.stored_shape(t.shape)
             if info.shape != want:
                 out.append(Finding("packed-shape", "error", t.name,
                                    f"NVFP4 weight stored as {list(info.shape)}; the [{o}, {i}] weight packs two "
@@ -412,24 +404,23 @@ def check_companions(seen: Seen) -> list[Finding]:
     out = []
     h = seen.headers
     for m, fmt in sorted(seen.stored.items()):
-        if fmt not in ("fp8", "nvfp4") or keep_bf16_family(seen, m) is not None:
+        if fmt not in qformats.FORMATS or keep_bf16_family(seen, m) is not None:
             continue                       # never-quantized parts: check_keep_bf16 reports them
         w = h[f"{m}.weight"].shape
         algo = seen.declared_algo(m)
-        needs_input = ALGO_FORMATS[algo][1] if algo in ALGO_FORMATS else True
+        needs_input = ALGO_FORMATS[algo][1] is not None if algo in ALGO_FORMATS else True
         logical = seen.arch.tensor_by_name.get(f"{m}.weight")
         in_features = logical.shape[-1] if logical is not None else (2 * w[-1] if w else 0)
-        want = {k: (dtype, shape or "scalar") for k, (dtype, shape)
-                in qformats.FORMATS[fmt].companion_specs((*w[:-1], in_features)).items()}
-        if not needs_input:
-            want.pop("input_scale")
-        for suffix, (dtype, shape) in want.items():
+        f = qformats.FORMATS[fmt]
+        want = {c.suffix: (c.dtype, c.shape((*w[:-1], in_features)) or "scalar", c.of) for c in f.scales
+                if needs_input or c.of != "input"}
+        for suffix, (dtype, shape, of) in want.items():
             name = f"{m}.{suffix}"
             info = h.get(name)
             if info is None:
                 out.append(Finding("companion-missing", "error", name,
                                    f"{fmt} weight {m}.weight has no {suffix}; engines cannot "
-                                   f"{'dequantize the weight' if 'weight' in suffix else 'quantize its input'}",
+                                   f"{'dequantize the weight' if of == 'weight' else 'quantize its input'}",
                                    f"{REEXPORT} (an uncalibrated layer: make sure calibration reaches it)"))
                 continue
             if info.dtype != dtype:
@@ -444,7 +435,7 @@ def check_companions(seen: Seen) -> list[Finding]:
                                    REEXPORT))
     for n in h:
         c = companion_of(n)
-        if c is None or c[1] in ("k_scale", "v_scale"):
+        if c is None or c[1] in qformats.KV_SUFFIXES:
             continue
         m, suffix = c
         if seen.stored.get(m, "bf16") == "bf16":
@@ -461,8 +452,9 @@ def check_kv(seen: Seen) -> list[Finding]:
     arch, h = seen.arch, seen.headers
     wanted = []
     for i in arch.attention_layers:
-        wanted += list(kv_scales(f"{arch.layer_prefix(i)}.mixer").values())
+        wanted += list(names.kv_scales(f"{arch.layer_prefix(i)}.mixer").values())
     kv = d.kv_cache_quant_algo if d else None
+    kv_dtype = qformats.KV_CACHE[0].dtype
     if kv:
         for name in wanted:
             info = h.get(name)
@@ -471,12 +463,12 @@ def check_kv(seen: Seen) -> list[Finding]:
                                    f"{d.source} declares a {kv} KV cache but {name} is missing: the engine runs "
                                    "this layer's cache with scale 1.0 (or refuses it)",
                                    f"calibrate with the KV-cache quantizers enabled; {REEXPORT}"))
-            elif info.dtype != "F32" or _numel(info.shape) != 1:
-                out.append(Finding("companion-dtype" if info.dtype != "F32" else "companion-shape", "error", name,
-                                   f"KV scale is {info.dtype} {list(info.shape)}; it must be one F32 value",
+            elif info.dtype != kv_dtype or _numel(info.shape) != 1:
+                out.append(Finding("companion-dtype" if info.dtype != kv_dtype else "companion-shape", "error", name,
+                                   f"KV scale is {info.dtype} {list(info.shape)}; it must be one {kv_dtype} value",
                                    REEXPORT))
     else:
-        present = [n for n in h if companion_of(n) and companion_of(n)[1] in ("k_scale", "v_scale")]
+        present = [n for n in h if companion_of(n) and companion_of(n)[1] in qformats.KV_SUFFIXES]
         if present:
             out.append(Finding("kv-scale-undeclared", "warning", present[0],
                                f"{len(present)} k_scale / v_scale tensors but no kv_cache_quant_algo: engines run a "
@@ -528,8 +520,8 @@ def check_scale_values(seen: Seen) -> list[Finding]:
     from safetensors import safe_open
 
     out = []
-    names = [n for n in seen.headers if (c := companion_of(n)) and c[1] in SCALES
-             and seen.headers[n].dtype in FLOAT_DTYPES | {"F8_E4M3"}]
+    names = [n for n in seen.headers if (c := companion_of(n)) and c[1] in qformats.SCALE_SUFFIXES
+             and seen.headers[n].dtype in FLOAT_DTYPES | {c.dtype for f in qformats.FORMATS.values() for c in f.scales}]
     by_file: dict[Path, list[str]] = {}
     for n in names:
         by_file.setdefault(seen.headers[n].file, []).append(n)
@@ -587,11 +579,10 @@ def check_size(seen: Seen) -> list[Finding]:
         if f"{name}.weight" not in h:
             continue
         fmt = seen.declared_format(name)
-        if fmt not in ("bf16", "fp8", "nvfp4"):
+        if fmt != "bf16" and fmt not in qformats.FORMATS:
             continue
         predicted[fmt] = predicted.get(fmt, 0) + weight_bytes(fmt, lin.out_features, lin.in_features)
-        on_disk = sum(h[f"{name}.{s}"].nbytes for s in ("weight", "weight_scale", "weight_scale_2", "input_scale")
-                      if f"{name}.{s}" in h)
+        on_disk = sum(h[f"{name}.{s}"].nbytes for s in ("weight", *qformats.WEIGHT_COMPANIONS) if f"{name}.{s}" in h)
         actual[fmt] = actual.get(fmt, 0) + on_disk
     want, got = sum(predicted.values()), sum(actual.values())
     if want == 0 or abs(got - want) <= SIZE_TOLERANCE * want:

@@ -91,13 +91,11 @@ def layer_names(artifact: Artifact, i: int) -> list[str]:
 
 def head_names(artifact: Artifact) -> list[str]:
     a = artifact.arch
-    names = [f"{a.prefix}backbone.norm_f.weight"]
-    names.append(f"{a.prefix}backbone.embeddings.weight" if a.tie_word_embeddings else f"{a.prefix}lm_head.weight")
-    return names
+    return [a.norm_f, a.head_weight]
 
 
 def embedding_names(artifact: Artifact) -> list[str]:
-    return [f"{artifact.arch.prefix}backbone.embeddings.weight"]
+    return [artifact.arch.embedding_weight]
 
 
 def tower_names(artifact: Artifact) -> list[str]:

@@ -87,19 +87,26 @@ def test_loaded_model_matches_the_reference_forward_past_chunk_size(tiny_dir):
     assert _rel(got, want) < 1e-5       # the stock CPU path is 2e-2 off here
 
 
-def test_load_model_keeps_router_fp32_and_refuses_nothing_on_a_clean_checkpoint(tiny_dir):
-    from omniq.model.checkpoint import open_checkpoint
-    from omniq.quant.calibrate import load_model
+def test_the_streamed_skeleton_keeps_router_fp32_and_the_rest_bf16(tiny_dir):
+    """What quantize calibrates: transformers' model on meta, each layer filled from the shards (the router
+    weight in fp32 as stored, the rest bf16), never cached."""
+    from omniq.export import streamed
+    from omniq.model.checkpoint import TensorReader, open_checkpoint
 
     ckpt = open_checkpoint(str(tiny_dir))
-    model = load_model(ckpt)
+    model = streamed.build_skeleton(ckpt)
     src = ckpt.read([n for n in ckpt.headers if n.endswith("mixer.gate.weight")])
+    assert src and model.config.use_cache is False
+    reader = TensorReader(ckpt)
     for name, w in src.items():
         layer = int(name.split(".")[2])
+        streamed.materialize(model.model.layers[layer], f"model.layers.{layer}", reader)
         gate = model.model.layers[layer].mixer.gate
         assert gate.weight.dtype == torch.float32 and torch.equal(gate.weight, w.float())
+        assert gate.weight.requires_grad is False
+    streamed.materialize(model.model.layers[0], "model.layers.0", reader)
     assert model.model.layers[0].mixer.in_proj.weight.dtype == torch.bfloat16
-    assert model.config.use_cache is False
+    reader.close()
 
 
 def test_isolation_puts_back_what_a_failing_patch_left():

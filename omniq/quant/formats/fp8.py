@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omniq.quant.formats.base import SCALAR_BYTES, Format, torch
+from omniq.model import names
+from omniq.quant.formats.base import SCALAR_BYTES, Companion, Format, torch
 
 E4M3_MAX = 448.0
 
@@ -63,9 +64,6 @@ class FP8Format(Format):
     def stored_bytes(self, out_features: int, in_features: int) -> int:
         return out_features * in_features + 2 * SCALAR_BYTES           # F8_E4M3 weight + weight_scale + input_scale
 
-    def companion_specs(self, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return {"weight_scale": ("F32", ()), "input_scale": ("F32", ())}
-
     def quantize(self, w: torch.Tensor, **scales) -> dict[str, torch.Tensor]:
         q = fp8_quantize(w, scales.get("weight_scale"))
         return {"weight": q.weight, "weight_scale": q.weight_scale}
@@ -73,10 +71,21 @@ class FP8Format(Format):
     def dequantize(self, tensors: dict[str, torch.Tensor], in_features: int | None = None) -> torch.Tensor:
         return fp8_dequantize(tensors["weight"], tensors["weight_scale"])
 
+    def corrupt(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        t, s = tensors["weight"], tensors["weight_scale"]
+        if ((t.view(torch.uint8) & 0x7F) == 0x7F).any() or not torch.isfinite(s).all() or (s <= 0).any():
+            return " has NaN FP8 codes or a non-positive weight_scale"     # E4M3FN's NaN is S.1111.111
+        return None
+
     def fake_quant_input(self, x: torch.Tensor, input_scale) -> torch.Tensor:
         return fp8_fake_quant(x, input_scale)
 
 
 FP8 = FP8Format(name="fp8", quant_algo="FP8", weight_dtype="F8_E4M3", bits=8,
-                companions=("weight_scale", "input_scale"), group_size=None,
+                scales=(Companion("weight_scale", "F32", "weight"), Companion("input_scale", "F32", "input")),
+                group_size=None,
                 modelopt_quantizer={"num_bits": (4, 3), "axis": None})
+
+# An FP8 KV cache (`kv_cache_quant_algo: FP8`): one fp32 scale each for K and V per attention layer, where
+# the name codec puts them (`names.kv_scales`).
+KV_CACHE = tuple(Companion(suffix, "F32", "kv") for suffix in names.KV_SCALE_SUFFIXES.values())

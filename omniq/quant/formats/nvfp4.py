@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from omniq.quant.formats.base import SCALAR_BYTES, F, Format, torch
+from omniq.quant.formats.base import SCALAR_BYTES, Companion, F, Format, torch
 from omniq.quant.formats.fp8 import E4M3_MAX, cast_e4m3
 
 E2M1_MAX = 6.0
@@ -191,11 +191,6 @@ class NVFP4Format(Format):
         # U8 [out, in/2] + F8_E4M3 weight_scale [out, in/16] + weight_scale_2 + input_scale
         return n // 2 + n // NVFP4_BLOCK + 2 * SCALAR_BYTES
 
-    def companion_specs(self, shape: tuple[int, ...]) -> dict[str, tuple[str, tuple[int, ...]]]:
-        *lead, in_features = shape
-        return {"weight_scale": ("F8_E4M3", (*lead, in_features // NVFP4_BLOCK)), "weight_scale_2": ("F32", ()),
-                "input_scale": ("F32", ())}
-
     def quantize(self, w: torch.Tensor, **scales) -> dict[str, torch.Tensor]:
         q = nvfp4_quantize(w, scales.get("weight_scale_2"))
         return {"weight": q.weight, "weight_scale": q.weight_scale, "weight_scale_2": q.weight_scale_2}
@@ -203,11 +198,18 @@ class NVFP4Format(Format):
     def dequantize(self, tensors: dict[str, torch.Tensor], in_features: int | None = None) -> torch.Tensor:
         return nvfp4_dequantize(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], in_features)
 
+    def corrupt(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        if not torch.isfinite(tensors["weight_scale"].view(torch.float8_e4m3fn).float()).all():
+            return ".weight_scale has NaN entries"                   # every E2M1 code is a number
+        return None
+
     def fake_quant_input(self, x: torch.Tensor, input_scale) -> torch.Tensor:
         return nvfp4_fake_quant(x, input_scale)
 
 
 NVFP4 = NVFP4Format(name="nvfp4", quant_algo="NVFP4", weight_dtype="U8", bits=4,
-                    companions=("weight_scale", "weight_scale_2", "input_scale"), group_size=NVFP4_BLOCK,
+                    scales=(Companion("weight_scale", "F8_E4M3", "weight", block=NVFP4_BLOCK),
+                            Companion("weight_scale_2", "F32", "weight"), Companion("input_scale", "F32", "input")),
+                    group_size=NVFP4_BLOCK,
                     modelopt_quantizer={"num_bits": (2, 1),
                                         "block_sizes": {-1: NVFP4_BLOCK, "type": "dynamic", "scale_bits": (4, 3)}})
