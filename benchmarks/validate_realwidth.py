@@ -80,6 +80,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--cgroup-gib", type=float, default=6.0)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--only-cgroup", action="store_true", help="skip the run without a limit")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     work = args.work.resolve()
@@ -109,7 +110,7 @@ def main(argv=None) -> dict:
         report = work / "validate.json"
         cmd = [py, "-m", "omniq.cli", "validate", str(ref), str(cand), "--samples", str(args.samples),
                "--seq-len", str(args.seq_len), "--report", str(report)]
-        runs = {"free": None}
+        runs = {} if args.only_cgroup else {"free": None}
         cg = cgroup_child(int(args.cgroup_gib * GIB), "validate") if args.cgroup_gib else None
         if cg is not None:
             runs[f"cgroup {args.cgroup_gib:g} GiB"] = cg

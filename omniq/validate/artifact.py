@@ -66,6 +66,12 @@ class ShardReader:
     """The checkpoint's safetensors files, opened once (safetensors memory-maps them) and read tensor by
     tensor: a tensor is copied out of its shard only when asked for."""
 
+    def unmap(self) -> None:
+        """Close the shards (reopened on the next read): their memory maps go, so the pages read so far are
+        plain page cache, not pages mapped into this process (which a cgroup-v1 limit counts and reclaims
+        slowly)."""
+        self._handles.clear()
+
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self._handles: dict = {}

@@ -233,6 +233,9 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
         _layer_step(reference, candidate, i, hidden, device, diagnose, kv_amax)
         if reference.unit_bytes(layer_names(reference, i)) > KEEP_FLOAT32_BYTES:
             give_back()                          # a large layer's freed pages, not kept by the allocator
+            for art in (reference, candidate):
+                if art.reader is not None:
+                    art.reader.unmap()
         done += 1
         if progress is not None:
             progress(done, steps)

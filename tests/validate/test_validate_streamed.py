@@ -149,3 +149,18 @@ def test_no_noise_floor_and_the_device_in_the_report(artifacts, tmp_path):
     with_floor = validate("tiny", artifacts["fp8"], samples=2, seq_len=64)
     assert with_floor["kl_mean"] == data["kl_mean"]                  # the third stream changes nothing else
     assert 0 < with_floor["noise_floor"]["kl_mean"] < with_floor["kl_mean"]
+
+
+def test_large_layers_release_their_pages_and_maps_with_the_same_numbers(pair, monkeypatch):
+    """After a layer above KEEP_FLOAT32_BYTES the stream trims the heap and closes the shards' memory maps
+    (reopened on the next read); forced on every layer of the bundled model, the numbers are unchanged."""
+    ref, cand = pair
+    rows = text_items(_rows(ref))
+    before = stream.run(ref, cand, rows).summary()
+    unmapped = []
+    real = artifact_mod.ShardReader.unmap
+    monkeypatch.setattr(artifact_mod.ShardReader, "unmap", lambda self: unmapped.append(self) or real(self))
+    monkeypatch.setattr(stream, "KEEP_FLOAT32_BYTES", 0)
+    after = stream.run(ref, cand, rows).summary()
+    assert len(unmapped) == 2 * ref.arch.num_layers
+    assert json.dumps(before[0], sort_keys=True, default=str) == json.dumps(after[0], sort_keys=True, default=str)
