@@ -186,14 +186,26 @@ class Artifact:
         h = self.checkpoint.headers
         return sum(h[n].nbytes for n in self.stored_names(names))
 
-    def unit(self, names, device: torch.device | str = "cpu", keep_float32_below: int = 0) -> "UnitWeights":
+    def unit(self, names, device: torch.device | str = "cpu", keep_float32_below: int = 0,
+             lazy: bool = False) -> "UnitWeights":
         """The tensors `names` (e.g. one decoder layer's) read from the shards in their stored dtype onto
-        `device` (checked for corrupt codes on the way), dequantized to float32 when used."""
+        `device` (checked for corrupt codes on the way), dequantized to float32 when used. `lazy`: nothing is
+        read up front; each matrix is read from its shard (page cache) when used and dropped after, so a
+        real-width MoE layer (3.6 GiB of both checkpoints) is never resident at once."""
+        if lazy:
+            return UnitWeights(self, {}, list(names), 0, device=device)
         stored = {n: self.reader.get(n) for n in self.stored_names(names)}
         for n in names:
             if n.endswith(".weight"):
                 self._check_codes(n[: -len(".weight")], stored)
         return UnitWeights(self, {n: t.to(device) for n, t in stored.items()}, list(names), keep_float32_below)
+
+    def read_stored(self, name: str, device) -> dict[str, torch.Tensor]:
+        """Base tensor `name` and the companions its dequantization reads, from the shards onto `device`."""
+        stored = {n: self.reader.get(n) for n in self.stored_names([name])}
+        if name.endswith(".weight"):
+            self._check_codes(name[: -len(".weight")], stored)
+        return {n: t.to(device) for n, t in stored.items()}
 
     @property
     def weights(self) -> "LazyWeights":
@@ -259,19 +271,28 @@ class Artifact:
         return kv
 
 
+_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
 class UnitWeights(Mapping):
     """Some of an artifact's tensors, held as stored; `w[name]` is float32, dequantized on use. A unit whose
     float32 form is smaller than `keep_float32_below` bytes keeps it after first use (the bundled model's
     layers: converting once per layer, not once per batch); a larger one converts per matrix every time."""
 
     def __init__(self, artifact: Artifact, stored: dict[str, torch.Tensor], names: list[str],
-                 keep_float32_below: int = 0):
+                 keep_float32_below: int = 0, device=None):
         self.artifact, self.stored, self.names = artifact, stored, names
+        self.lazy_device = device                 # set: nothing held, each tensor read from its shard on use
+        self._known = set(names)
         self._float32: dict[str, torch.Tensor] | None = None
         if keep_float32_below and 4 * sum(math.prod(artifact.logical_shape(n)) for n in names) < keep_float32_below:
             self._float32 = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if self.lazy_device is not None:
+            if name not in self._known or _companion(name) is not None:
+                raise KeyError(name)
+            return self.artifact.dequantize(name, self.artifact.read_stored(name, self.lazy_device))
         if name not in self.stored or _companion(name) is not None:
             raise KeyError(name)
         if self._float32 is not None:
@@ -310,6 +331,9 @@ class UnitWeights(Mapping):
         layer = self.artifact.layers.get(module) if module else None
         if layer is not None and layer.weight_format != "bf16":
             return None
+        if self.lazy_device is not None:
+            info = self.artifact.checkpoint.headers.get(name) if name in self._known else None
+            return None if info is None else _TORCH_DTYPES.get(info.dtype)
         t = self.stored.get(name)
         return None if t is None else t.dtype
 

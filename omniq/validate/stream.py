@@ -40,6 +40,7 @@ from omniq.validate.metrics import Comparison, log_probs, sqnr_from_sums, sqnr_s
 BATCH_ROWS = 8                     # rows per forward batch inside a layer
 LOGITS_CHUNK_BYTES = 256 * 2**20   # float64 log-probabilities of one chunk, both models
 KEEP_FLOAT32_BYTES = 64 * 2**20    # a layer smaller than this in float32 keeps its dequantized matrices
+LAZY_LAYER_BYTES = 1 * 2**30     # a layer larger than this stored is read matrix by matrix when used
 KEEP_ALL = math.inf                # the embedding and head steps keep theirs (converted once, not per batch)
 STREAMS = ("reference", "noise_floor", "candidate")
 
@@ -120,6 +121,8 @@ def estimate_bytes(reference: Artifact, candidate: Artifact, tokens: int, with_n
     def step(art: Artifact, names: list[str], keep_all: bool = False) -> int:
         stored = art.unit_bytes(names)
         f32 = [4 * _numel(art.logical_shape(n)) for n in names]
+        if not keep_all and reference.unit_bytes(names) > LAZY_LAYER_BYTES:     # read matrix by matrix
+            return max(art.unit_bytes([n]) for n in names) + 3 * max(f32)
         if keep_all:             # embedding / head: float32 kept once (counted for both, shared or not)
             return stored + sum(f32)
         kept = sum(f32) if sum(f32) < KEEP_FLOAT32_BYTES else 0
@@ -160,8 +163,9 @@ def _layer_step(reference: Artifact, candidate: Artifact, i: int, hidden: dict[s
     diagnosed and released when this returns."""
     arch = reference.arch
     names = layer_names(reference, i)
-    ref_u = reference.unit(names, device, KEEP_FLOAT32_BYTES)
-    cand_u = candidate.unit(names, device, KEEP_FLOAT32_BYTES)
+    lazy = reference.unit_bytes(names) > LAZY_LAYER_BYTES      # a real-width MoE layer: matrix by matrix
+    ref_u = reference.unit(names, device, KEEP_FLOAT32_BYTES, lazy=lazy)
+    cand_u = candidate.unit(names, device, KEEP_FLOAT32_BYTES, lazy=lazy)
     hooks = {"reference": (ref_u, forward.plain_linear(ref_u), None),
              "noise_floor": (ref_u, *bf16_compute_hooks(ref_u)),
              "candidate": (cand_u, candidate.linear(cand_u), _recording(candidate.kv(), kv_amax))}
