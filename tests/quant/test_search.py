@@ -12,6 +12,7 @@ from omniq.cli import main
 from omniq.errors import OmniqError
 from omniq.model.checkpoint import open_checkpoint
 from omniq.quant import search as srch
+from conftest import run_cli_in_subprocess  # noqa: E402  (tests/conftest.py, imported at collection like the other modules)
 
 FAST = ["--samples", "2", "--seq-len", "64", "--calib-samples", "2", "--calib-seq-len", "64"]
 
@@ -113,7 +114,6 @@ def test_a_recipe_with_whole_bf16_layers_quantizes(tmp_path, tiny_dir):
     modules its config quantizes); their tensors are the source's."""
     from safetensors import safe_open
 
-    from conftest import run_cli_in_subprocess
     from omniq.model.checkpoint import open_checkpoint
 
     (tmp_path / "r.yaml").write_text("name: sparse\ndefault: bf16\nrules:\n"
