@@ -37,22 +37,7 @@ from reference_configs import MIXED_RECIPE  # noqa: E402
 QUANTIZE_CALIB = ["--calib-samples", "16", "--calib-seq-len", "128"]
 
 
-def run_cli_in_subprocess(args: list[str], one_thread: bool = False) -> dict:
-    """`omniq.cli.main(args)` in a fresh process (ModelOpt patches torch process-wide, so the test process
-    never imports it) -> {"rc", "stdout", "stderr"}."""
-    import subprocess
-    import sys
-
-    code = ("import contextlib, io, json, sys\n"
-            + ("import torch\ntorch.set_num_threads(1)\n" if one_thread else "")
-            + "from omniq.cli import main\n"
-            "out, err = io.StringIO(), io.StringIO()\n"
-            "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
-            "    rc = main(json.loads(sys.argv[1]))\n"
-            "print(json.dumps({'rc': rc, 'stdout': out.getvalue(), 'stderr': err.getvalue()}))\n")
-    p = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+from cli_subprocess import run_cli_in_subprocess  # noqa: E402,F401  (re-exported for the test modules)
 
 
 class _Quantized:

@@ -12,7 +12,7 @@ from omniq.cli import main
 from omniq.errors import OmniqError
 from omniq.model.checkpoint import open_checkpoint
 from omniq.quant import search as srch
-from conftest import run_cli_in_subprocess  # noqa: E402  (tests/conftest.py, imported at collection like the other modules)
+from cli_subprocess import run_cli_in_subprocess  # noqa: E402
 
 FAST = ["--samples", "2", "--seq-len", "64", "--calib-samples", "2", "--calib-seq-len", "64"]
 
