@@ -160,10 +160,11 @@ def _chunk_tokens(vocab: int) -> int:
 def _layer_step(reference: Artifact, candidate: Artifact, i: int, hidden: dict[str, list[torch.Tensor]], device,
                 diagnose, kv_amax: dict | None = None) -> None:
     """Layer i of both artifacts, loaded, run on every stream's hidden states (in place in `hidden`),
-    diagnosed and released when this returns."""
+    diagnosed and released when this returns (a large layer's pages and the shards' maps given back)."""
     arch = reference.arch
     names = layer_names(reference, i)
-    lazy = reference.unit_bytes(names) > LAZY_LAYER_BYTES      # a real-width MoE layer: matrix by matrix
+    stored = reference.unit_bytes(names)
+    lazy = stored > LAZY_LAYER_BYTES                          # a real-width MoE layer: matrix by matrix
     ref_u = reference.unit(names, device, KEEP_FLOAT32_BYTES, lazy=lazy)
     cand_u = candidate.unit(names, device, KEEP_FLOAT32_BYTES, lazy=lazy)
     hooks = {"reference": (ref_u, forward.plain_linear(ref_u), None),
@@ -173,6 +174,12 @@ def _layer_step(reference: Artifact, candidate: Artifact, i: int, hidden: dict[s
         weights, linear, kv = hooks[s]
         hidden[s] = [forward.decoder_layer(arch, weights, i, x, linear=linear, kv=kv) for x in hidden[s]]
     diagnose(ref_u, cand_u, names)
+    del ref_u, cand_u, hooks
+    if stored > KEEP_FLOAT32_BYTES:
+        give_back()                          # a large layer's freed pages, not kept by the allocator
+        for art in (reference, candidate):
+            if art.reader is not None:
+                art.reader.unmap()
 
 
 def _recording(kv, kv_amax: dict | None):
@@ -235,11 +242,6 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
     # decoder layers
     for i in range(arch.num_layers):
         _layer_step(reference, candidate, i, hidden, device, diagnose, kv_amax)
-        if reference.unit_bytes(layer_names(reference, i)) > KEEP_FLOAT32_BYTES:
-            give_back()                          # a large layer's freed pages, not kept by the allocator
-            for art in (reference, candidate):
-                if art.reader is not None:
-                    art.reader.unmap()
         done += 1
         if progress is not None:
             progress(done, steps)
