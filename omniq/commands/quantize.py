@@ -195,6 +195,7 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
                                "summary": multimodal.summary(per_layer), "per_layer": per_layer}
         seconds["load"] = run.seconds["inputs"]            # skeleton, embeddings, every block's inputs
         seconds["calibrate"] = run.seconds["calibrate"]     # layers read from the shards and calibrated
+        seconds["read_layers"] = run.seconds["read_layers"]  # the reading part of calibrate
         seconds["export_layers"] = run.seconds["export_layers"]
         coverage.enforce()    # experts left uncalibrated fail here (exit 1); the stage is removed
         modelopt_qc = run.quant_config

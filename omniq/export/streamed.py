@@ -143,13 +143,25 @@ def materialize(module, native_prefix: str, source: TensorReader) -> int:
 
 
 def _all_finite(t, chunk_elements: int = 1 << 24) -> bool:
-    """`torch.isfinite(t).all()`, a block of rows at a time: on a whole fused expert stack (640 M bf16 values
-    at the real width) isfinite's temporaries were 3 GB, the peak of the whole quantize."""
+    """`torch.isfinite(t).all()` without its temporaries, by one min / max pass: `torch.aminmax` propagates
+    NaN (documented), so a NaN makes both results NaN and an inf makes one of them infinite. On CPU
+    `isfinite` is four elementwise kernels (x == x, abs, != inf, and) plus the reduction: on a real-width
+    MoE layer (2.4 GiB of BF16) 6 s of the layer's 11 s of loading at one thread, aminmax 0.3 s
+    (benchmarks/calibration_profile.py; on a whole fused expert stack isfinite's temporaries were also 3 GB,
+    the peak of the whole quantize). Other dtypes (float8, which has neither aminmax nor isfinite on CPU) are
+    checked a block of rows at a time in float32."""
+    import math
+
     import torch
 
+    if t.numel() == 0:
+        return True
+    if t.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        lo, hi = torch.aminmax(t)
+        return math.isfinite(float(lo)) and math.isfinite(float(hi))
     rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
     step = max(1, chunk_elements // max(rows.shape[1], 1))
-    return all(bool(torch.isfinite(rows[a:a + step]).all()) for a in range(0, rows.shape[0], step))
+    return all(bool(torch.isfinite(rows[a:a + step].float()).all()) for a in range(0, rows.shape[0], step))
 
 
 def release(module) -> None:
@@ -248,20 +260,24 @@ class LayerResult:
 
 
 def calibrate_layer(model, i: int, config: dict, hidden: list, kwargs: list, *, enabled: dict[str, str],
-                    observe=None, restored: list | None = None):
+                    observe=None, restored: list | None = None, weight_amax_once: bool = True):
     """`mtq.quantize` of block `i` over the stored hidden states (replaced in place by the block's outputs);
-    returns the one-layer shell, quantized and calibrated."""
+    returns the one-layer shell, quantized and calibrated.
+
+    `weight_amax_once` (`omniq.quant.calibrate.weights_calibrated_once`): the weight quantizers that
+    ModelOpt's weight-only pass already calibrated do not reduce their constant weight again in every
+    forward of the loop (the same amax; tests/quant/test_calibrate.py compares both ways)."""
     import torch
 
     import modelopt.torch.quantization as mtq
 
-    from omniq.quant.calibrate import check_calibrated, modelopt_isolation
+    from omniq.quant.calibrate import check_calibrated, modelopt_isolation, weights_calibrated_once
 
     block = model.model.layers[i]
     shell = _shell(model, i)
 
     def loop(_m):
-        with torch.no_grad():
+        with torch.no_grad(), weights_calibrated_once(_m) if weight_amax_once else contextlib.nullcontext():
             for k in range(len(hidden)):
                 with observe(k) if observe is not None else contextlib.nullcontext():
                     hidden[k] = block(hidden[k], **kwargs[k][i])
@@ -622,7 +638,7 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     writer = ShardWriter(final, output_layout(plan), shard_bytes)
     configs: list[dict] = []
     counting = coverage.installed(model) if coverage is not None else contextlib.nullcontext()
-    calib_s = export_s = 0.0
+    calib_s = export_s = read_s = 0.0
     try:
         writer.add({n: _passthrough(source, arch, n) for n in [arch.embedding_weight]})
         with counting:
@@ -633,6 +649,7 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
                 out.bytes_read += n
                 out.peak_layer_bytes = max(out.peak_layer_bytes, n)
                 block.to(device)
+                read_s += time.perf_counter() - t
                 shell = calibrate_layer(model, i, config, hidden, kwargs, enabled=enabled, observe=observe,
                                         restored=out.restored)
                 calib_s += time.perf_counter() - t
@@ -669,7 +686,7 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (final / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    out.seconds.update(calibrate=calib_s, export_layers=export_s + time.perf_counter() - t)
+    out.seconds.update(calibrate=calib_s, read_layers=read_s, export_layers=export_s + time.perf_counter() - t)
     out.quant_config = _merge_quant_config(configs)
     out.files = files
     out.bytes_written = sum((final / n).stat().st_size for n in files)

@@ -104,6 +104,43 @@ def modelopt_isolation(restored: list[str] | None = None):
                         delattr(mod, name)
 
 
+@contextlib.contextmanager
+def weights_calibrated_once(model):
+    """Inside ModelOpt's max-calibration forward loop: weight quantizers that already hold an amax do not
+    collect again (restored on exit, so `finish_stats_collection` sees them as ModelOpt left them).
+
+    Why: nvidia-modelopt 0.47's `max_calibrate` first runs `weight_only_quantize` (every weight quantizer's
+    MaxCalibrator collects max |W| of its module's weight: `iter_weights_for_calibration`, per expert for
+    transformers' fused experts), then the forward loop, in which every weight quantizer collects the same
+    weight again on every call (`TensorQuantizer.forward`: `collect` whenever calibrating) and keeps
+    max(old, new), i.e. the same value. On a real-width MoE layer that is a max and a min over 2.55 GB of
+    BF16 per calibration batch and per forced expert pass (about a third of the layer's calibration time at
+    16 x 128 tokens, measured with benchmarks/calibration_profile.py). ModelOpt has no switch for it, so
+    omniq turns calibration off for exactly those quantizers (`_if_calib`, ModelOpt's own flag, restored
+    with `enable_calib`) while the loop runs; a quantizer without an amax yet (one the weight-only pass did
+    not reach) keeps collecting. The amaxes are identical either way: tests/quant/test_calibrate.py, and the
+    artifact goldens of tests/export/test_quantize_streamed.py."""
+    from modelopt.torch.quantization.calib.max import MaxCalibrator
+    from modelopt.torch.quantization.nn import QuantModule
+
+    frozen = []
+    for module in model.modules():
+        if not isinstance(module, QuantModule):
+            continue
+        for _weight, q in module.iter_weights_for_calibration():
+            cal = getattr(q, "_calibrator", None)
+            if (type(cal) is MaxCalibrator and q._if_calib and not getattr(q, "_disabled", False)
+                    and not getattr(q, "_dynamic", False)
+                    and cal._calib_amax is not None):
+                q.disable_calib()
+                frozen.append(q)
+    try:
+        yield frozen
+    finally:
+        for q in frozen:
+            q.enable_calib()
+
+
 def check_calibrated(model, enabled: dict[str, str]) -> None:
     """Exactly the plan's quantizers are enabled, and each has a finite positive amax (no silent skips)."""
     from modelopt.torch.quantization.nn import TensorQuantizer

@@ -259,3 +259,23 @@ def test_shard_writer_writes_what_save_file_writes(tmp_path):
         ShardWriter(d, layout).add({"c": torch.zeros(1)})
     with pytest.raises(GateFailed, match="missing"):
         ShardWriter(d, layout).finish()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
+def test_the_finite_check_finds_every_nan_and_inf(dtype):
+    """`streamed._all_finite` (one aminmax pass) finds a NaN / inf / -inf wherever it sits, in 2-D and 3-D."""
+    from omniq.export.streamed import _all_finite
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 5), (4, 37, 64), (1, 1), (130, 2049)]:
+        x = torch.randn(*shape, generator=g).to(dtype)
+        assert _all_finite(x)
+        n = x.numel()
+        bad = [float("nan"), float("inf"), float("-inf")] if dtype != torch.float8_e4m3fn else [float("nan")]
+        for pos in {0, 1, n // 2, n - 1, 15, 16}:
+            for v in bad:
+                if pos < n:
+                    y = x.clone()
+                    y.view(-1)[pos] = v
+                    assert not _all_finite(y), (shape, pos, v)
+    assert _all_finite(torch.empty(0, 4, dtype=dtype))

@@ -182,3 +182,72 @@ def test_a_failed_quantization_does_not_break_the_next_one(tiny_dir, tmp_path):
     assert out["omniq_error"] == "injected failure" and not out["omniq_left_linear_patched"]
     assert out["second_run_counts"]["fp8"] > 0
     assert out["left"] == ["ok"]
+
+
+def _calibrate_all_layers(tiny_dir, recipe: str, weight_amax_once: bool):
+    """The streamed quantize's calibration of every layer of tiny (coverage hooks of `--expert-calibration
+    all` installed): {quantizer name: amax}, the last hidden states, how often a MaxCalibrator collected a
+    weight, the expert counts."""
+    from modelopt.torch.quantization.calib.max import MaxCalibrator
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from omniq.calib import data as calib_data
+    from omniq.calib.experts import ExpertCoverage, ExpertPolicy
+    from omniq.commands.quantize import resolve_recipe
+    from omniq.export import streamed
+    from omniq.model import names
+    from omniq.model.checkpoint import open_checkpoint
+    from omniq.quant.calibrate import BATCH_SIZE
+    from omniq.quant.modelopt_config import enabled_quantizers, modelopt_config
+    from omniq.quant.plan import make_plan
+
+    ckpt = open_checkpoint(str(tiny_dir))
+    plan = make_plan(ckpt.arch, resolve_recipe(recipe, None))
+    rows = calib_data.load("tiny-calib", ckpt.tokenizer, samples=8, seq_len=64).rows
+    model = streamed.build_skeleton(ckpt)
+    streamed.register_modelopt_plugins(model)
+    src = streamed.TensorReader(ckpt)
+    streamed.materialize(model.model.embeddings, names.NATIVE_EMBEDDINGS, src)
+    hidden, kwargs = [], []
+    for k in range(0, rows.shape[0], BATCH_SIZE):
+        h, kw = streamed.block_inputs(model, rows[k:k + BATCH_SIZE])
+        hidden.append(h)
+        kwargs.append(kw)
+    collects = [0]                      # MaxCalibrator collections of a weight (a view of a parameter)
+    original = MaxCalibrator.collect
+
+    def counting(self, x):
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters() if not p.is_meta}
+        collects[0] += x.untyped_storage().data_ptr() in weights
+        return original(self, x)
+
+    amax = {}
+    coverage = ExpertCoverage(ExpertPolicy(), ckpt.arch)
+    MaxCalibrator.collect = counting
+    try:
+        with coverage.installed(model):
+            for i in range(ckpt.arch.num_layers):
+                streamed.materialize(model.model.layers[i], names.native_layer(i), src)
+                shell = streamed.calibrate_layer(model, i, modelopt_config(plan), hidden, kwargs,
+                                                 enabled=enabled_quantizers(plan), weight_amax_once=weight_amax_once)
+                amax.update({n: m.amax.clone() for n, m in shell.named_modules()
+                             if isinstance(m, TensorQuantizer) and m.is_enabled and m.amax is not None})
+    finally:
+        MaxCalibrator.collect = original
+        src.close()
+    return amax, hidden, collects[0], {i: c.calibrated for i, c in coverage.layers.items()}
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
+def test_weights_calibrated_once_gives_the_same_amaxes(tiny_dir, recipe):
+    """Skipping the weight quantizers' repeated collection in the forward loop (`weights_calibrated_once`)
+    changes no amax, no hidden state and no expert count, and does skip collections."""
+    once, h_once, n_once, cov_once = _calibrate_all_layers(tiny_dir, recipe, True)
+    every, h_every, n_every, cov_every = _calibrate_all_layers(tiny_dir, recipe, False)
+    assert set(once) == set(every) and len(once) > 100
+    assert [n for n in once if not torch.equal(once[n], every[n])] == []
+    assert all(torch.equal(a, b) for a, b in zip(h_once, h_every))
+    assert cov_once == cov_every
+    weight_quantizers = sum(1 for n in once if "weight_quantizer" in n)
+    assert n_once == weight_quantizers     # once each, in ModelOpt's weight-only pass
+    assert n_every > 2 * n_once            # ... and again in every forward of the loop without it
