@@ -34,6 +34,16 @@ def _flops_per_token(arch) -> float:
     return per_token
 
 
+def _forced_bound(arch) -> float:
+    """The most forced-expert FLOPs `--expert-calibration all` can add: every routed expert of every MoE layer
+    topped up by the full `min_tokens` (omniq.calib.experts.DEFAULT_MIN_TOKENS) tokens."""
+    from benchmarks.quantize_scale import expert_pass_flops
+    from omniq.calib.experts import DEFAULT_MIN_TOKENS
+    from omniq.model.arch import MOE
+
+    return len(arch.layers_of(MOE)) * arch.n_routed_experts * DEFAULT_MIN_TOKENS * expert_pass_flops(arch)
+
+
 def extrapolate(doc: dict, tokens: int) -> list[dict]:
     import sys
 
@@ -52,24 +62,41 @@ def extrapolate(doc: dict, tokens: int) -> list[dict]:
 
     pred = {(p["model"], p["recipe"]): p["predicted_peak_bytes"]
             for p in predictions(sorted({k[1] for k in runs}), doc["samples"], doc["seq_len"])}
+    flops52 = _flops_per_token(real) * tokens + _forced_bound(real)
     out = []
     for (recipe, cg) in sorted({(k[1], k[2]) for k in runs}):
         base = runs.get(("rw12", recipe, cg)) or runs.get(("rw5", recipe, cg))
         r5 = runs.get(("rw5", recipe, cg))
+        # calibration from the deepest run that timed calibrate_layer apart from reading (StageClock)
+        timed = next((r for r in (runs.get(("rw12", recipe, cg)), r5) if r and "stage_clock" in r), None)
         plan = make_plan(real, recipes.load(recipe))
-        work = {"calibrate": (_flops_per_token(real) * tokens, base["calib_flops"]),
-                "export": (plan.total_bytes, base["output_bytes"]),
+        work = {"export": (plan.total_bytes, base["output_bytes"]),
                 "load": (plan.original_bytes, base["source_bytes"]),
                 "prepare": (plan.original_bytes, base["source_bytes"])}
         per_stage = {s: base["seconds"].get(s, 0.0) * w52 / w for s, (w52, w) in work.items()}
+        cpu_calibrate = None
+        if timed is not None:
+            clock, done = timed["stage_clock"], timed["calib_flops_done"]
+            per_stage["calibrate"] = clock["wall_s"]["calibrate_layer"] * flops52 / done
+            per_stage["read_layers"] = clock["wall_s"]["materialize"] * plan.original_bytes / timed["source_bytes"]
+            cpu_calibrate = clock["cpu_s"]["calibrate_layer"] * flops52 / done
+            rate = done / clock["wall_s"]["calibrate_layer"]
+        else:              # older runs: the whole calibrate stage (reading included) scaled by FLOPs
+            timed = base
+            per_stage["calibrate"] = base["seconds"]["calibrate"] * flops52 / base["calib_flops"]
+            rate = base["calib_flops"] / base["seconds"]["calibrate"]
         ratio = base["peak_anon_bytes"] / pred[(base["model"], recipe)]
         growth = (base["peak_anon_bytes"] / r5["peak_anon_bytes"] - 1) if r5 and base is not r5 else None
-        out.append({"recipe": recipe, "in_cgroup": cg, "from": base["model"], "tokens": tokens,
-                    "seconds": per_stage, "total_s": sum(per_stage.values()), "peak_growth_5_to_12": growth,
+        out.append({"recipe": recipe, "in_cgroup": cg, "from": base["model"], "calibration_from": timed["model"],
+                    "tokens": tokens, "calib_flops_52": flops52,
+                    "seconds": per_stage, "total_s": sum(per_stage.values()),
+                    "total_s_calibration_at_cpu_rate": (sum(per_stage.values()) - per_stage["calibrate"]
+                                                        + cpu_calibrate) if cpu_calibrate else None,
+                    "peak_growth_5_to_12": growth,
                     "peak_52_gib": pred.get(("real52", recipe), 0) * ratio / GIB,
                     "measured_vs_predicted": {m: runs[(m, recipe, cg)]["peak_anon_bytes"] / pred[(m, recipe)]
                                               for m in ("rw5", "rw12") if (m, recipe, cg) in runs},
-                    "calib_flops_per_s": base["calib_flops"] / base["seconds"]["calibrate"]})
+                    "calib_flops_per_s": rate, "load_average": timed.get("load_average")})
     return out
 
 
@@ -82,12 +109,17 @@ def main(argv=None) -> list[dict]:
     for x in rows:
         s = x["seconds"]
         g = x["peak_growth_5_to_12"]
+        cpu = x["total_s_calibration_at_cpu_rate"]
         print(f"{x['recipe']:10} {'in 6 GiB cgroup' if x['in_cgroup'] else 'no cgroup':15} from {x['from']}: 52 layers, "
               f"{x['tokens']} calibration tokens: about {x['total_s'] / 60:.0f} min ("
-              + ", ".join(f"{k} {v / 60:.1f}" for k, v in s.items()) + " min); peak anonymous memory "
+              + ", ".join(f"{k} {v / 60:.1f}" for k, v in s.items()) + " min"
+              + (f"; {cpu / 60:.0f} min with calibration at its CPU-time rate" if cpu else "")
+              + "); peak anonymous memory "
               + (f"{g * 100:+.1f} % from 5 to 12 layers, " if g is not None else "") + "52 layers about "
-              f"{x['peak_52_gib']:.2f} GiB (calibration at {x['calib_flops_per_s'] / 1e9:.1f} GFLOP/s); measured / "
-              "predicted peak " + ", ".join(f"{m} {v:.2f}" for m, v in x["measured_vs_predicted"].items())
+              f"{x['peak_52_gib']:.2f} GiB (calibration {x['calib_flops_52'] / 1e12:.1f} TFLOP at "
+              f"{x['calib_flops_per_s'] / 1e9:.1f} GFLOP/s wall, from {x['calibration_from']}, load "
+              f"{x['load_average']:.1f}); measured / predicted peak "
+              + ", ".join(f"{m} {v:.2f}" for m, v in x["measured_vs_predicted"].items())
               )
     return rows
 

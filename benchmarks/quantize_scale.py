@@ -12,9 +12,22 @@ shards' mmapped page-cache pages too) and peak anonymous RSS (sampled), the cgro
 (anonymous memory plus the page cache charged to it: it reaches the limit whenever more than the limit is
 read, and the kernel reclaims cache there), the time of each stage (QuantizeResult.seconds), bytes read from the source and written,
 their rates, the preflight's predicted peak (`omniq.quant.memory.streamed_estimate`) beside the measured one,
-and calibration's achieved matmul rate (the matmul FLOPs of the calibration forward counted from the
-architecture: 2 x in x out per token and linear, routed experts top-k per token) beside this machine's own
-bf16 and fp32 matmul rate (torch.matmul of layer-sized operands, best of 3). `--plain NAME` also runs a plain
+and calibration's achieved matmul rate beside this machine's own.
+
+Calibration's rate: the matmul FLOPs of the calibration forward counted from the architecture (2 x in x out
+per token and linear, routed experts top-k per token, plus the tokens the expert-coverage hooks forced through
+under-routed experts, from the artifact's manifest) over the seconds spent in `streamed.calibrate_layer`
+(ModelOpt's max calibration of a layer over every row; reading the layer from the shards, `materialize`, is
+timed apart), by wall clock and by the child's CPU time (`StageClock` wraps both functions in the child).
+The machine's rate (`matmul_rates`): `F.linear` at the shapes calibration runs (a routed expert's 24-token
+projections per batch, 96 tokens, the 512-token dense linears), bf16 and fp32, best of 5 windows, measured
+inside the same child process with the same torch thread count (`--threads`, default 1, also
+OMP_NUM_THREADS), right before and right after its quantize, by wall clock and by CPU time. The goal of
+issue 12 (calibration at least 0.3 x the machine's matmul rate) is judged against the best bf16 rate of any
+size, before or after (`machine_peak`; calibration computes in bf16): the strictest reading; CPU time makes
+both sides independent of what other processes take of the cores (wall-clock figures are recorded too).
+Before each run the benchmark waits (up to 10 min) for the 1-minute load average to drop to `--max-load`.
+`--plain NAME` also runs a plain
 ModelOpt script (from_pretrained, mtq.quantize, export_hf_checkpoint: benchmarks/quantize_bench.py's) on that
 checkpoint, outside the cgroup, with the whole-model estimate (`omniq.quant.memory.estimate`) beside it.
 The disk's sequential write speed is measured in the same run (1 GiB written + fsync in --work).
@@ -27,6 +40,7 @@ checkpoints or recipes are kept; the machine figures are this invocation's). Tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -41,30 +55,108 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "quantize_scale.json"
 
 CHILD = r"""
-import json, sys, time
+import json, sys, time, torch
+from benchmarks.quantize_scale import StageClock, matmul_rates
 from omniq.commands.quantize import quantize
-src, out, recipe, samples, seq_len, dest = sys.argv[1:7]
+src, out, recipe, samples, seq_len, dest, threads = sys.argv[1:8]
+torch.set_num_threads(int(threads))
+before = matmul_rates()
+clock = StageClock()
 t = time.perf_counter()
-r = quantize(src, recipe, out, calib="tiny-calib", calib_samples=int(samples), calib_seq_len=int(seq_len))
+with clock.installed():
+    r = quantize(src, recipe, out, calib="tiny-calib", calib_samples=int(samples), calib_seq_len=int(seq_len))
+wall = time.perf_counter() - t
+after = matmul_rates()
+experts = r.manifest.get("experts", {}).get("layers", {})
 json.dump({"seconds": r.seconds, "bytes_read": r.bytes_read, "output_bytes": r.output_bytes,
-           "predicted_peak_bytes": r.predicted_peak_bytes, "wall_in_process_s": time.perf_counter() - t},
-          open(dest, "w"))
+           "predicted_peak_bytes": r.predicted_peak_bytes, "wall_in_process_s": wall,
+           "torch_threads": torch.get_num_threads(), "stage_clock": clock.as_dict(),
+           "forced_expert_tokens": sum(sum(c["calibrated"]) - sum(c["routed"]) for c in experts.values()),
+           "matmul_before": before, "matmul_after": after}, open(dest, "w"))
 """
 
-MATMUL = r"""
-import json, sys, time, torch
-out = {}
-for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-    a = torch.randn(512, 2688).to(dt); b = torch.randn(2688, 3712).to(dt)
-    best = 1e9
-    for _ in range(3):
-        t = time.perf_counter(); n = 0
-        while time.perf_counter() - t < 1.0:
-            a @ b; n += 1
-        best = min(best, (time.perf_counter() - t) / n)
-    out[name] = 2 * 512 * 2688 * 3712 / best
-json.dump(out, open(sys.argv[1], "w"))
-"""
+# torch.nn.functional.linear (x @ W^T, as the calibration forward calls it) at the shapes calibration runs,
+# 16 x 128 tokens in batches of 4 rows (omniq.quant.calibrate.BATCH_SIZE): a routed expert's up / down
+# projection gets about 4 x 128 x 6 / 128 = 24 tokens per batch (96 with four times the rows), a dense linear
+# (Mamba in_proj, the shared expert) 512.
+MATMUL_SIZES = {"expert_up_m24": (24, 2688, 1856), "expert_down_m24": (24, 1856, 2688),
+                "expert_up_m96": (96, 2688, 1856), "shared_up_m512": (512, 2688, 3712),
+                "mamba_in_m512": (512, 2688, 10304)}
+
+
+def matmul_rates(sizes: dict = MATMUL_SIZES, windows: int = 5, min_s: float = 0.2) -> dict:
+    """This process's matmul rate (FLOP/s) at each size, bf16 and fp32, at its torch thread count: the best of
+    `windows` windows of at least `min_s` seconds each, by wall clock (`wall`) and by this process's CPU time
+    (`cpu`: what the process got of the cores, so a busy machine lowers it less; with one thread the two agree
+    on an idle machine). Returns {"bf16": {"expert_up_m24": {"wall": r, "cpu": r}, ...}, "fp32": ...,
+    "threads": n, "load_average": l}."""
+    import torch
+    import torch.nn.functional as F
+
+    out: dict = {"threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
+    g = torch.Generator().manual_seed(0)
+    for dname, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        out[dname] = {}
+        for name, (m, k, n) in sizes.items():
+            x = torch.randn(m, k, generator=g).to(dt)
+            w = torch.randn(n, k, generator=g).to(dt)
+            F.linear(x, w)                                   # warm-up (oneDNN picks its kernel)
+            best_wall = best_cpu = 0.0
+            for _ in range(windows):
+                t, c, reps = time.perf_counter(), time.process_time(), 0
+                while time.perf_counter() - t < min_s:
+                    F.linear(x, w)
+                    reps += 1
+                flops = 2 * m * k * n * reps
+                best_wall = max(best_wall, flops / (time.perf_counter() - t))
+                best_cpu = max(best_cpu, flops / max(time.process_time() - c, 1e-9))
+            out[dname][name] = {"wall": best_wall, "cpu": best_cpu}
+    return out
+
+
+class StageClock:
+    """Wall and CPU seconds of the streamed quantize's per-layer steps, by wrapping them in the child process:
+    `omniq.export.streamed.materialize` (a layer read from the shards, checked) and `calibrate_layer`
+    (ModelOpt's max calibration of the layer over every row: the forward work the FLOPs are counted for)."""
+
+    def __init__(self):
+        self.wall = {"materialize": 0.0, "calibrate_layer": 0.0}
+        self.cpu = dict(self.wall)
+
+    @contextlib.contextmanager
+    def installed(self):
+        from omniq.export import streamed
+
+        saved = {n: getattr(streamed, n) for n in self.wall}
+
+        def timed(name, fn):
+            def wrapper(*args, **kwargs):
+                t, c = time.perf_counter(), time.process_time()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.wall[name] += time.perf_counter() - t
+                    self.cpu[name] += time.process_time() - c
+            return wrapper
+
+        for n, fn in saved.items():
+            setattr(streamed, n, timed(n, fn))
+        try:
+            yield self
+        finally:
+            for n, fn in saved.items():
+                setattr(streamed, n, fn)
+
+    def as_dict(self) -> dict:
+        return {"wall_s": dict(self.wall), "cpu_s": dict(self.cpu)}
+
+
+def wait_idle(max_load: float = 2.5, max_wait_s: float = 600.0) -> float:
+    """Wait (up to `max_wait_s`) until the 1-minute load average is at most `max_load`; returns the load."""
+    t = time.perf_counter()
+    while os.getloadavg()[0] > max_load and time.perf_counter() - t < max_wait_s:
+        time.sleep(30)
+    return os.getloadavg()[0]
 
 
 def disk_write_speed(work: Path, size: int = 1 << 30) -> float:
@@ -95,6 +187,44 @@ def calibration_flops(ckpt_dir: str, tokens: int) -> float:
         macs = lin.in_features * lin.out_features
         per_token += 2 * macs * (arch.num_experts_per_tok / arch.n_routed_experts if lin.expert is not None else 1)
     return per_token * tokens
+
+
+def expert_pass_flops(arch) -> float:
+    """Matmul FLOPs of one token through one routed expert (its up and down projections): what each token
+    that the expert-coverage hooks (`--expert-calibration all`, omniq.calib.experts) force through an
+    under-routed expert costs on top of `calibration_flops`."""
+    first = next(lin.layer for lin in arch.linears if lin.expert is not None)
+    return sum(2 * lin.in_features * lin.out_features for lin in arch.linears
+               if lin.expert == 0 and lin.layer == first)
+
+
+def machine_peak(r: dict, dtype: str = "bf16", clock: str = "cpu") -> tuple[str, float]:
+    """(size, rate) of the best matmul rate the child measured before or after its quantize, at any size."""
+    rates = {n: max(r[w][dtype][n][clock] for w in ("matmul_before", "matmul_after")) for n in MATMUL_SIZES}
+    best = max(rates, key=rates.get)
+    return best, rates[best]
+
+
+def calibration_rates(r: dict, arch) -> dict:
+    """Calibration's achieved matmul rate beside this machine's, from one child's record: FLOPs counted
+    (routed + forced expert tokens) over `calibrate_layer`'s seconds (the calibration forward, without reading
+    the layer), by wall clock and by CPU time, and its ratio to the best bf16 rate the same child measured at
+    any size (`machine_peak`: the strictest reference; the expert-sized rate, at which most of the MoE
+    layers' FLOPs run, is recorded beside it)."""
+    flops = r["calib_flops"] + r.get("forced_expert_tokens", 0) * expert_pass_flops(arch)
+    clock = r["stage_clock"]
+    out = {"calib_flops_done": flops,
+           "calib_flops_per_s": flops / clock["wall_s"]["calibrate_layer"],
+           "calib_flops_per_cpu_s": flops / clock["cpu_s"]["calibrate_layer"],
+           "calib_stage_flops_per_s": flops / r["seconds"]["calibrate"],      # the stage, reading included
+           "read_bytes_per_s": r["bytes_read"] / clock["wall_s"]["materialize"]}
+    for c in ("wall", "cpu"):
+        size, peak = machine_peak(r, "bf16", c)
+        expert = max(r[w]["bf16"]["expert_up_m24"][c] for w in ("matmul_before", "matmul_after"))
+        rate = out["calib_flops_per_s" if c == "wall" else "calib_flops_per_cpu_s"]
+        out[f"machine_bf16_{c}"] = {"peak_size": size, "peak": peak, "expert_up_m24": expert,
+                                     "calib_vs_peak": rate / peak, "calib_vs_expert_m24": rate / expert}
+    return out
 
 
 class Cgroup:
@@ -191,18 +321,22 @@ def main() -> int:
     ap.add_argument("--plain", default=None, help="also run the plain ModelOpt script on this checkpoint (NAME)")
     ap.add_argument("--work", default=None, help="where outputs go (removed after each run); default a temp dir")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of every quantize child (and its "
+                    "matmul measurement); OMP_NUM_THREADS / MKL_NUM_THREADS are set to it too")
+    ap.add_argument("--max-load", type=float, default=2.5, help="before each run, wait (up to 10 min) until the "
+                    "1-minute load average is at most this")
     a = ap.parse_args()
+    os.environ.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     ckpts = dict(c.split("=", 1) for c in a.checkpoints)
     work = Path(a.work or tempfile.mkdtemp(prefix="omniq-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     doc = {"samples": a.samples, "seq_len": a.seq_len, "cpus": os.cpu_count(), "cgroup_gib": a.cgroup_gib,
-           "runs": []}
+           "threads": a.threads, "runs": []}
     doc["disk_write_bytes_per_s"] = disk_write_speed(work)
-    subprocess.run(["nice", "-n", "10", sys.executable, "-c", MATMUL, str(work / "mm.json")], check=True, cwd=ROOT)
-    doc["matmul_flops_per_s"] = json.loads((work / "mm.json").read_text())
-    print(f"disk sequential write {doc['disk_write_bytes_per_s'] / 1e6:.0f} MB/s; matmul bf16 "
-          f"{doc['matmul_flops_per_s']['bf16'] / 1e9:.1f} GFLOP/s, fp32 {doc['matmul_flops_per_s']['fp32'] / 1e9:.1f} "
-          "GFLOP/s", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    print(f"disk sequential write {doc['disk_write_bytes_per_s'] / 1e6:.0f} MB/s (matmul rates: measured inside "
+          "each quantize child, before and after it)", flush=True)
     doc["predicted"] = predictions([r for r in a.recipes.split(",") if r] or ["fp8"], a.samples, a.seq_len)
     tokens = a.samples * a.seq_len
     for name, path in ckpts.items():
@@ -211,27 +345,29 @@ def main() -> int:
         ck = open_checkpoint(path)
         flops = calibration_flops(path, tokens)
         for recipe in [r for r in a.recipes.split(",") if r]:
+            load_before = wait_idle(a.max_load)
             out = work / f"{name}-{recipe}"
             dest = work / f"{name}-{recipe}.json"
             cg = Cgroup(int(a.cgroup_gib * 2**30)) if a.cgroup_gib else None
             try:
                 r = run_child([sys.executable, "-c", CHILD, path, str(out), recipe, str(a.samples), str(a.seq_len),
-                               str(dest)], work / f"{name}-{recipe}.log", cg)
+                               str(dest), str(a.threads)], work / f"{name}-{recipe}.log", cg)
                 if cg:
                     r.update(cgroup_max_usage_bytes=cg.max_usage(), cgroup_failcnt=cg.failcnt())
             finally:
                 if cg:
                     cg.close()
             r.update(tool="omniq", model=name, recipe=recipe, layers=ck.arch.num_layers, params=ck.arch.num_params,
-                     source_bytes=ck.total_bytes, calib_flops=flops)
+                     source_bytes=ck.total_bytes, calib_flops=flops, load_average_before=load_before,
+                     commit=commit)
             if r["rc"] == 0:
                 r.update(json.loads(dest.read_text()))
+                r.update(calibration_rates(r, ck.arch))
                 s = r["seconds"]
-                read_s = s.get("load", 0) + s.get("calibrate", 0)
-                write_s = s.get("export_layers", 0) + s.get("export", 0)
-                r["read_bytes_per_s"] = r["bytes_read"] / read_s if read_s else None
-                r["write_bytes_per_s"] = r["output_bytes"] / write_s if write_s else None
-                r["calib_flops_per_s"] = flops / s["calibrate"] if s.get("calibrate") else None
+                # export: export_layers (each layer packed and written) + the self-check, manifest and lint
+                r["write_bytes_per_s"] = r["output_bytes"] / s["export"] if s.get("export") else None
+                r["write_layers_bytes_per_s"] = (r["output_bytes"] / s["export_layers"] if s.get("export_layers")
+                                                 else None)
             else:
                 r["log_tail"] = (work / f"{name}-{recipe}.log").read_text()[-2000:]
             doc["runs"].append(r)
@@ -289,11 +425,20 @@ def _print(r: dict) -> None:
         s = r["seconds"]
         line += "  stages " + ", ".join(f"{k} {v:.0f}" for k, v in s.items() if k in ("prepare", "load", "calibrate",
                                                                                     "export_layers", "export"))
-    if r.get("calib_flops_per_s"):
-        line += f"  calib {r['calib_flops_per_s'] / 1e9:.1f} GFLOP/s"
     if r.get("write_bytes_per_s"):
-        line += f"  write {r['write_bytes_per_s'] / 1e6:.0f} MB/s  read {r['read_bytes_per_s'] / 1e6:.0f} MB/s"
+        line += (f"  export writes {r['write_bytes_per_s'] / 1e6:.0f} MB/s (packing + writing alone "
+                 f"{r['write_layers_bytes_per_s'] / 1e6:.0f})  layers read {r['read_bytes_per_s'] / 1e6:.0f} MB/s")
     print(line, flush=True)
+    if r.get("calib_flops_per_s"):
+        w, c = r["machine_bf16_wall"], r["machine_bf16_cpu"]
+        print(f"      calibration {r['calib_flops_done'] / 1e12:.2f} TFLOP ({r.get('forced_expert_tokens', 0)} "
+              f"forced expert tokens): {r['calib_flops_per_s'] / 1e9:.1f} GFLOP/s wall, "
+              f"{r['calib_flops_per_cpu_s'] / 1e9:.1f} per CPU second ({r['calib_stage_flops_per_s'] / 1e9:.1f} "
+              f"over the whole calibrate stage, reading included); machine bf16 peak {w['peak'] / 1e9:.1f} wall / "
+              f"{c['peak'] / 1e9:.1f} CPU GFLOP/s ({c['peak_size']}), expert-sized {c['expert_up_m24'] / 1e9:.1f} "
+              f"CPU: calibration / peak {w['calib_vs_peak']:.2f} wall, {c['calib_vs_peak']:.2f} CPU "
+              f"(/ expert-sized {c['calib_vs_expert_m24']:.2f} CPU); load {r['load_average_before']:.1f} before, "
+              f"{r['load_average']:.1f} after", flush=True)
 
 
 if __name__ == "__main__":
