@@ -10,6 +10,14 @@ at --tokens), export (packing, verify, manifest) by the bytes written (the plan'
 that recipe), loading and preparing by the BF16 bytes read. Peak memory: the growth from 5 to 12 layers
 measured, and the plan's 52-layer prediction (`omniq.quant.memory.streamed_estimate`, `predicted` in the JSON)
 times the measured / predicted ratio of the run used. An estimate from rates, printed as one.
+
+Runs that timed `calibrate_layer` apart from reading the layer (`StageClock` in quantize_scale.py, session 4
+on) give calibration and reading separately: calibration scaled by the FLOPs done (routed tokens plus the
+forced expert tokens; at 52 layers the most `--expert-calibration all` can force, 64 tokens for every expert
+of every MoE layer), reading by the BF16 bytes; the 12-layer run is used for them when it has those figures,
+else the 5-layer one. Also printed: the total with calibration at its CPU-time rate (what the process got of
+the cores; on this shared machine the wall-clock rate depends on the other jobs' load). The 5 -> 12 layer
+peak growth is printed only for runs of the same commit.
 """
 
 from __future__ import annotations
@@ -86,7 +94,9 @@ def extrapolate(doc: dict, tokens: int) -> list[dict]:
             per_stage["calibrate"] = base["seconds"]["calibrate"] * flops52 / base["calib_flops"]
             rate = base["calib_flops"] / base["seconds"]["calibrate"]
         ratio = base["peak_anon_bytes"] / pred[(base["model"], recipe)]
-        growth = (base["peak_anon_bytes"] / r5["peak_anon_bytes"] - 1) if r5 and base is not r5 else None
+        # peak growth only between runs of the same code (`commit`, recorded since session 4)
+        same_code = r5 is not None and r5.get("commit") == base.get("commit")
+        growth = (base["peak_anon_bytes"] / r5["peak_anon_bytes"] - 1) if same_code and base is not r5 else None
         out.append({"recipe": recipe, "in_cgroup": cg, "from": base["model"], "calibration_from": timed["model"],
                     "tokens": tokens, "calib_flops_52": flops52,
                     "seconds": per_stage, "total_s": sum(per_stage.values()),
@@ -110,14 +120,16 @@ def main(argv=None) -> list[dict]:
         s = x["seconds"]
         g = x["peak_growth_5_to_12"]
         cpu = x["total_s_calibration_at_cpu_rate"]
-        print(f"{x['recipe']:10} {'in 6 GiB cgroup' if x['in_cgroup'] else 'no cgroup':15} from {x['from']}: 52 layers, "
+        print(f"{x['recipe']:10} {'in 6 GiB cgroup' if x['in_cgroup'] else 'no cgroup':15} from {x['from']}"
+              + (f" (calibration from {x['calibration_from']})" if x["calibration_from"] != x["from"] else "")
+              + ": 52 layers, "
               f"{x['tokens']} calibration tokens: about {x['total_s'] / 60:.0f} min ("
               + ", ".join(f"{k} {v / 60:.1f}" for k, v in s.items()) + " min"
               + (f"; {cpu / 60:.0f} min with calibration at its CPU-time rate" if cpu else "")
               + "); peak anonymous memory "
               + (f"{g * 100:+.1f} % from 5 to 12 layers, " if g is not None else "") + "52 layers about "
               f"{x['peak_52_gib']:.2f} GiB (calibration {x['calib_flops_52'] / 1e12:.1f} TFLOP at "
-              f"{x['calib_flops_per_s'] / 1e9:.1f} GFLOP/s wall, from {x['calibration_from']}, load "
+              f"{x['calib_flops_per_s'] / 1e9:.1f} GFLOP/s wall, load "
               f"{x['load_average']:.1f}); measured / predicted peak "
               + ", ".join(f"{m} {v:.2f}" for m, v in x["measured_vs_predicted"].items())
               )

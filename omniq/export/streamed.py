@@ -157,7 +157,7 @@ def _all_finite(t, chunk_elements: int = 1 << 24) -> bool:
     if t.numel() == 0:
         return True
     if t.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        lo, hi = torch.aminmax(t)
+        lo, hi = torch.aminmax(t.detach())
         return math.isfinite(float(lo)) and math.isfinite(float(hi))
     rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
     step = max(1, chunk_elements // max(rows.shape[1], 1))
