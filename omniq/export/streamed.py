@@ -301,11 +301,12 @@ def omniq_packing():
     Every `TRIM_EVERY` packed weights the heap's free pages go back to the OS (`omniq.heap.give_back`): an MoE
     layer's export packs 256 expert matrices whose tens-of-MB temporaries glibc serves from its heap (its
     mmap threshold grows past them) between the packed results that stay, and the freed pages stayed in the
-    process: measured on one real-width MoE layer's NVFP4 export (benchmarks/export_layer_memory.py), the peak
-    was 1.3-1.7 GiB above the layer (varying run to run: the 12-layer checkpoint's peak grew with its MoE layers)
-    against the packed copy's 0.69 GiB; with the trims 0.85 GiB, for about 15 % more export time. A fixed
-    1 MiB mmap threshold instead held the peak there too but made the export 2.3x slower (page faults on
-    every fresh temporary)."""
+    process: measured on one real-width MoE layer's NVFP4 export (benchmarks/export_layer_memory.py,
+    benchmarks/results/export_layer_memory.json), the peak without trims was 1.36-1.45 GiB above the calibrated
+    layer (varying run to run, so the 12-layer checkpoint's peak grew with its number of MoE layers) against the
+    packed copy's 0.69 GiB; with the trims 0.87-0.96 GiB, at an export time within this shared machine's noise
+    (32 and 94 s against 41 and 42 s). A fixed 1 MiB mmap threshold instead (every temporary its own mapping)
+    held it at 0.72 GiB but made the export 2.3-3.1x slower (page faults on every fresh temporary)."""
     import torch
     from modelopt.torch.export import unified_export_hf as ue
     from modelopt.torch.export.model_config import QUANTIZATION_FP8, QUANTIZATION_NVFP4
