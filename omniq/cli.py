@@ -131,7 +131,9 @@ def lint(
     found = run_lint(artifact, engine)
     doc = lint_report(found, artifact, engine)
     if report is not None:
-        report.write_text(json.dumps(doc, indent=1) + "\n")
+        from omniq.atomic import write_atomic
+
+        write_atomic(report, json.dumps(doc, indent=1) + "\n")
     n = fnd.counts(found)
     if as_json:
         typer.echo(json.dumps(doc, indent=1))

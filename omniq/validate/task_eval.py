@@ -246,8 +246,6 @@ def evaluate(reference, candidate, tasks, *, limit: int | None = None,
         out = Path(report_path).expanduser()
         if out.exists() and not force:
             raise OmniqError(f"--out {out} exists; pass --force to overwrite it")
-        if not out.parent.is_dir():
-            raise OmniqError(f"--out {out}: directory {out.parent} does not exist")
     specs = parse_tasks(tasks)
     quiet_lm_eval()
 
