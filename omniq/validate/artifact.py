@@ -85,7 +85,7 @@ class ShardReader:
         f = info.file
         if f not in self._handles:
             if not f.is_file():
-                raise OmniqError(f"{_where(self.ckpt)}: shard {f.name} disappeared while validating; "
+                raise OmniqError(f"{_where(self.ckpt)}: shard {f.name} disappeared during the run; "
                                  "the checkpoint changed under omniq")
             self._handles[f] = safe_open(str(f), framework="pt")
         try:

@@ -32,6 +32,7 @@ context that is empty is BOS alone (`prefix_token_id`).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -42,7 +43,8 @@ from omniq.heap import give_back
 from omniq.model import forward
 from omniq.validate.artifact import Artifact
 from omniq.validate.metrics import log_probs
-from omniq.validate.stream import KEEP_FLOAT32_BYTES, _chunk_tokens, embedding_names, head_names, layer_names
+from omniq.validate.stream import (KEEP_FLOAT32_BYTES, _chunk_tokens, activation_bytes, embedding_names,
+                                   head_names, layer_names, logits_bytes, step_bytes)
 
 BATCH_TOKENS = 4096                # padded tokens per forward batch inside a layer
 PASS_BYTES = 512 * 2**20           # float32 hidden states of one pass (its batches, all held between layers)
@@ -145,6 +147,25 @@ def score(artifact: Artifact, seqs: list[list[int]], spans: list[int], *, device
         del u, linear, h
         tick()
     return out  # type: ignore[return-value]
+
+
+def estimate_bytes(artifact: Artifact, *, generate: bool = False) -> dict:
+    """Peak memory of `score` on one artifact, from the headers (`omniq eval` runs the reference, then the
+    candidate): its largest step (`stream.step_bytes`: a layer as `score` loads it, whole; the embedding or
+    head with its float32 copy), a pass's hidden states twice (a layer's outputs are made while its inputs
+    are held), one batch's activations inside a layer, a logits chunk. With `generate` (a task that
+    generates), also `generate_until`'s figure: every weight of the artifact in float32 at once."""
+    arch = artifact.arch
+    steps = [step_bytes(artifact, embedding_names(artifact), keep_all=True),
+             step_bytes(artifact, head_names(artifact), keep_all=True)]
+    steps += [step_bytes(artifact, layer_names(artifact, i)) for i in range(arch.num_layers)]
+    hidden = 2 * max(PASS_BYTES, BATCH_TOKENS * 4 * arch.hidden_size)
+    est = {"largest_step_bytes": max(steps), "hidden_states_bytes": hidden,
+           "activations_bytes": activation_bytes(arch, BATCH_TOKENS), "logits_chunk_bytes": logits_bytes(arch)}
+    est["total_bytes"] = sum(est.values())
+    if generate:
+        est["generation_bytes"] = sum(4 * math.prod(artifact.logical_shape(n)) for n in artifact.base_names)
+    return est
 
 
 # ----- the lm-eval model ---------------------------------------------------------------------------------

@@ -217,3 +217,97 @@ def test_eval_help_stays_light():
             "'--min-recovery' in out.getvalue())\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.stdout.split() == ["0", "[]", "True"], p.stderr
+
+
+# ----- memory preflight and bad input found mid-run ----------------------------------------------------
+def _reading(monkeypatch) -> list[str]:
+    from omniq.validate import artifact as artifact_mod
+
+    names: list[str] = []
+    real = artifact_mod.ShardReader.get
+    monkeypatch.setattr(artifact_mod.ShardReader, "get", lambda self, n: names.append(n) or real(self, n))
+    return names
+
+
+def _limit(monkeypatch, gib: float) -> None:
+    from omniq import memory_limit
+
+    monkeypatch.setattr(memory_limit, "available_bytes", lambda *a, **kw: int(gib * 2**30))
+    monkeypatch.setattr(memory_limit, "limit_source", lambda *a, **kw: "cgroup v1 /fake")
+
+
+def test_preflight_refuses_before_reading_weights(artifacts, tmp_path, monkeypatch, capsys):
+    """The estimate (one layer, a pass's hidden states, a logits chunk) against a forced 10 MiB limit: exit
+    2, one line with the figure and where the limit comes from, no weight read, no report."""
+    from omniq.validate.lm import estimate_bytes
+
+    est = estimate_bytes(read_artifact(artifacts["nvfp4"]))
+    assert est["total_bytes"] == sum(v for k, v in est.items() if k != "total_bytes")
+    assert est["largest_step_bytes"] >= 4 * 4096 * 256        # the embedding's float32 copy (kept)
+    _limit(monkeypatch, 10 / 1024)
+    read = _reading(monkeypatch)
+    out = tmp_path / "eval.json"
+    code = main(["eval", "tiny", str(artifacts["nvfp4"]), "--tasks", CLOZE, "--limit", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "eval needs about" in err and "0.01 GiB is available (cgroup v1 /fake)" in err
+    assert not [n for n in read if n.endswith(".weight")] and not out.exists()
+
+
+def test_a_generating_task_is_refused_when_a_float32_model_does_not_fit(artifacts, tmp_path, monkeypatch, capsys):
+    """generate_until is not layer-streamed: a generating task gets its own figure (every weight in float32),
+    checked before any weight is read; the same limit lets a scoring task through."""
+    from omniq.validate import lm
+
+    gen = tmp_path / "gen.yaml"
+    data = tmp_path / "gen.jsonl"
+    data.write_text(json.dumps({"context": "Return the", "answer": "number"}) + "\n")
+    gen.write_text(f"task: my-gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+                   "test_split: test\noutput_type: generate_until\ndoc_to_text: \"{{context}}\"\n"
+                   "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\".\"]\n  max_gen_toks: 4\n"
+                   "metric_list:\n  - metric: exact_match\n")
+    real = lm.estimate_bytes
+    monkeypatch.setattr(lm, "estimate_bytes", lambda art, generate=False: {
+        **real(art, generate=generate), **({"generation_bytes": 9 * 2**30} if generate else {})})
+    _limit(monkeypatch, 8)
+    read = _reading(monkeypatch)
+    code = main(["eval", "tiny", str(artifacts["fp8"]), "--tasks", f"{CLOZE},{gen}", "--limit", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--tasks my-gen generates text" in err and "9.00 GiB" in err and "8.00 GiB is available" in err
+    assert not [n for n in read if n.endswith(".weight")]
+    assert task_eval.count_examples(task_eval.task_manager(task_eval.parse_tasks(str(gen))),
+                                    task_eval.parse_tasks(str(gen)), None)[1] == {"my-gen": {"generate_until"}}
+
+
+def test_a_shard_deleted_mid_run_and_a_full_disk(artifacts, tiny_dir, tmp_path, monkeypatch, capsys):
+    """The reference's last shard deleted once the first layer is read: exit 2, one line naming it, no
+    report. --out on a full disk: exit 1, one line, nothing left there."""
+    from checkpoint_dir import by_layer_shards
+    from omniq.validate import artifact as artifact_mod
+    from small_disk import left_on, small_tmpfs
+
+    src = tmp_path / "ref"
+    src.mkdir()
+    late = by_layer_shards(tiny_dir, src)
+    real = artifact_mod.ShardReader.get
+
+    def get(self, name):
+        if ".layers.0." in name and late.exists():
+            late.unlink()
+        return real(self, name)
+
+    out = tmp_path / "eval.json"
+    with monkeypatch.context() as m:
+        m.setattr(artifact_mod.ShardReader, "get", get)
+        code = main(["eval", str(src), str(artifacts["fp8"]), "--tasks", CLOZE, "--limit", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and late.name in err and "disappeared" in err, err
+    assert not out.exists()
+
+    with small_tmpfs(tmp_path, "2m", free=1024) as mnt:
+        code = main(["eval", "tiny", str(artifacts["fp8"]), "--tasks", CLOZE, "--limit", "2",
+                     "--out", str(mnt / "eval.json")])
+        err = capsys.readouterr().err
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "no space left" in err, err
+        assert left_on(mnt) == []
