@@ -70,12 +70,23 @@ def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return out
 
 
-@torch.inference_mode()
 def score(artifact: Artifact, seqs: list[list[int]], spans: list[int], *, device="cpu",
           batch_tokens: int = BATCH_TOKENS, pass_bytes: int = PASS_BYTES,
           progress: Progress | None = None) -> list[tuple[float, bool]]:
     """For each token sequence, (sum of log p of its last `spans[k]` tokens, whether each of them is the
     argmax): the model reads seq[:-1] and predicts seq[1:], layer-streamed (see the module doc)."""
+    total, missed = score_on_device(artifact, seqs, spans, device=device, batch_tokens=batch_tokens,
+                                    pass_bytes=pass_bytes, progress=progress)
+    return [(t, m == 0) for t, m in zip(total.tolist(), missed.tolist())]      # the one copy to the host
+
+
+@torch.inference_mode()
+def score_on_device(artifact: Artifact, seqs: list[list[int]], spans: list[int], *, device="cpu",
+                    batch_tokens: int = BATCH_TOKENS, pass_bytes: int = PASS_BYTES,
+                    progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`score`'s figures left on the device: per sequence the float64 sum of log p of its scored tokens and
+    the count of those that are not the argmax (every tensor made here is made on `device`: the tests run
+    it on PyTorch's `meta` device)."""
     device = torch.device(device)
     arch = artifact.arch
     inputs = [s[:-1] for s in seqs]
@@ -91,7 +102,8 @@ def score(artifact: Artifact, seqs: list[list[int]], spans: list[int], *, device
         used += size
     if cur:
         passes.append(cur)
-    out: list[tuple[float, bool] | None] = [None] * len(seqs)
+    total = torch.zeros(len(seqs), dtype=torch.float64, device=device)
+    missed = torch.zeros(len(seqs), dtype=torch.long, device=device)
     steps, done = len(passes) * (arch.num_layers + 2), 0
 
     def tick():
@@ -133,20 +145,15 @@ def score(artifact: Artifact, seqs: list[list[int]], spans: list[int], *, device
         h = torch.cat(rows) if rows else torch.zeros(0, arch.hidden_size, device=device)
         target = torch.tensor(targets, dtype=torch.long, device=device)
         owner = torch.tensor(owners, dtype=torch.long, device=device)
-        total = torch.zeros(len(seqs), dtype=torch.float64, device=device)
-        missed = torch.zeros(len(seqs), dtype=torch.long, device=device)
         chunk = _chunk_tokens(arch.vocab_size)
         for a in range(0, h.shape[0], chunk):
             sl = slice(a, a + chunk)
             lp = log_probs(forward.lm_head(arch, u, forward.final_norm(arch, u, h[sl]), linear))
             total.index_add_(0, owner[sl], lp.gather(-1, target[sl, None])[:, 0].double())
             missed.index_add_(0, owner[sl], (lp.argmax(-1) != target[sl]).long())
-        for b in group:
-            for k in b:
-                out[k] = (float(total[k]), int(missed[k]) == 0)
         del u, linear, h
         tick()
-    return out  # type: ignore[return-value]
+    return total, missed
 
 
 def estimate_bytes(artifact: Artifact, *, generate: bool = False) -> dict:
@@ -245,10 +252,7 @@ class ArtifactLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = True) -> list[str]:
         if not requests:
             return []
-        weights = dict(self.artifact.weights)
-        weights = {n: t.to(self._device) for n, t in weights.items()}
-        linear, kv = self.artifact.linear(weights), self.artifact.kv()
-        arch = self.artifact.arch
+        model = self.whole_model()
         out = []
         for req in requests:
             context, gen_kwargs = req.args
@@ -261,7 +265,7 @@ class ArtifactLM(TemplateLM):
             new: list[int] = []
             text = ""
             for _ in range(budget):
-                nxt = int(forward.logits(arch, weights, seq, linear=linear, kv=kv)[0, -1].argmax())
+                nxt = int(self.next_logits(model, seq).argmax())
                 if nxt == self.eot_token_id:
                     break
                 new.append(nxt)
@@ -275,3 +279,14 @@ class ArtifactLM(TemplateLM):
             self.forwards += 1
             out.append(text)
         return out
+
+    def whole_model(self) -> tuple[dict, object, object]:
+        """What `generate_until` decodes with (not layer-streamed): every weight dequantized to float32 and
+        moved to the device, the engine's linear and KV hooks."""
+        weights = {n: t.to(self._device) for n, t in dict(self.artifact.weights).items()}
+        return weights, self.artifact.linear(weights), self.artifact.kv()
+
+    def next_logits(self, model: tuple, seq: torch.Tensor) -> torch.Tensor:
+        """The logits after the last token of `seq` (1, L), on the device."""
+        weights, linear, kv = model
+        return forward.logits(self.artifact.arch, weights, seq, linear=linear, kv=kv)[0, -1]

@@ -311,3 +311,25 @@ def test_a_shard_deleted_mid_run_and_a_full_disk(artifacts, tiny_dir, tmp_path, 
         err = capsys.readouterr().err
         assert code == 1 and len(err.strip().splitlines()) == 1 and "no space left" in err, err
         assert left_on(mnt) == []
+
+
+# ----- devices: every tensor of the eval path on the run's device ---------------------------------------
+META = torch.device("meta")
+
+
+def test_the_eval_scorer_and_generation_step_run_on_the_meta_device(artifacts):
+    """`omniq eval`'s layer-streamed scorer (two passes, ragged lengths) and generate_until's whole-model step
+    on an NVFP4 + FP8-KV artifact, weights moved to `meta`: a tensor made on the CPU anywhere (batching,
+    padding, the head's chunks, dequantization, activation / KV quantization) raises 'expected device'."""
+    from omniq.validate.lm import score_on_device
+
+    art = read_artifact(artifacts["nvfp4-kv"])
+    seqs = [[1, *range(5, 5 + n)] for n in (40, 7, 23)]
+    total, missed = score_on_device(art, seqs, [5, 3, 9], device=META, batch_tokens=64, pass_bytes=1)
+    assert total.device == missed.device == META and total.shape == missed.shape == (3,)
+    assert total.dtype == torch.float64
+    lm = ArtifactLM(art, device=META)
+    model = lm.whole_model()
+    assert all(t.device == META for t in model[0].values())
+    out = lm.next_logits(model, torch.tensor([[1, 5, 6, 7]], device=META))
+    assert out.device == META and out.shape == (art.arch.vocab_size,)
