@@ -208,15 +208,10 @@ def test_omni_checkpoint_text_tasks(capsys):
 
 
 def test_eval_help_stays_light():
-    import subprocess
-    import sys
+    from cli_subprocess import cli_imports
 
-    code = ("import sys, contextlib, io\nfrom omniq.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()) as out:\n    rc = main(['eval', '--help'])\n"
-            "print(rc, sorted(m for m in ('torch', 'lm_eval', 'datasets') if m in sys.modules), "
-            "'--min-recovery' in out.getvalue())\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.stdout.split() == ["0", "[]", "True"], p.stderr
+    r = cli_imports([["eval", "--help"]], ("torch", "lm_eval", "datasets"))
+    assert r["rcs"] == [0] and r["heavy"] == [] and "--min-recovery" in r["stdout"]
 
 
 # ----- memory preflight and bad input found mid-run ----------------------------------------------------
