@@ -75,3 +75,22 @@ def by_layer_shards(src: Path, dest: Path) -> Path:
     late = ("backbone.layers.8.", "backbone.layers.9.", "backbone.norm_f", "lm_head")
     return resave_sharded(src, dest, lambda names: [[n for n in names if not n.startswith(late)],
                                                     [n for n in names if n.startswith(late)]])[-1]
+
+
+def watch_reads(monkeypatch, delete: Path | None = None, when: str = ".layers.0.") -> list[str]:
+    """validate / eval's shard reader (`artifact.ShardReader.get`) patched to record every tensor name it
+    reads, in order; with `delete`, that shard is deleted as the first tensor whose name holds `when` is read
+    (the run has started)."""
+    from omniq.validate import artifact as artifact_mod
+
+    names: list[str] = []
+    real = artifact_mod.ShardReader.get
+
+    def get(self, name):
+        names.append(name)
+        if delete is not None and when in name and delete.exists():
+            delete.unlink()
+        return real(self, name)
+
+    monkeypatch.setattr(artifact_mod.ShardReader, "get", get)
+    return names

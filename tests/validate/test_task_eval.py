@@ -22,6 +22,7 @@ from omniq.validate import task_eval  # noqa: E402
 from omniq.validate.artifact import read_artifact  # noqa: E402
 from omniq.validate.lm import ArtifactLM, score  # noqa: E402
 from omniq.validate.tasks import cloze  # noqa: E402
+from checkpoint_dir import by_layer_shards, watch_reads  # noqa: E402
 
 CLOZE = "omniq-docstring-cloze"
 
@@ -215,15 +216,6 @@ def test_eval_help_stays_light():
 
 
 # ----- memory preflight and bad input found mid-run ----------------------------------------------------
-def _reading(monkeypatch) -> list[str]:
-    from omniq.validate import artifact as artifact_mod
-
-    names: list[str] = []
-    real = artifact_mod.ShardReader.get
-    monkeypatch.setattr(artifact_mod.ShardReader, "get", lambda self, n: names.append(n) or real(self, n))
-    return names
-
-
 def _limit(monkeypatch, gib: float) -> None:
     from omniq import memory_limit
 
@@ -240,7 +232,7 @@ def test_preflight_refuses_before_reading_weights(artifacts, tmp_path, monkeypat
     assert est["total_bytes"] == sum(v for k, v in est.items() if k != "total_bytes")
     assert est["largest_step_bytes"] >= 4 * 4096 * 256        # the embedding's float32 copy (kept)
     _limit(monkeypatch, 10 / 1024)
-    read = _reading(monkeypatch)
+    read = watch_reads(monkeypatch)
     out = tmp_path / "eval.json"
     code = main(["eval", "tiny", str(artifacts["nvfp4"]), "--tasks", CLOZE, "--limit", "2", "--out", str(out)])
     err = capsys.readouterr().err
@@ -265,7 +257,7 @@ def test_a_generating_task_is_refused_when_a_float32_model_does_not_fit(artifact
     monkeypatch.setattr(lm, "estimate_bytes", lambda art, generate=False: {
         **real(art, generate=generate), **({"generation_bytes": 9 * 2**30} if generate else {})})
     _limit(monkeypatch, 8)
-    read = _reading(monkeypatch)
+    read = watch_reads(monkeypatch)
     code = main(["eval", "tiny", str(artifacts["fp8"]), "--tasks", f"{CLOZE},{gen}", "--limit", "1"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -278,23 +270,14 @@ def test_a_generating_task_is_refused_when_a_float32_model_does_not_fit(artifact
 def test_a_shard_deleted_mid_run_and_a_full_disk(artifacts, tiny_dir, tmp_path, monkeypatch, capsys):
     """The reference's last shard deleted once the first layer is read: exit 2, one line naming it, no
     report. --out on a full disk: exit 1, one line, nothing left there."""
-    from checkpoint_dir import by_layer_shards
-    from omniq.validate import artifact as artifact_mod
     from small_disk import left_on, small_tmpfs
 
     src = tmp_path / "ref"
     src.mkdir()
     late = by_layer_shards(tiny_dir, src)
-    real = artifact_mod.ShardReader.get
-
-    def get(self, name):
-        if ".layers.0." in name and late.exists():
-            late.unlink()
-        return real(self, name)
-
     out = tmp_path / "eval.json"
     with monkeypatch.context() as m:
-        m.setattr(artifact_mod.ShardReader, "get", get)
+        watch_reads(m, delete=late)
         code = main(["eval", str(src), str(artifacts["fp8"]), "--tasks", CLOZE, "--limit", "2", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and late.name in err and "disappeared" in err, err

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from checkpoint_dir import by_layer_shards
+from checkpoint_dir import by_layer_shards, watch_reads
 from omniq.cli import main
-from omniq.validate import artifact as artifact_mod
 from small_disk import left_on, small_tmpfs
 
 RUN = ["--samples", "2", "--seq-len", "32", "--no-noise-floor"]
@@ -17,10 +16,7 @@ RUN = ["--samples", "2", "--seq-len", "32", "--no-noise-floor"]
 @pytest.fixture()
 def reading(monkeypatch):
     """Every tensor name validate reads from a shard, in order."""
-    names: list[str] = []
-    real = artifact_mod.ShardReader.get
-    monkeypatch.setattr(artifact_mod.ShardReader, "get", lambda self, n: names.append(n) or real(self, n))
-    return names
+    return watch_reads(monkeypatch)
 
 
 def test_a_shard_deleted_after_the_run_started(tmp_path, tiny_dir, artifacts, monkeypatch, capsys):
@@ -29,16 +25,7 @@ def test_a_shard_deleted_after_the_run_started(tmp_path, tiny_dir, artifacts, mo
     src = tmp_path / "ref"
     src.mkdir()
     late = by_layer_shards(tiny_dir, src)
-    real = artifact_mod.ShardReader.get
-    seen = []
-
-    def get(self, name):
-        seen.append(name)
-        if ".layers.0." in name and late.exists():
-            late.unlink()
-        return real(self, name)
-
-    monkeypatch.setattr(artifact_mod.ShardReader, "get", get)
+    seen = watch_reads(monkeypatch, delete=late)
     report = tmp_path / "out" / "r.json"
     report.parent.mkdir()
     code = main(["validate", str(src), str(artifacts["fp8"]), *RUN, "--report", str(report)])
