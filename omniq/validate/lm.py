@@ -283,7 +283,9 @@ class ArtifactLM(TemplateLM):
     def whole_model(self) -> tuple[dict, object, object]:
         """What `generate_until` decodes with (not layer-streamed): every weight dequantized to float32 and
         moved to the device, the engine's linear and KV hooks."""
-        weights = {n: t.to(self._device) for n, t in dict(self.artifact.weights).items()}
+        from omniq.validate.generate import weights_on
+
+        weights = weights_on(self.artifact, self._device)
         return weights, self.artifact.linear(weights), self.artifact.kv()
 
     def next_logits(self, model: tuple, seq: torch.Tensor) -> torch.Tensor:
