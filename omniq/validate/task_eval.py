@@ -19,8 +19,9 @@ Refused before any model runs (OmniqError, exit 2, nothing written): lm-eval mis
 exist, a task with no examples after `limit`, an existing report without `force` or one whose directory does
 not exist, checkpoints that are not the same model, a run whose predicted peak (`preflight`,
 `lm.estimate_bytes`: one layer, a pass's hidden states, a logits chunk; a whole model in float32 for a task
-that generates) does not fit the process's memory limit. The report records that estimate (`memory`). The report (`eval.json` in an artifact) is bound to what it judged like validation.json
-(`bound_to`, `omniq.validate.binding`).
+that generates) does not fit the process's memory limit. The report records that estimate (`memory`). The
+report (`eval.json` in an artifact) is bound to what it judged like validation.json (`bound_to`,
+`omniq.validate.binding`).
 """
 
 from __future__ import annotations
@@ -140,12 +141,11 @@ def count_examples(tm, specs: list[TaskSpec], limit: int | None) -> tuple[dict[s
             n = sum(len(t.eval_docs) for t in leaves)
         else:
             leaves = [task]
-        kinds[s.name] = {str(getattr(t, "OUTPUT_TYPE", "")) for t in leaves}
-        if task is not None:
             try:
                 n = len(task.eval_docs)
             except Exception as e:  # noqa: BLE001  (a task whose data cannot be read names itself here)
                 raise OmniqError(f"--tasks {s.given}: cannot read its examples ({str(e).splitlines()[0]})") from None
+        kinds[s.name] = {str(getattr(t, "OUTPUT_TYPE", "")) for t in leaves}
         n = min(n, limit) if limit is not None else n
         if n < 1:
             raise OmniqError(f"--tasks {s.given}: no examples to evaluate"
