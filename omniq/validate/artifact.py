@@ -83,7 +83,7 @@ class ShardReader:
             raise OmniqError(f"{_where(self.ckpt)}: tensor {name!r} is not in the checkpoint")
         f = info.file
         if not f.is_file():
-            raise OmniqError(f"{_where(self.ckpt)}: shard {f.name} disappeared while validating; "
+            raise OmniqError(f"{_where(self.ckpt)}: shard {f.name} disappeared during the run; "
                              "the checkpoint changed under omniq")
         try:
             return self._reader.get(name)
