@@ -115,9 +115,9 @@ def materialize(module, native_prefix: str, source: TensorReader) -> int:
             first = source.get(parts[0])
             t = torch.empty((len(parts), *first.shape), dtype=first.dtype)    # filled in place: no second copy
             t[0].copy_(first)
-            for e in range(1, len(parts)):
-                t[e].copy_(source.get(parts[e]))
             del first
+            for e in range(1, len(parts)):
+                source.get(parts[e], out=t[e])        # read straight into the stack (shape / dtype checked)
         else:
             parts = [hub_name_of(full, ckpt)]
             t = source.get(parts[0])

@@ -137,12 +137,13 @@ class TensorReader:
             self._fds[f] = os.open(f, os.O_RDONLY)
         return self._fds[f]
 
-    def _read(self, meta: "TensorInfo", name: str, start: int, shape: tuple[int, ...]):
+    def _read(self, meta: "TensorInfo", name: str, start: int, shape: tuple[int, ...], out=None):
         import os
 
         import torch
 
-        out = torch.empty(shape, dtype=getattr(torch, TORCH_DTYPES[meta.dtype]))
+        if out is None:
+            out = torch.empty(shape, dtype=getattr(torch, TORCH_DTYPES[meta.dtype]))
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         fd = self._fd(Path(meta.file))
         done = 0
@@ -164,12 +165,19 @@ class TensorReader:
             self._handles[f] = safe_open(str(f), framework="pt")
         return self._handles[f]
 
-    def get(self, name: str):
+    def get(self, name: str, out=None):
+        """Tensor `name`; `out`: a contiguous tensor of its dtype and shape to read it into (the streamed
+        quantize fills a layer's fused expert stack expert by expert: no second copy of each expert)."""
         meta = self._info(name)
+        if out is not None and (tuple(out.shape) != tuple(meta.shape) or not out.is_contiguous()
+                                or TORCH_DTYPES.get(meta.dtype) != str(out.dtype).removeprefix("torch.")):
+            raise OmniqError(f"{self.ckpt.path}: tensor {name} is {meta.dtype} {list(meta.shape)}, expected "
+                             f"{out.dtype} {list(out.shape)}; config and weights do not match")
         try:
             if meta.span is not None and meta.dtype in TORCH_DTYPES:
-                return self._read(meta, name, meta.span[0], meta.shape)
-            return self._safe_open(meta).get_tensor(meta.stored or name)
+                return self._read(meta, name, meta.span[0], meta.shape, out)
+            t = self._safe_open(meta).get_tensor(meta.stored or name)
+            return t if out is None else out.copy_(t)
         except OmniqError:
             raise
         except Exception as e:  # noqa: BLE001 - a shard truncated or replaced mid-run is a user-fixable input

@@ -89,3 +89,25 @@ def test_a_header_whose_offsets_disagree_with_the_shape_is_refused_at_open(tmp_p
     f.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])     # data offsets are relative: still valid
     with pytest.raises(OmniqError, match=f"header entry for tensor '{name}' spans"):
         open_checkpoint(d, check_shapes=False)
+
+
+def test_a_tensor_read_into_a_given_tensor_equals_a_plain_read_and_a_mismatch_is_refused(tmp_path, tiny_dir):
+    """`get(name, out=)` (the streamed quantize fills a fused expert stack in place) writes the same bytes as
+    `get(name)`, into `out` itself; a tensor of another shape or dtype than `out` is one OmniqError line."""
+    d = _mixed_dtypes(tmp_path, tiny_dir)
+    ckpt = open_checkpoint(d, check_shapes=False)
+    reader = TensorReader(ckpt)
+    for name in ("extra.u8", "extra.f8", "extra.f32", "extra.empty",
+                 next(n for n in ckpt.headers if n.endswith("experts.3.up_proj.weight"))):
+        want = reader.get(name)
+        stack = torch.empty((2, *want.shape), dtype=want.dtype)
+        stack.view(torch.uint8).fill_(7)                           # a sentinel in both slots
+        got = reader.get(name, out=stack[1])
+        assert got.data_ptr() == stack[1].data_ptr()
+        assert torch.equal(stack[1].view(torch.uint8), want.view(torch.uint8)), name
+        assert bool((stack[0].view(torch.uint8) == 7).all()), name         # the other slot untouched
+    with pytest.raises(OmniqError, match="extra.f32 is F32 \\[4, 3\\], expected torch.float32 \\[3, 4\\]"):
+        reader.get("extra.f32", out=torch.empty(3, 4))
+    with pytest.raises(OmniqError, match="expected torch.bfloat16"):
+        reader.get("extra.f32", out=torch.empty(4, 3, dtype=torch.bfloat16))
+    reader.close()
