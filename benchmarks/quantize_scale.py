@@ -5,7 +5,8 @@
     python benchmarks/quantize_scale.py rw5=/work/scratch/rw5 rw12=/work/scratch/rw12 \
         [--recipes fp8,omni-nvfp4] [--samples 16 --seq-len 128] [--cgroup-gib 6] [--plain rw5] [--work DIR]
 
-For each checkpoint and recipe, one `omniq quantize` in its own process (`--cgroup-gib`: inside a cgroup-v1
+For each checkpoint and recipe, one `omniq quantize` in its own process (its `wall_s` also holds the two
+matmul measurements, about 30 s; the quantize's own time is `seconds.total`) (`--cgroup-gib`: inside a cgroup-v1
 child group of this process's own memory cgroup with that `memory.limit_in_bytes`; the run must pass there,
 which proves the ceiling rather than measuring it): peak RSS (wait4 of that child; it counts the source
 shards' mmapped page-cache pages too) and peak anonymous RSS (sampled), the cgroup's max_usage_in_bytes
@@ -415,7 +416,9 @@ def main() -> int:
 def _print(r: dict) -> None:
     gib = 2**30
     line = (f"{r['model']:5} {r['layers']:3} layers {r['recipe']:10} {r['tool']:14} rc {r['rc']}  wall "
-            f"{r['wall_s']:7.1f} s  peak RSS {r['peak_rss_bytes'] / gib:6.2f} GiB"
+            f"{r['wall_s']:7.1f} s"
+            + (f" (quantize {r['seconds']['total']:.1f} s)" if r.get("seconds", {}).get("total") else "")
+            + f"  peak RSS {r['peak_rss_bytes'] / gib:6.2f} GiB"
             f" (anonymous {r.get('peak_anon_bytes', 0) / gib:5.2f} GiB)")
     if r.get("predicted_peak_bytes"):
         line += f"  predicted {r['predicted_peak_bytes'] / gib:6.2f} GiB"
