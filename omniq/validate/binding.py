@@ -28,7 +28,7 @@ from pathlib import Path
 from omniq.atomic import check_new_file
 from omniq.checksums import sha256_file
 from omniq.errors import OmniqError
-from omniq.manifest import EVAL, LINT, MANIFEST, VALIDATION
+from omniq.manifest import EVAL, LINT, MANIFEST, VALIDATION, read_json
 
 KEY = "bound_to"
 # reference files that must be the ones omniq.json's source lists (others are compared when both have them)
@@ -72,8 +72,8 @@ def for_lint(artifact_path) -> dict:
 def check_target(report_path: str | os.PathLike | None, judged: str | os.PathLike, flag: str = "--report", *,
                  force: bool = False) -> None:
     """Refuse (exit 2, before anything runs) a report path inside an artifact directory other than `judged`,
-    or one `atomic.check_new_file` refuses: its directory missing, a directory, an existing file without
-    `force`."""
+    one that is the judged artifact's omniq.json or a file it lists (even with `force`), or one
+    `atomic.check_new_file` refuses: its directory missing, a directory, an existing file without `force`."""
     if report_path is None:
         return
     parent = Path(report_path).expanduser().parent
@@ -81,6 +81,11 @@ def check_target(report_path: str | os.PathLike | None, judged: str | os.PathLik
     if root is not None and root != Path(judged).expanduser().resolve():
         raise OmniqError(f"{flag} {report_path}: that is inside the artifact {root}, not the one judged "
                          f"({judged}); a report goes into the artifact it judges, or outside any artifact")
+    if root is not None:
+        rel = (parent.resolve() / Path(report_path).name).relative_to(root).as_posix()
+        if rel == MANIFEST or rel in (read_json(root / MANIFEST, MANIFEST).get("files") or {}):
+            raise OmniqError(f"{flag} {report_path}: that is one of the artifact's own files ({rel}, listed in "
+                             f"{MANIFEST}), not a report; --force never replaces those")
     check_new_file(report_path, flag, force=force)
 
 

@@ -82,6 +82,14 @@ def test_relinting_a_quantized_artifact_into_its_own_lint_json_takes_force(quant
     doc = json.loads(own.read_text())
     assert doc["passed"] is True and doc["bound_to"]["candidate"][MANIFEST] is not None
     assert not [p.name for p in art.iterdir() if p.name.startswith(".")]     # no temporary left
+    # --force replaces a report, never a file of the artifact (omniq.json, or one it lists)
+    shard = next(iter(json.loads((art / MANIFEST).read_text())["files"]))
+    for name in (MANIFEST, shard):
+        kept = (art / name).read_bytes()
+        for args in (["lint", str(art)], ["validate", "tiny", str(art), *FAST]):
+            assert main([*args, "--report", str(art / name), "--force"]) == 2
+            assert "one of the artifact's own files" in _refused(capsys, art / name)
+        assert (art / name).read_bytes() == kept
 
 
 def test_a_report_that_appears_during_the_run_is_kept(artifacts, tmp_path, capsys, monkeypatch):
