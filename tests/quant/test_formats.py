@@ -226,3 +226,33 @@ def test_the_export_gives_heap_pages_back_every_few_packed_weights(modelopt, mon
         for _ in range(7):
             ue.to_quantized_weight(w, scale, "fp8")
     assert len(trims) == 2
+
+
+def test_export_nvfp4_block_scales_are_modelopts_and_computed_once(modelopt):
+    """omniq_packing's NVFP4QTensor.get_weights_scaling_factor: ModelOpt's scales bit for bit (zero blocks
+    included), computed once when the export asks twice for the same weight, and ModelOpt's own function back
+    after the context."""
+    from omniq.export import streamed
+    from omniq.quant.formats import nvfp4
+
+    NVFP4QTensor, _ = modelopt
+    theirs_fn = NVFP4QTensor.get_weights_scaling_factor
+    w = _weights(torch.bfloat16)
+    w[3, :16] = 0                                             # a zero block: scale 1.0 by ModelOpt's rule
+    cases = [(w, w.float().abs().amax() / (6 * 448)), (w.float() * 1e-6, torch.tensor(1e-9))]   # tiny: clamped
+    calls = []
+    real = nvfp4.nvfp4_block_scales
+    import unittest.mock as mock
+    for weight, ws2 in cases:
+        theirs = theirs_fn(weight, 16, ws2)[0]
+        with mock.patch.object(nvfp4, "nvfp4_block_scales", lambda *a, **k: calls.append(1) or real(*a, **k)):
+            with streamed.omniq_packing():
+                mine = NVFP4QTensor.get_weights_scaling_factor(weight, 16, ws2)[0]
+                again = NVFP4QTensor.get_weights_scaling_factor(weight, 16, ws2.clone())[0]
+                other = NVFP4QTensor.get_weights_scaling_factor(weight * 2, 16, ws2)[0]
+        assert mine.dtype == torch.float8_e4m3fn
+        assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8))
+        assert again is mine
+        assert torch.equal(other.view(torch.uint8), theirs_fn(weight * 2, 16, ws2)[0].view(torch.uint8))
+    assert len(calls) == 4                                    # twice per case: the weight, then weight * 2
+    assert NVFP4QTensor.get_weights_scaling_factor == theirs_fn
