@@ -88,8 +88,10 @@ def _byte_table(device=None) -> torch.Tensor:
 
 
 def e2m1_unpack_values(packed: torch.Tensor) -> torch.Tensor:
-    """[..., n/2] packed bytes -> [..., n] float32 E2M1 values."""
-    return _byte_table(packed.device)[packed.long()].flatten(-2)
+    """[..., n/2] packed bytes -> [..., n] float32 E2M1 values (one row of the byte table per byte;
+    `index_select` with int32 indices: a few times faster on CPU than indexing with int64 ones)."""
+    values = torch.index_select(_byte_table(packed.device), 0, packed.reshape(-1).to(torch.int32))
+    return values.reshape(*packed.shape[:-1], -1)
 
 
 # ----- NVFP4 ---------------------------------------------------------------------------------------------
@@ -174,16 +176,24 @@ def nvfp4_dequantize(packed: torch.Tensor, weight_scale: torch.Tensor, weight_sc
     return w if in_features is None else w[..., :in_features]
 
 
-def nvfp4_fake_quant(x: torch.Tensor, input_scale: torch.Tensor | float, block: int = NVFP4_BLOCK) -> torch.Tensor:
-    """Dynamic NVFP4 activation quantization with a static global scale, as the engines run it."""
+def nvfp4_fake_quant(x: torch.Tensor, input_scale: torch.Tensor | float, block: int = NVFP4_BLOCK,
+                     chunk_elements: int = 1 << 18) -> torch.Tensor:
+    """Dynamic NVFP4 activation quantization with a static global scale, as the engines run it. On the CPU
+    the rows go `chunk_elements` at a time (1 MiB of float32), so the ten elementwise passes over them run
+    in the cache instead of streaming the whole activation through memory ten times."""
     gs = torch.as_tensor(input_scale, dtype=torch.float32)
     n = x.shape[-1]
     xb = _blocks(x.float(), block)
-    block_amax = xb.abs().amax(-1, keepdim=True)
-    scale = cast_e4m3(block_amax / (E2M1_MAX * gs)).float() * gs
-    divisor = torch.where(scale > 0, scale, torch.full_like(scale, math.inf))   # a zero scale: zeros
-    q = e2m1_round(xb / divisor).mul_(scale)
-    return q.flatten(-2)[..., :n]
+    rows = xb.reshape(-1, *xb.shape[-2:])
+    out = torch.empty_like(rows)
+    step = max(1, chunk_elements // max(rows.shape[1] * block, 1)) if x.device.type == "cpu" else rows.shape[0]
+    for a in range(0, rows.shape[0], max(step, 1)):
+        r = rows[a: a + step]
+        block_amax = r.abs().amax(-1, keepdim=True)
+        scale = cast_e4m3(block_amax / (E2M1_MAX * gs)).float() * gs
+        divisor = torch.where(scale > 0, scale, torch.full_like(scale, math.inf))   # a zero scale: zeros
+        torch.mul(e2m1_round(r / divisor), scale, out=out[a: a + step])
+    return out.reshape(xb.shape).flatten(-2)[..., :n]
 
 
 def nvfp4_fake_quant_weight(w: torch.Tensor, weight_scale_2: torch.Tensor | None = None) -> torch.Tensor:
