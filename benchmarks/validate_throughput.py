@@ -14,6 +14,9 @@ figure another process's load disturbs least):
                       stream and the candidate, and the metrics), with and without the noise-floor stream.
 Prints tokens/s and the ratio validate / one reference forward (in throughput: 1.0 = as fast as one
 forward; the goal of issue 12 is at least 0.5 with two streams), and the load average before and after.
+`--breakdown`: one more run of the plain forward and of each validate, with the CPU seconds spent in each
+part (mixer kind per stream's linear hook, the candidate's activation quantization, the weights'
+dequantization, the logits scoring), to show where validate's time beyond one forward per stream goes.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from omniq.model import forward  # noqa: E402
-from omniq.validate import stream  # noqa: E402
+from omniq.validate import artifact, stream  # noqa: E402
 from omniq.validate.artifact import read_artifact  # noqa: E402
 from omniq.validate.run import BATCH_ROWS, eval_texts, text_items, token_rows  # noqa: E402
 
@@ -41,6 +44,48 @@ def _timed(fn) -> tuple[float, float]:
     t, c = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - t, time.process_time() - c
+
+
+def breakdown(runs: dict) -> dict:
+    """{run: {part: CPU seconds}} of one call of each of `runs`, with omniq's functions wrapped in timers
+    (the forward's mixers and lm_head keyed by the stream's linear hook; nested parts are inside them)."""
+    parts: dict[str, float] = {}
+    saved = []
+
+    def timer(owner, name, key_of):
+        fn = getattr(owner, name)
+        saved.append((owner, name, fn))
+
+        def timed(*a, **k):
+            c = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                key = key_of(a)
+                parts[key] = parts.get(key, 0.0) + time.process_time() - c
+        setattr(owner, name, timed)
+
+    def hook_name(a):
+        hook = next((x for x in a if callable(x) and not isinstance(x, torch.Tensor)), None)
+        return getattr(hook, "__qualname__", type(hook).__name__).split(".")[0]
+
+    for name in ("moe", "mamba", "attention", "lm_head"):
+        timer(forward, name, lambda a, n=name: f"{n} ({hook_name(a)})")
+    timer(artifact.EngineLinear, "prepare", lambda a: "candidate activation quantization (inside the mixers)")
+    timer(artifact.Artifact, "dequantize", lambda a: "weight dequantization")
+    timer(stream, "compare_logits", lambda a: "logits scoring (float64)")
+    out = {}
+    try:
+        for run, fn in runs.items():
+            parts.clear()
+            c = time.process_time()
+            fn()
+            out[run] = {"total": round(time.process_time() - c, 3),
+                        **{k: round(v, 3) for k, v in sorted(parts.items())}}
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -53,6 +98,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--breakdown", action="store_true", help="CPU seconds per part, one more run of each")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,6 +160,10 @@ def main(argv=None) -> dict:
     print(f"  validate, 2 streams                  {result['validate_no_noise_floor_tokens_per_s']:10.1f}"
           f"   {result['validate_no_noise_floor_vs_one_forward']:10.2f}"
           f"        ({result['cpu_validate_no_noise_floor_vs_one_forward']:.2f})")
+    if args.breakdown:
+        result["breakdown_cpu_seconds"] = breakdown({k: v for k, v in runs.items() if k != "plain_one_batch"})
+        for run, parts in result["breakdown_cpu_seconds"].items():
+            print(f"  {run}: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
