@@ -10,7 +10,8 @@ validate); every tensor made here is made on the inputs' device (tests/model/tes
 
 A `linear` hook is a callable `linear(name, x)`; a hook that quantizes activations may also offer
 `input_key(name)` (equal keys: the same input transformation), `prepare(name, x)` (that transformation) and
-`matmul(name, x_prepared)` (a new tensor, the caller's to modify), so the MoE quantizes a layer input once for
+`matmul(name, x_prepared)` (what such a hook returns, from `matmul` or a call, is a new tensor the caller
+may modify in place), so the MoE quantizes a layer input once for
 all its routed and shared experts (and the experts' down-projection inputs once for all of them), and
 attention its q / k / v input once.
 """
