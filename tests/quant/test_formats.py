@@ -146,6 +146,21 @@ def test_fast_e2m1_rounding_equals_the_codes():
         assert torch.equal(fm.e2m1_round(x), fm.e2m1_decode(fm.e2m1_encode(x)) + 0.0)   # + 0.0: -0 == 0
 
 
+def test_fast_e2m1_rounding_is_exact_next_to_every_tie_and_far_out():
+    """The magic-number rounding (`e2m1_round`) against the codes on the floats either side of every tie and
+    step boundary, values past saturation up to float32's range, tiny and subnormal ones, and NaN."""
+    edges = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.0, 2.5, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0, 2.0 ** 21, 2.0 ** 23,
+                          1.5 * 2 ** 22, 1.5 * 2 ** 24, 2.0 ** 25, 3.0e38, 1e-30, 1e-45])
+    near = torch.cat([torch.nextafter(edges, torch.zeros_like(edges)), edges,
+                      torch.nextafter(edges, torch.full_like(edges, math.inf))])
+    x = torch.cat([near, -near, torch.tensor([0.0, -0.0, math.inf, -math.inf])])
+    assert torch.equal(fm.e2m1_round(x), fm.e2m1_decode(fm.e2m1_encode(x)) + 0.0)
+    assert fm.e2m1_round(torch.tensor([math.nan])).isnan().all()
+    half = torch.arange(-8.0, 8.0, 1 / 64).to(torch.bfloat16)          # other dtypes: rounded as float32
+    assert fm.e2m1_round(half).dtype == torch.bfloat16
+    assert torch.equal(fm.e2m1_round(half).float(), fm.e2m1_round(half.float()))
+
+
 def test_export_packs_nvfp4_with_omniq_arithmetic_bit_identically(modelopt, monkeypatch):
     """streamed.omniq_packing: ModelOpt's export step `to_quantized_weight` runs omniq's packing for
     NVFP4 (stacked experts with one global scale each included), with ModelOpt's own result."""
