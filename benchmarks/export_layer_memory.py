@@ -9,6 +9,7 @@ samples RssAnon every 5 ms. Policies, interleaved round by round (a shared machi
   no-trim    the same without those trims (glibc keeps the freed temporaries' pages);
   mmap-1m    no trims, but glibc's mmap threshold fixed at 1 MiB (mallopt), so every temporary of 1 MiB or more
              is its own mapping, returned on free.
+`--profile`: each run also prints the cProfile of export_layer (its 12 most expensive functions).
 Prints one JSON line per run (peak above the calibrated layer, packed bytes, export seconds) and writes
 benchmarks/results/export_layer_memory.json.
 """
@@ -27,7 +28,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "export_layer_memory.json"
 
 CHILD = r"""
 import ctypes, json, sys, threading, time
-src, layer, recipe, policy = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+src, layer, recipe, policy, profile = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1"
 if policy == "mmap-1m":
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)          # M_MMAP_THRESHOLD (fixed: no dynamic growth)
 import torch
@@ -65,9 +66,19 @@ st.materialize(model.model.layers[layer], names.native_layer(layer), source)
 shell = st.calibrate_layer(model, layer, modelopt_config(plan), hidden, kwargs, enabled=enabled_quantizers(plan))
 give_back(collect=True)
 base = anon(); peak[0] = base
+if profile:
+    import cProfile
+    prof = cProfile.Profile()
+    prof.enable()
 t = time.perf_counter()
 out = st.export_layer(shell, model, ckpt.arch)
 dt = time.perf_counter() - t
+if profile:
+    import io, pstats
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
+    print(text.getvalue(), file=sys.stderr)
 packed = sum(v.numel() * v.element_size() for v in out.tensors.values())
 print(json.dumps({"policy": policy, "export_s": round(dt, 2), "calibrated_layer_gib": round(base / 2**30, 3),
                   "peak_gib": round(peak[0] / 2**30, 3), "peak_above_layer_gib": round((peak[0] - base) / 2**30, 3),
@@ -82,17 +93,20 @@ def main() -> int:
     ap.add_argument("--recipe", default="omni-nvfp4")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--policies", default="omniq,no-trim,mmap-1m")
+    ap.add_argument("--profile", action="store_true", help="print each run's cProfile of export_layer (top 12)")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     runs = []
     for r in range(a.rounds):
         for policy in a.policies.split(","):
-            p = subprocess.run([sys.executable, "-c", CHILD, a.checkpoint, str(a.layer), a.recipe, policy],
-                               capture_output=True, text=True, env=env, cwd=ROOT)
+            p = subprocess.run([sys.executable, "-c", CHILD, a.checkpoint, str(a.layer), a.recipe, policy,
+                                "1" if a.profile else "0"], capture_output=True, text=True, env=env, cwd=ROOT)
             if p.returncode != 0:
                 print(p.stderr[-2000:], file=sys.stderr)
                 return 1
+            if a.profile:
+                print(p.stderr[p.stderr.find("   Ordered by"):], flush=True)
             run = json.loads(p.stdout.strip().splitlines()[-1])
             run.update(round=r, load_average=round(os.getloadavg()[0], 2))
             runs.append(run)
