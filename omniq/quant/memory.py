@@ -293,7 +293,7 @@ def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int,
     (3 x 8 bytes x in^2 per expert, `GPTQ_EXPERT_CHUNK` experts at most); local-hessian in x 16 floats per linear. 0 when no algorithm
     needs statistics (mse, four-over-six and max add only a float32 copy of one weight)."""
     arch = plan.arch
-    kinds = {n: a.name for n, a in algorithms.items() if a.name in ("gptq", "local-hessian")}
+    kinds = {n: a.name for n, a in algorithms.items() if a.name in ("gptq", "gptaq", "local-hessian")}
     if not kinds:
         return 0
     per_layer: dict[int, int] = {}
@@ -301,14 +301,15 @@ def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int,
     for lin in arch.linears:
         if lin.layer is None:
             continue
-        stat = {"gptq": 4 * lin.in_features ** 2, "local-hessian": 4 * lin.in_features * 16}.get(kinds.get(lin.name), 0)
+        stat = {"gptq": 4 * lin.in_features ** 2, "gptaq": 8 * lin.in_features ** 2,      # gptaq: + cross term
+                "local-hessian": 4 * lin.in_features * 16}.get(kinds.get(lin.name), 0)
         per_layer[lin.layer] = per_layer.get(lin.layer, 0) + stat + 2 * 4 * lin.params
-        if kinds.get(lin.name) == "gptq":
+        if kinds.get(lin.name) in ("gptq", "gptaq"):
             key = (lin.layer, lin.role if lin.expert is not None else lin.name)
             stack[key] = stack.get(key, 0) + 24 * lin.in_features ** 2
     count: dict[tuple, int] = {}
     for lin in arch.linears:
-        if lin.layer is not None and kinds.get(lin.name) == "gptq":
+        if lin.layer is not None and kinds.get(lin.name) in ("gptq", "gptaq"):
             key = (lin.layer, lin.role if lin.expert is not None else lin.name)
             count[key] = count.get(key, 0) + 1
     work = {}
