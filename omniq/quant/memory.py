@@ -288,25 +288,31 @@ def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int,
     """Extra peak of omniq's weight calibration inside the stream (`omniq.quant.weight_calibration.LayerByLayer`),
     for `algorithms` (linear name -> recipe Algorithm): when gptq or local-hessian is used, the float32
     hidden states of every calibration row (kept between layers, plus one layer's output) and, for the layer
-    that needs most, its float32 weights (source and calibrated) and its statistics: gptq in^2 floats per
-    linear and per routed expert, summed, plus the batched factorisation's float64 work for one call
-    (3 x 8 bytes x in^2 per expert, `GPTQ_EXPERT_CHUNK` experts at most); local-hessian in x 16 floats per linear. 0 when no algorithm
-    needs statistics (mse, four-over-six and max add only a float32 copy of one weight)."""
+    that needs most, the float32 values of its calibrated (non-max) linears, one linear's float32 copies at
+    a time (the layer's weights are read and fake-quantized on access, `weight_calibration.LayerWeights`),
+    and its statistics: gptq in^2 floats per linear and per routed expert, summed (gptaq twice that), plus
+    one batched call's stacked float32 weights and float64 factorisation work (3 x 8 bytes x in^2 per
+    expert, `GPTQ_EXPERT_CHUNK` experts at most); local-hessian in x 16 floats per linear. 0 when no
+    algorithm needs statistics (mse, four-over-six and max add only a float32 copy of one weight)."""
     arch = plan.arch
     kinds = {n: a.name for n, a in algorithms.items() if a.name in ("gptq", "gptaq", "local-hessian")}
     if not kinds:
         return 0
     per_layer: dict[int, int] = {}
+    transient: dict[int, int] = {}
     stack: dict[tuple, int] = {}
     for lin in arch.linears:
         if lin.layer is None:
             continue
         stat = {"gptq": 4 * lin.in_features ** 2, "gptaq": 8 * lin.in_features ** 2,      # gptaq: + cross term
                 "local-hessian": 4 * lin.in_features * 16}.get(kinds.get(lin.name), 0)
-        per_layer[lin.layer] = per_layer.get(lin.layer, 0) + stat + 2 * 4 * lin.params
+        algo = algorithms.get(lin.name)
+        calibrated = 4 * lin.params if algo is not None and algo.name != "max" else 0
+        per_layer[lin.layer] = per_layer.get(lin.layer, 0) + stat + calibrated
+        transient[lin.layer] = max(transient.get(lin.layer, 0), 2 * 4 * lin.params)
         if kinds.get(lin.name) in ("gptq", "gptaq"):
             key = (lin.layer, lin.role if lin.expert is not None else lin.name)
-            stack[key] = stack.get(key, 0) + 24 * lin.in_features ** 2
+            stack[key] = stack.get(key, 0) + 24 * lin.in_features ** 2 + 4 * lin.params
     count: dict[tuple, int] = {}
     for lin in arch.linears:
         if lin.layer is not None and kinds.get(lin.name) in ("gptq", "gptaq"):
@@ -315,7 +321,7 @@ def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int,
     work = {}
     for key, b in stack.items():          # one batched call of at most GPTQ_EXPERT_CHUNK experts at a time
         work[key[0]] = max(work.get(key[0], 0), b * min(count[key], GPTQ_EXPERT_CHUNK) // count[key])
-    layer = max(per_layer[i] + work.get(i, 0) for i in per_layer)
+    layer = max(per_layer[i] + transient[i] + work.get(i, 0) for i in per_layer)
     return 2 * samples * seq_len * arch.hidden_size * 4 + layer
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -224,6 +225,29 @@ def _gptq_stack(lins, fmt: str, algo: Algorithm, source, rec: "_Recorder", globa
             for k, lin in enumerate(lins)}
 
 
+class LayerWeights(Mapping):
+    """One layer's tensors by hub name, made on access and never kept: `read(name)` for the names in `names`
+    (the source, e.g. a shard reader), and `made` (name -> function) in place of some of them (quantized
+    weights as the next layer will see them). At real width a MoE layer's float32 copies would be 5 GB
+    (1.3 G parameters); made per access, one linear's is held at a time."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor], names, made: dict | None = None):
+        self.read, self.names, self.made = read, set(names), dict(made or {})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.made:
+            return self.made[name]()
+        if name not in self.names:
+            raise KeyError(name)
+        return self.read(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def fake_quant(w: torch.Tensor, fmt: str, ws2: torch.Tensor | None = None) -> torch.Tensor:
     """Max-calibrated weight as it will be exported (float32)."""
     if fmt == "nvfp4":
@@ -276,9 +300,10 @@ class LayerByLayer:
         prefix = f"{self.arch.layer_prefix(i)}."
         return [t.name for t in self.arch.tensors if t.name.startswith(prefix)]
 
-    def layer(self, i: int, weights: dict[str, torch.Tensor], global_scales: dict[str, torch.Tensor],
+    def layer(self, i: int, weights: Mapping[str, torch.Tensor], global_scales: dict[str, torch.Tensor],
               input_scales: dict[str, torch.Tensor] | None = None) -> dict[str, CalibratedWeight]:
-        """Calibrate decoder layer `i` from its source tensors `weights` (hub names, as stored) and its
+        """Calibrate decoder layer `i` from its source tensors `weights` (hub names, as stored; a mapping that
+        reads on access, `LayerWeights`, keeps memory to one tensor) and its
         linears' NVFP4 global scales as exported (module name -> weight_scale_2) and, for gptaq, their input
         scales as exported (module name -> input_scale; missing ones are max-calibrated here); returns the
         layer's calibrated weights (also kept in `result` with `keep_weights`) and moves the hidden states
@@ -291,7 +316,7 @@ class LayerByLayer:
         lins = self.by_layer.get(i, [])
         want = {lin.name: STATS[todo[lin.name].name] for lin in lins
                 if lin.name in todo and todo[lin.name].name in STATS}
-        current = dict(weights)
+        current = weights
         quantize = {}
         if self.act_aware:        # the engine's input quantization of every quantized linear of the layer
             scales = dict(input_scales or {})
@@ -330,13 +355,15 @@ class LayerByLayer:
         if self.keep_weights:
             result.weights.update(done)
         if self.needs_stats:
+            made = {}
             for lin in lins:
                 fmt = formats_of.get(lin.name, "bf16")
                 if lin.name in done:
-                    current[f"{lin.name}.weight"] = done[lin.name].dequantized()
+                    made[f"{lin.name}.weight"] = done[lin.name].dequantized
                 elif fmt != "bf16":
-                    current[f"{lin.name}.weight"] = fake_quant(weights[f"{lin.name}.weight"], fmt,
-                                                               global_scales.get(lin.name))
+                    made[f"{lin.name}.weight"] = (lambda n=lin.name, f=fmt: fake_quant(
+                        weights[f"{n}.weight"], f, global_scales.get(n)))
+            current = LayerWeights(weights.__getitem__, weights.keys(), made)
             with torch.inference_mode():
                 plain = forward.plain_linear(current)
                 if quantize:
@@ -359,7 +386,7 @@ class LayerByLayer:
             if not any(lin.name in self.todo for lin in self.by_layer.get(i, [])) and not self.needs_stats:
                 self.next_layer += 1
                 return tensors
-            weights = {n: read(n) for n in self.layer_tensor_names(i)}
+            weights = LayerWeights(read, self.layer_tensor_names(i))
             scales = {n[: -len(suffix)]: t for n, t in tensors.items() if n.endswith(suffix)}
             inputs = {n[: -len(in_suffix)]: t for n, t in tensors.items() if n.endswith(in_suffix)}
             for cw in self.layer(i, weights, scales, inputs).values():
