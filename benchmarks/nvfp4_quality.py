@@ -11,7 +11,8 @@ from omniq.json). Searched recipes: `omniq search tiny --budget B` (sensitivitie
 text, disjoint from both evaluation sets), then quantized over the same seeds. The noise floor (BF16 weights
 run as a BF16 engine runs them, against the float32 reference, `artifact.bf16_compute_hooks`) is measured on
 the same evaluation rows. A budget named after a recipe (`omni-nvfp4`) means that recipe's bits per weight.
-`--fp8-algorithms`: the same algorithms on all-layer `fp8` (`fp8 ALGO` points; the `fp8` recipe is fp8 max).
+`--fp8-algorithms`: the same algorithms on all-layer `fp8` (`fp8 ALGO` points; the `fp8` recipe is fp8 max),
+over `--fp8-seeds` (default: --seeds; fewer seeds: no spread, so no claim rests on them).
 With `--resume`, a seed whose record in --work has the same recipe text and sizes is reused, not rerun; its
 run is marked `"reused": true` in the JSON (its time and memory are those of the run that made the record).
 
@@ -202,6 +203,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
     ap.add_argument("--fp8-algorithms", default=",".join(FP8_ALGORITHMS))
+    ap.add_argument("--fp8-seeds", default=None, help="seeds of the fp8 algorithm points (default: --seeds)")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--budgets", default="omni-nvfp4,6.8,8.0")
     ap.add_argument("--search-algorithm", default="max")
@@ -228,7 +230,8 @@ def main(argv=None) -> dict:
     for algo in [x for x in a.fp8_algorithms.split(",") if x]:
         path = work / f"fp8-{algo}.yaml"
         path.write_text(f"name: fp8-{algo}\ndefault: fp8\nalgorithm: {algo}\n")
-        points.append(point(f"fp8 {algo}", "fp8 algorithm", str(path), seeds, work, a))
+        fp8_seeds = [int(x) for x in a.fp8_seeds.split(",")] if a.fp8_seeds else seeds
+        points.append(point(f"fp8 {algo}", "fp8 algorithm", str(path), fp8_seeds, work, a))
         partial(a, floor, points)
     for rec in [x for x in a.recipes.split(",") if x]:
         if rec == "nvfp4" and any(p["label"] == "nvfp4 max" for p in points):
