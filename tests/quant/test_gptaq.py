@@ -127,3 +127,13 @@ def test_quantize_with_gptaq_through_the_cli(tmp_path, tiny_dir):
     other = calibrate_weights(ckpt.arch, source, rows, plan.formats, as_gptq, scales)
     name = "backbone.layers.0.mixer.in_proj"
     assert not torch.equal(other.weights[name].tensors()[f"{name}.weight"], got[f"{name}.weight"])
+    # without exported input scales (`omniq search`), gptaq max-calibrates them from the stream's inputs:
+    # on layer 0 (the embeddings' stream, as ModelOpt's calibration saw it, in bf16) close to the exported ones
+    from omniq.quant.weight_calibration import _max_input_scales
+
+    lins0 = [lin for lin in ckpt.arch.linears if lin.layer == 0]
+    xs = [torch.nn.functional.embedding(rows, source[ckpt.arch.embedding_weight].float())]
+    mine = _max_input_scales(ckpt.arch, lins0, plan.formats, source, xs)
+    assert set(mine) == {lin.name for lin in lins0}
+    for n, s in mine.items():
+        assert abs(float(s) / float(inputs[n]) - 1) < 0.05, n
