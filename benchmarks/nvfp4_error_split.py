@@ -15,6 +15,11 @@ the artifact says (its input_scale; Mamba in_proj, Mamba out_proj, attention q/k
 up / down, shared experts): where the activation error comes from. `--input-scale-factors F,...`: the engine
 KL of each artifact with every input_scale multiplied by F (what an activation calibration other than max
 could gain: F < 1 clips the largest blocks, F > 1 only moves small blocks' E4M3 scales towards subnormals).
+`--smooth-mamba A,...`: what SmoothQuant-style smoothing of the Mamba in_proj / out_proj inputs would gain
+(an estimate, not an omniq algorithm): per input channel s = amax_x^A / amax_w^(1-A) (amax over 16 x 256
+calibration tokens, seed 0, of the BF16 model), inputs x / s (foldable into the RMSNorm weight before each;
+the engine format stays NVFP4 + BF16 norms) quantized dynamically with input_scale = amax(x / s) / (6 x 448),
+weights W s quantized by max; every other linear as the first artifact has it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--act-groups", action="store_true")
     ap.add_argument("--input-scale-factors", default="")
+    ap.add_argument("--smooth-mamba", default="")
     a = ap.parse_args(argv)
     ref = read_artifact("tiny")
     rows = token_rows(ref.tokenizer, eval_texts(a.eval)[1], a.samples, a.seq_len)
@@ -78,6 +84,48 @@ def main(argv=None) -> dict:
             kl[f"engine_input_scale_x{f:g}"] = kl_of(art.arch, w, EngineLinear(scaled, w))
             print(f"  input_scale x {f:g}: KL engine {kl[f'engine_input_scale_x{f:g}']:.3e}", flush=True)
         out["artifacts"][str(path)] = kl
+    alphas = [float(x) for x in a.smooth_mamba.split(",") if x]
+    if alphas:
+        from omniq.calib import data as calib_data
+        from omniq.quant import formats
+
+        art = read_artifact(a.artifacts[0])
+        lazy = LazyWeights(art)
+        w = {n: lazy[n] for n in lazy}
+        eng = EngineLinear(art.layers, w)
+        mamba = [lin.name for lin in ref.arch.linears if lin.role in ("mamba_in", "mamba_out")]
+        calib = calib_data.load(calib_data.default_for(ref.path), ref.tokenizer, samples=16, seq_len=256, seed=0).rows
+        amax: dict[str, torch.Tensor] = {}
+        plain = forward.plain_linear(rw)
+
+        def record(name, x):
+            if name in mamba:
+                m = x.reshape(-1, x.shape[-1]).abs().amax(0)
+                amax[name] = torch.maximum(amax[name], m) if name in amax else m
+            return plain(name, x)
+        with torch.inference_mode():
+            for b in range(0, calib.shape[0], BATCH_ROWS):
+                forward.hidden_states(ref.arch, rw, calib[b:b + BATCH_ROWS], linear=record)
+        out["smooth_mamba"] = {"artifact": str(a.artifacts[0]), "kl": {}}
+        for alpha in alphas:
+            smoothed = {}
+            for n in mamba:
+                wf = rw[f"{n}.weight"].float()
+                sc = (amax[n].clamp(min=1e-5) ** alpha / wf.abs().amax(0).clamp(min=1e-5) ** (1 - alpha))
+                ws = formats.nvfp4_fake_quant_weight(wf * sc)
+                smoothed[n] = (sc, ws)
+            in_scale: dict[str, float] = {}
+
+            def linear(name, x, smoothed=smoothed, in_scale=in_scale):
+                if name not in smoothed:
+                    return eng(name, x)
+                sc, ws = smoothed[name]
+                xs = x / sc
+                s = in_scale.setdefault(name, float(amax[name].div(sc).amax()) / (6 * 448))
+                return torch.nn.functional.linear(formats.nvfp4_fake_quant(xs, s), ws)
+            k = kl_of(art.arch, w, linear)
+            out["smooth_mamba"]["kl"][f"{alpha:g}"] = k
+            print(f"smoothed Mamba in/out_proj inputs, alpha {alpha:g}: KL engine {k:.3e}", flush=True)
     if a.act_groups:
         art = read_artifact(a.artifacts[0])
         groups = {"mamba in_proj": lambda n: n.endswith(".in_proj"), "mamba out_proj": lambda n: n.endswith(".out_proj"),
