@@ -13,7 +13,7 @@ same float32 forward.
 `--act-groups`: for the first artifact, the KL of the BF16 weights with only one group's inputs quantized as
 the artifact says (its input_scale; Mamba in_proj, Mamba out_proj, attention q/k/v, o_proj, routed experts'
 up / down, shared experts): where the activation error comes from. `--input-scale-factors F,...`: the engine
-KL of each artifact with every input_scale multiplied by F (what an activation calibration other than max
+KL of the first artifact with every input_scale multiplied by F (what an activation calibration other than max
 could gain: F < 1 clips the largest blocks, F > 1 only moves small blocks' E4M3 scales towards subnormals).
 `--smooth-mamba A,...`: what SmoothQuant-style smoothing of the Mamba in_proj / out_proj inputs would gain
 (an estimate, not an omniq algorithm): per input channel s = amax_x^A / amax_w^(1-A) (amax over 16 x 256
@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
               (("weights_only", forward.plain_linear(w)), ("engine", EngineLinear(art.layers, w)))}
         print(f"{Path(path).name:<40} {kl['weights_only']:>16.3e} {kl['engine']:>12.3e} "
               f"{kl['weights_only'] / kl['engine']:>14.2f}", flush=True)
-        for f in factors:
+        for f in factors if path == a.artifacts[0] else ():          # the first artifact's
             scaled = {n: replace(g, input_scale=g.input_scale * f) if g.input_scale is not None else g
                       for n, g in art.layers.items()}
             kl[f"engine_input_scale_x{f:g}"] = kl_of(art.arch, w, EngineLinear(scaled, w))
