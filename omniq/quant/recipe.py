@@ -17,7 +17,8 @@ ModelOpt's max calibration, the artifacts of before), `mse`, `local-hessian`, `g
 the output the engine computes from quantized inputs), `four-over-six` (NVFP4 only), as a name or a mapping
 `{name: gptq, damping: 0.01, block_size: 128, min_tokens: 64}`. An algorithm
 that does not apply to a rule's format (anything but `max` on bf16, `four-over-six` on fp8) is refused.
-Activations keep ModelOpt's max calibration.
+`activation_calibration: mse` (top level; default `max`, ModelOpt's) picks each quantized layer's
+input_scale as max's times the factor with the least squared input error on the calibration inputs.
 
 Selectors name parts of the model, derived from the architecture (never layer indices), so one recipe fits
 every NemotronH layout: a role (`mamba_in`, `mamba_out`, `attn_q`, `attn_k`, `attn_v`, `attn_o`,
@@ -59,7 +60,11 @@ GROUPS = {
 }
 QUALIFIERS = ("mamba_feeding_attention",)
 SELECTORS = tuple(ROLES) + tuple(GROUPS) + QUALIFIERS
-_RECIPE_KEYS = {"name", "description", "kv_cache", "default", "rules", "notes", "reference", "algorithm"}
+_RECIPE_KEYS = {"name", "description", "kv_cache", "default", "rules", "notes", "reference", "algorithm",
+                "activation_calibration"}
+# Activation (input_scale) calibration of every quantized layer: ModelOpt's max, or max x the factor in
+# `weight_calibration.ACT_FACTORS` with the least squared input error over the calibration inputs.
+ACTIVATION_CALIBRATIONS = ("max", "mse")
 _RULE_KEYS = {"select", "modules", "format", "algorithm"}
 # Weight calibration algorithms and the formats each applies to.
 ALGORITHMS = {"max": ("bf16", "fp8", "nvfp4"), "mse": ("fp8", "nvfp4"), "local-hessian": ("fp8", "nvfp4"),
@@ -120,6 +125,7 @@ class Recipe:
     source: str = ""                   # file it came from
     raw: dict = field(default_factory=dict, compare=False, hash=False)
     algorithm: Algorithm = MAX         # weight calibration of quantized layers no rule's algorithm names
+    activation_calibration: str = "max"   # input_scale of every quantized layer: max | mse
 
     def with_kv_cache(self, kv: str | None) -> "Recipe":
         if kv is None:
@@ -188,6 +194,8 @@ class Recipe:
                        for r in self.rules]}
         if self.algorithm != MAX:
             d["algorithm"] = self.algorithm.as_dict()
+        if self.activation_calibration != "max":
+            d["activation_calibration"] = self.activation_calibration
         return d
 
 
@@ -292,8 +300,12 @@ def parse(data, where: str) -> Recipe:
     for fmt in {default} | {r.format for r in rules if r.algorithm is None}:
         if fmt != "bf16":
             _check_applies(top, fmt, where, "")
+    act = data.get("activation_calibration", "max")
+    if act not in ACTIVATION_CALIBRATIONS:
+        _fail(where, f"activation_calibration {act!r} is unknown; expected one of {', '.join(ACTIVATION_CALIBRATIONS)}")
     return Recipe(name=str(data["name"]), default=default, kv_cache=kv, rules=tuple(rules),
-                  description=str(data.get("description", "")).strip(), source=where, raw=data, algorithm=top)
+                  description=str(data.get("description", "")).strip(), source=where, raw=data, algorithm=top,
+                  activation_calibration=act)
 
 
 def load(name_or_path: str) -> Recipe:

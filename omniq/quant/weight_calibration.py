@@ -55,6 +55,8 @@ from omniq.quant.recipe import GPTQ_LIKE, Algorithm
 
 STATS = {"local-hessian": "blocks", "gptq": "hessian", "gptaq": "asymmetric"}
 ACT_AWARE = ("gptaq",)            # algorithms whose statistics see the engine's quantized inputs
+# activation_calibration: mse tries input_scale = max's x these (1.0 first: a tie keeps max's)
+ACT_FACTORS = (1.0, 0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25)
 BATCH_ROWS = 8
 
 
@@ -89,6 +91,8 @@ class WeightCalibration:
     fallbacks: list[str] = field(default_factory=list)       # experts that fell back to mse (too few tokens)
     seconds: float = 0.0
     stats_bytes: int = 0                                      # largest statistics held at once
+    input_scales: dict[str, torch.Tensor] = field(default_factory=dict)   # activation mse: module -> input_scale
+    input_factors: dict[str, float] = field(default_factory=dict)         # ... and its factor on max's
 
     def manifest(self, algorithms: dict[str, Algorithm]) -> dict:
         """omniq.json `weight_calibration`: algorithms with their parameters and layer counts, fallbacks."""
@@ -99,9 +103,13 @@ class WeightCalibration:
             params = {"name": algo.name} if isinstance(algo.as_dict(), str) else algo.as_dict()
             if params not in entry["parameters"]:
                 entry["parameters"].append(params)
-        return {"implementation": "omniq.quant.weight_calibration (CPU, omniq's own arithmetic)",
-                "algorithms": used, "fallback_to_mse": sorted(self.fallbacks),
-                "seconds": round(self.seconds, 3), "statistics_peak_bytes": self.stats_bytes}
+        out = {"implementation": "omniq.quant.weight_calibration (CPU, omniq's own arithmetic)",
+               "algorithms": used, "fallback_to_mse": sorted(self.fallbacks),
+               "seconds": round(self.seconds, 3), "statistics_peak_bytes": self.stats_bytes}
+        if self.input_factors:
+            out["activation_calibration"] = {"algorithm": "mse", "factors_tried": list(ACT_FACTORS),
+                                             "input_scale_factor": dict(sorted(self.input_factors.items()))}
+        return out
 
 
 def _accumulate(into: dict, name: str, add: torch.Tensor) -> None:
@@ -175,6 +183,37 @@ def _max_input_scales(arch: Arch, lins, formats_of: dict[str, str], weights, xs)
         elif fmt == "fp8":
             out[lin.name] = formats.fp8_scale(a)
     return out
+
+
+def search_input_scales(arch: Arch, lins, formats_of: dict[str, str], weights, xs,
+                        scales: dict[str, torch.Tensor]) -> dict[str, float]:
+    """activation_calibration mse: per quantized linear of one layer, the factor f in `ACT_FACTORS` for which
+    input_scale = max's x f gives the least squared input error sum ||x - Q(x)||^2 over the calibration
+    inputs (Q: the engine's input quantization of the linear's format). Routed experts of one projection share
+    one factor (summed over their routed tokens), so their input scales stay equal as the engines load them.
+
+    Why it can help NVFP4 though its block scales are dynamic: a block's E4M3 scale is rounded relative to
+    input_scale, so the factor moves where the blocks' scales round (and f < 1 clips the largest blocks)."""
+    qlins = {lin.name: lin for lin in lins if formats_of.get(lin.name, "bf16") != "bf16"}
+    key = {n: (lin.role if lin.expert is not None else n) for n, lin in qlins.items()}
+    errs: dict = {}
+    plain = forward.plain_linear(weights)
+
+    def linear(name, x):
+        if name in qlins and x.numel():
+            flat = x.reshape(-1, x.shape[-1]).float()
+            fmt = formats.FORMATS[formats_of[name]]
+            base = torch.as_tensor(scales[name], dtype=torch.float32).reshape(())
+            e = torch.stack([(flat - fmt.fake_quant_input(flat, base * f)).double().square().sum()
+                             for f in ACT_FACTORS])
+            errs[key[name]] = errs[key[name]] + e if key[name] in errs else e
+        return plain(name, x)
+
+    with torch.inference_mode():
+        for x in xs:
+            forward.decoder_layer(arch, weights, lins[0].layer, x, linear=linear)
+    best = {k: ACT_FACTORS[int(torch.argmin(e))] for k, e in errs.items()}     # argmin: the first of equals
+    return {n: best.get(key[n], 1.0) for n in qlins}
 
 
 def quantize_one(name: str, w: torch.Tensor, fmt: str, algo: Algorithm, ws2: torch.Tensor | None,
@@ -269,15 +308,17 @@ class LayerByLayer:
 
     def __init__(self, arch: Arch, rows: torch.Tensor | None, formats_of: dict[str, str],
                  algorithms: dict[str, Algorithm], embedding: torch.Tensor | None = None, *,
-                 keep_weights: bool = True):
+                 keep_weights: bool = True, activation: str = "max"):
         """`embedding`: the embedding matrix (read once, for the first layer's inputs; needed only when some
         algorithm needs statistics, see `needs_stats`). `keep_weights`: keep every layer's calibrated weights
         in `result.weights` (float32, the whole model's worth: `calibrate_weights`); the stream passes False
-        and uses each layer's as it is returned."""
+        and uses each layer's as it is returned. `activation`: the recipe's activation_calibration (max | mse:
+        each quantized linear's input_scale searched, `search_input_scales`)."""
         self.arch, self.formats_of, self.keep_weights = arch, formats_of, keep_weights
         self.todo = {n: a for n, a in algorithms.items() if a.name != "max" and formats_of.get(n, "bf16") != "bf16"}
         self.result = WeightCalibration()
-        self.needs_stats = any(a.name in STATS for a in self.todo.values())
+        self.activation = activation
+        self.needs_stats = any(a.name in STATS for a in self.todo.values()) or activation == "mse"
         self.act_aware = any(a.name in ACT_AWARE for a in self.todo.values())
         self.next_layer = 0
         self.xs: list[torch.Tensor] = []
@@ -318,12 +359,18 @@ class LayerByLayer:
                 if lin.name in todo and todo[lin.name].name in STATS}
         current = weights
         quantize = {}
-        if self.act_aware:        # the engine's input quantization of every quantized linear of the layer
+        if self.act_aware or self.activation == "mse":
             scales = dict(input_scales or {})
             missing = [lin for lin in lins if formats_of.get(lin.name, "bf16") != "bf16" and lin.name not in scales]
             if missing:
                 scales.update({n: s for n, s in _max_input_scales(self.arch, lins, formats_of, current,
                                                                   self.xs).items() if n not in scales})
+            if self.activation == "mse" and lins:
+                factors = search_input_scales(self.arch, lins, formats_of, current, self.xs, scales)
+                for n, f in factors.items():
+                    scales[n] = torch.as_tensor(scales[n], dtype=torch.float32).reshape(()) * f
+                    result.input_scales[n], result.input_factors[n] = scales[n], f
+        if self.act_aware:        # the engine's input quantization of every quantized linear of the layer
             quantize = {lin.name: _input_quantizer(formats_of[lin.name], scales[lin.name]) for lin in lins
                         if formats_of.get(lin.name, "bf16") != "bf16"}
         rec = _Recorder(current, want, quantize)
@@ -391,6 +438,8 @@ class LayerByLayer:
             inputs = {n[: -len(in_suffix)]: t for n, t in tensors.items() if n.endswith(in_suffix)}
             for cw in self.layer(i, weights, scales, inputs).values():
                 tensors.update(cw.tensors())
+            for n in self.result.input_scales.keys() & inputs.keys():       # activation mse: this layer's
+                tensors[f"{n}{in_suffix}"] = self.result.input_scales[n].reshape(inputs[n].shape).to(inputs[n].dtype)
             return tensors
         return hook
 
