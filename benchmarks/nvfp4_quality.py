@@ -67,24 +67,17 @@ def plan_bpw(recipe: str) -> float:
 
 
 def noise_floor(samples: int, seq_len: int) -> dict:
-    import torch
+    """The floor on each set's rows, with the whole-model loop the validate golden is recorded with."""
+    sys.path.insert(0, str(ROOT / "tests" / "validate"))
+    from record_golden import floor_comparison
 
-    from omniq.model import forward
-    from omniq.validate.artifact import bf16_compute_hooks, read_artifact
-    from omniq.validate.metrics import Comparison
-    from omniq.validate.run import BATCH_ROWS, eval_texts, token_rows
+    from omniq.validate.artifact import read_artifact
+    from omniq.validate.run import eval_texts, token_rows
 
     ref = read_artifact("tiny")
-    linear, kv = bf16_compute_hooks(ref.weights)
     out = {}
     for s in SETS:
-        rows = token_rows(ref.tokenizer, eval_texts(s)[1], samples, seq_len)
-        cmp = Comparison()
-        with torch.inference_mode():
-            for b in range(0, rows.shape[0], BATCH_ROWS):
-                x, y = rows[b:b + BATCH_ROWS, :-1], rows[b:b + BATCH_ROWS, 1:]
-                cmp.add(forward.logits(ref.arch, ref.weights, x),
-                        forward.logits(ref.arch, ref.weights, x, linear=linear, kv=kv), y)
+        cmp = floor_comparison(ref, token_rows(ref.tokenizer, eval_texts(s)[1], samples, seq_len))
         out[s] = {k: v for k, v in cmp.summary().items() if k in ("kl_mean", "kl_p95", "top1_agreement", "tokens")}
     return out
 

@@ -1,6 +1,8 @@
 """Files and directories that appear whole or not at all (the ground floor: every stage writes through it).
 
 - `write_atomic(path, data)`: a temporary sibling, fsync, one rename over `path`, fsync of the parent.
+  A full disk (ENOSPC / EDQUOT) in it or in `staged_dir` is an OmniqError (one line, exit 1) raised after
+  the temporary is removed.
 - `staged_dir(dest, tag=...)`: a hidden temporary sibling `.NAME.TAG-XXXX` of `dest` (same file system, so
   the final move is one rename); the caller fills its `final` directory; on success it replaces `dest`
   (an existing one only with `replace=True`), on any failure or interrupt the stage and the parent
@@ -55,17 +57,36 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
         data = data.encode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())       # as open() would make it (mkstemp's is 0600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if _is_full_disk(e):
+            raise _full_disk(path) from None
         raise
     fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _is_full_disk(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _full_disk(dest: Path) -> OmniqError:
+    """A full disk (or quota) while writing `dest`: one line, exit 1; the caller has removed what it wrote."""
+    return OmniqError(f"{dest}: no space left on the device while writing it; free space or choose another "
+                      "destination (nothing was left there)", exit_code=1)
 
 
 def replace_dir(src: Path, dest: Path, *, fsync: bool = False) -> None:
@@ -137,9 +158,8 @@ def staged_dir(dest: str | os.PathLike, *, tag: str, replace: bool = False, fsyn
         for p in created:                      # innermost first
             with contextlib.suppress(OSError):
                 p.rmdir()
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:     # a full disk: one line, nothing left behind
-            raise OmniqError(f"{dest}: no space left on the device while writing it; free space or choose "
-                             "another destination (nothing was left there)", exit_code=1) from None
+        if _is_full_disk(e):                  # a full disk: one line, nothing left behind
+            raise _full_disk(dest) from None
         raise
     else:
         shutil.rmtree(stage.root, ignore_errors=True)

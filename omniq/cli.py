@@ -131,7 +131,9 @@ def lint(
     found = run_lint(artifact, engine)
     doc = lint_report(found, artifact, engine)
     if report is not None:
-        report.write_text(json.dumps(doc, indent=1) + "\n")
+        from omniq.atomic import write_atomic
+
+        write_atomic(report, json.dumps(doc, indent=1) + "\n")
     n = fnd.counts(found)
     if as_json:
         typer.echo(json.dumps(doc, indent=1))
@@ -187,7 +189,7 @@ def build(
     max_batch: int = typer.Option(64, "--max-batch", help="Largest batch served; CUDA graphs are captured up to it."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest sequence, prompt + output (default: 32768, or the model's limit if lower)."),
     trtllm_version: Optional[str] = typer.Option(None, "--trtllm-version", help="TensorRT-LLM release the bundle targets (default: 1.3.0rc27; with --execute: the installed one)."),
-    execute: bool = typer.Option(False, "--execute", help="On a host with tensorrt_llm and the target GPU: load the bundle, smoke-generate, measure throughput."),
+    execute: bool = typer.Option(False, "--execute", help="On a host with tensorrt_llm and the target GPU: load the bundle, smoke-generate, measure throughput (untested: no GPU in CI)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ):
     """A TensorRT-LLM deployment bundle (PyTorch backend) of a quantized checkpoint for one GPU target."""
@@ -273,7 +275,7 @@ def quantize(
     bad_media: str = typer.Option("skip", "--bad-media", help="Unreadable media files or rows: skip (one warning line each) or fail."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept a checkpoint whose weights are only pickled (.bin / .pt)."),
-    device: str = typer.Option("cpu", "--device", help="Where calibration runs: cpu, or cuda (ModelOpt's CUDA kernels then pack the export)."),
+    device: str = typer.Option("cpu", "--device", help="Where calibration runs: cpu, or cuda (ModelOpt's CUDA kernels then pack the export; the CUDA path is untested: no GPU in CI)."),
     expert_calibration: str = typer.Option("all", "--expert-calibration", help="all: every routed expert also processes calibration tokens for statistics until it has --min-expert-tokens (outputs still use the real top-k routing); routed: real routing only."),
     min_expert_tokens: int = typer.Option(64, "--min-expert-tokens", help="Calibration tokens each routed expert must process to count as calibrated."),
     expert_fill: str = typer.Option("none", "--expert-fill", help="For experts still below --min-expert-tokens: none (fail), or layer-max (export them with the layer's shared input scales, the max over its observed experts; recorded in omniq.json)."),

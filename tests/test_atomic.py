@@ -82,3 +82,26 @@ def test_quiet_restores_transformers_verbosity_and_progress_bar():
         assert hf_logging.get_verbosity() == hf_logging.ERROR and not hf_logging.is_progress_bar_enabled()
     assert hf_logging.get_verbosity() == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_warning()
+
+
+def test_write_atomic_gives_the_file_the_mode_open_would(tmp_path):
+    """mkstemp makes its file 0600; a report or manifest written through it gets the umask's mode instead."""
+    old = os.umask(0o027)
+    try:
+        p = write_atomic(tmp_path / "r.json", "x")
+    finally:
+        os.umask(old)
+    assert (p.stat().st_mode & 0o777) == 0o640
+
+
+def test_write_atomic_on_a_full_disk_is_one_line_exit_1_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OmniqError) as e:
+        write_atomic(tmp_path / "r.json", "x")
+    assert e.value.exit_code == 1 and "no space left" in str(e.value) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []

@@ -16,15 +16,11 @@ from omniq.quant.plan import make_plan
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys, contextlib, io\n"
-            "from omniq.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
-            "    rc = main(['--help']); rc2 = main(['quantize', '--help']); rc3 = main(['inspect', '--help'])\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'modelopt', 'datasets') if m in sys.modules)\n"
-            "print(rc, rc2, rc3, heavy, '--calib-seq-len' in out.getvalue())\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["0", "0", "0", "[]", "True"]
+    from cli_subprocess import cli_imports
+
+    r = cli_imports([["--help"], ["quantize", "--help"], ["inspect", "--help"]],
+                    ("torch", "transformers", "modelopt", "datasets"))
+    assert r["rcs"] == [0, 0, 0] and r["heavy"] == [] and "--calib-seq-len" in r["stdout"]
 
 
 # ----- bad input ------------------------------------------------------------------------------------------

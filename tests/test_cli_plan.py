@@ -3,8 +3,6 @@ directory, a checkpoint with towers read from its safetensors headers, and the b
 
 import json
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -223,19 +221,14 @@ def test_errors(capsys, tmp_path):
 
 def test_config_only_plan_is_fast_and_loads_no_weights(tmp_path):
     """A fresh process: the whole plan without torch, safetensors or transformers, in a few seconds."""
-    code = (
-        "import sys, json\n"
-        "from omniq.cli import main\n"
-        f"rc = main(['plan', {str(CONFIG)!r}, '--recipe', 'omni-nvfp4', '--json'])\n"
-        "heavy = [m for m in ('torch', 'safetensors', 'transformers', 'modelopt') if m in sys.modules]\n"
-        "print(json.dumps({'rc': rc, 'heavy': heavy}), file=sys.stderr)\n"
-    )
+    from cli_subprocess import cli_imports
+
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = cli_imports([["plan", str(CONFIG), "--recipe", "omni-nvfp4", "--json"]],
+                    ("torch", "safetensors", "transformers", "modelopt"))
     elapsed = time.monotonic() - t0
-    status = json.loads(p.stderr.strip().splitlines()[-1])
-    assert status == {"rc": 0, "heavy": []}
-    assert json.loads(p.stdout)["layers"]["nvfp4"] == 5888
+    assert r["rcs"] == [0] and r["heavy"] == []
+    assert json.loads(r["stdout"])["layers"]["nvfp4"] == 5888
     assert elapsed < 10
 
 

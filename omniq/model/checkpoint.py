@@ -32,6 +32,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     file: Path
     stored: str | None = None   # the name in the file when it differs from the canonical hub name
+    span: tuple[int, int] | None = None   # absolute byte offsets of its data in `file` (start, end)
 
     @property
     def nbytes(self) -> int:
@@ -97,40 +98,100 @@ class Checkpoint:
                              "the checkpoint directory needs tokenizer.json / tokenizer_config.json") from None
 
 
+TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",
+                "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+
+
 class TensorReader:
-    """A checkpoint's tensors by name from shard handles opened once (the streamed quantize reads one layer at a
-    time, the export self-check reads rows); whole tensors or a few rows, never pickle."""
+    """A checkpoint's tensors by name, read from shard files opened once (the streamed quantize reads one layer
+    at a time, validate one layer of each checkpoint, the export self-check a few rows); never pickle.
+
+    Why not safetensors' `safe_open`: it memory-maps the whole shard, and every page a read touches stays mapped
+    into this process until the handle closes. A cgroup-v1 memory limit (CI runners, Kubernetes) charges those
+    mapped pages to the process and reclaims them slowly, so a 6 GiB limit was exhausted by reads of a
+    14 GiB checkpoint whose anonymous memory stayed under 4 GiB (benchmarks/validate_realwidth.py, 12 real-width
+    layers, killed at 9.2 GiB RSS). Here each tensor is read with `pread` straight into its own tensor (one copy,
+    as `get_tensor` makes), from the byte offsets of the safetensors header already parsed by `open_checkpoint`,
+    and the page cache of the bytes just read is dropped (`posix_fadvise(DONTNEED)`): nothing of the shard
+    stays charged to the process. A tensor whose offsets are unknown (a header built by hand) is read with
+    `safe_open`."""
 
     def __init__(self, ckpt: "Checkpoint"):
         self.ckpt = ckpt
+        self._fds: dict[Path, int] = {}
         self._handles: dict[Path, object] = {}
 
-    def _open(self, name: str):
-        from safetensors import safe_open
-
+    def _info(self, name: str) -> "TensorInfo":
         meta = self.ckpt.headers.get(name)
         if meta is None:
             raise OmniqError(f"{self.ckpt.path}: tensor {name} is missing from the checkpoint")
+        if not Path(meta.file).is_file() and meta.file not in self._fds and meta.file not in self._handles:
+            raise OmniqError(f"{meta.file}: shard missing (it was there when the run started); restore it and rerun")
+        return meta
+
+    def _fd(self, f: Path) -> int:
+        import os
+
+        if f not in self._fds:
+            self._fds[f] = os.open(f, os.O_RDONLY)
+        return self._fds[f]
+
+    def _read(self, meta: "TensorInfo", name: str, start: int, shape: tuple[int, ...]):
+        import os
+
+        import torch
+
+        out = torch.empty(shape, dtype=getattr(torch, TORCH_DTYPES[meta.dtype]))
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        fd = self._fd(Path(meta.file))
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], start + done)
+            if n <= 0:
+                raise OmniqError(f"{meta.file}: cannot read tensor {name} (the file ends at byte {start + done}, "
+                                 f"its header says {start + len(view)}); the shard changed or is damaged")
+            done += n
+        if done:
+            os.posix_fadvise(fd, start, done, os.POSIX_FADV_DONTNEED)
+        return out
+
+    def _safe_open(self, meta: "TensorInfo"):
+        from safetensors import safe_open
+
         f = Path(meta.file)
         if f not in self._handles:
-            if not f.is_file():
-                raise OmniqError(f"{f}: shard missing (it was there when the run started); restore it and rerun")
             self._handles[f] = safe_open(str(f), framework="pt")
-        return self._handles[f], meta.stored or name
+        return self._handles[f]
 
     def get(self, name: str):
-        handle, stored = self._open(name)
+        meta = self._info(name)
         try:
-            return handle.get_tensor(stored)
+            if meta.span is not None and meta.dtype in TORCH_DTYPES:
+                return self._read(meta, name, meta.span[0], meta.shape)
+            return self._safe_open(meta).get_tensor(meta.stored or name)
+        except OmniqError:
+            raise
         except Exception as e:  # noqa: BLE001 - a shard truncated or replaced mid-run is a user-fixable input
-            raise OmniqError(f"{self.ckpt.headers[name].file}: cannot read tensor {name} ({type(e).__name__}); "
+            raise OmniqError(f"{meta.file}: cannot read tensor {name} ({type(e).__name__}); "
                              "the shard changed or is damaged") from None
 
     def rows(self, name: str, rows: list[int]):
-        """Rows `rows` (first dimension) of a tensor, each read as a slice."""
-        return read_rows(*self._open(name), rows)
+        """Rows `rows` (first dimension) of a tensor, each read on its own (not the whole tensor)."""
+        import torch
+
+        meta = self._info(name)
+        if meta.span is None or meta.dtype not in TORCH_DTYPES:
+            return read_rows(self._safe_open(meta), meta.stored or name, rows)
+        row_bytes = (meta.span[1] - meta.span[0]) // max(meta.shape[0], 1)
+        return torch.cat([self._read(meta, name, meta.span[0] + r * row_bytes, (1, *meta.shape[1:])) for r in rows])
 
     def close(self) -> None:
+        import os
+
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._handles.clear()
 
 
@@ -176,6 +237,11 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
 
 def read_safetensors_header(path: Path) -> dict:
     """The JSON header of one safetensors file, without loading tensors."""
+    return read_safetensors_layout(path)[0]
+
+
+def read_safetensors_layout(path: Path) -> tuple[dict, int]:
+    """(the JSON header of one safetensors file, the byte offset where its data begin)."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -187,7 +253,7 @@ def read_safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        return header
+        return header, 8 + n
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise OmniqError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
 
@@ -256,12 +322,18 @@ def open_checkpoint(name_or_path: str, *, allow_pickle: bool = False, revision: 
         files = _weight_files(path)
     headers: dict[str, TensorInfo] = {}
     for f in files:
-        for name, meta in read_safetensors_header(f).items():
+        header, base = read_safetensors_layout(f)
+        for name, meta in header.items():
             if name == "__metadata__":
                 continue
             try:
-                headers[name] = TensorInfo(meta["dtype"], tuple(meta["shape"]), f)
-            except (KeyError, TypeError):
+                a, b = meta["data_offsets"]
+                headers[name] = TensorInfo(meta["dtype"], tuple(meta["shape"]), f, span=(base + int(a), base + int(b)))
+                if headers[name].dtype in DTYPE_BYTES and int(b) - int(a) != headers[name].nbytes:
+                    raise OmniqError(f"{f}: header entry for tensor {name!r} spans {int(b) - int(a)} bytes but "
+                                     f"{meta['dtype']} {list(meta['shape'])} needs {headers[name].nbytes}; "
+                                     "re-download or re-export it")
+            except (KeyError, TypeError, ValueError):
                 raise OmniqError(f"{f}: malformed header entry for tensor {name!r}") from None
     canonicalize_names(headers, arch.prefix)
     ckpt = Checkpoint(path=path, config=cfg, arch=arch, is_omni=is_omni, weight_files=files, headers=headers,

@@ -90,7 +90,7 @@ def versions() -> dict[str, str | None]:
 
 
 def data_identity(ds, hashes: cache.HashCache) -> dict:
-    ident = {"set": ds.set, "samples": ds.samples, "seq_len": ds.seq_len, "column": ds.column, "split": ds.split}
+    ident = ds.identity()
     p = Path(ds.set)
     if p.is_absolute() and p.exists():
         ident["sha256"] = cache.tree_digest(p, hashes)[0]

@@ -5,6 +5,8 @@
     workdir: ../out/pipeline-tiny       # stage outputs (the cache) and the summary [default: .omniq-pipeline/NAME]
     calibration: {set: tiny-calib, samples: 64, seq_len: 256}   # omniq quantize --calib ... (column, split too)
     evaluation: {set: eval, samples: 64, seq_len: 256}          # omniq validate --eval ...
+    # chat data, either or both: format: chat (--calib-format / --eval-format chat), reasoning_share: 0.5
+    # (--reasoning-share), column [default: messages], split (evaluation: with format chat only)
     recipes:                            # the matrix's columns
       - recipe: fp8                     # built-in name or YAML file
         gates: {max_kl: 0.01, min_top1: 0.95, max_ppl_ratio: 1.01}   # omitted ones: per-format defaults
@@ -38,8 +40,9 @@ from omniq.errors import OmniqError
 
 TOP_KEYS = {"name", "source", "workdir", "calibration", "evaluation", "recipes", "targets", "build", "lint",
             "eval", "publish"}
-CAL_KEYS = {"set", "samples", "seq_len", "column", "split"}
-EVAL_KEYS = {"set", "samples", "seq_len"}
+CAL_KEYS = {"set", "samples", "seq_len", "column", "split", "format", "reasoning_share"}
+EVAL_KEYS = {"set", "samples", "seq_len", "format", "reasoning_share", "column", "split"}
+EVAL_CHAT_KEYS = {"column", "split"}      # validate's --eval-column / --eval-split apply to chat data only
 RECIPE_KEYS = {"recipe", "id", "kv_cache", "gates"}
 GATE_KEYS = {"max_kl", "min_top1", "max_ppl_ratio"}
 BUILD_KEYS = {"tp", "ep", "max_batch", "max_seq_len", "trtllm_version"}
@@ -58,6 +61,17 @@ class DataSet:
     seq_len: int
     column: str = "text"
     split: str = "train"
+    format: str = "text"                   # text, or chat (quantize --calib-format / validate --eval-format)
+    reasoning_share: float | None = None   # chat: the share rendered with reasoning on (resolved default)
+
+    def identity(self) -> dict:
+        """What names this data in a cache key (the chat fields only for chat data, so a text pipeline's
+        keys are what they were before chat data existed)."""
+        ident = {"set": self.set, "samples": self.samples, "seq_len": self.seq_len, "column": self.column,
+                 "split": self.split}
+        if self.format != "text":
+            ident.update(format=self.format, reasoning_share=self.reasoning_share)
+        return ident
 
 
 @dataclass(frozen=True)
@@ -138,13 +152,26 @@ def _local(base: Path, value: str) -> str:
 
 def _dataset(file, base: Path, data, where: str, allowed: set, default_set: str, default_n: int,
              default_len: int) -> DataSet:
+    from omniq.calib import chat
+
     d = _mapping(file, data, where, allowed)
     s = d.get("set", default_set)
     if not isinstance(s, str) or not s:
         _fail(file, f"{where}.set must be a name or a file path")
+    fmt = d.get("format", "text")
+    try:
+        chat.check_format(fmt, f"{where}.format")
+        share = chat.check_share(d.get("reasoning_share"), fmt, f"{where}.reasoning_share")
+    except OmniqError as e:
+        _fail(file, str(e))
+    if fmt != "chat" and allowed is EVAL_KEYS and set(d) & EVAL_CHAT_KEYS:
+        _fail(file, f"{where}.{sorted(set(d) & EVAL_CHAT_KEYS)[0]} applies to format: chat (a text evaluation set is "
+                    "a .txt or a .jsonl with a \"text\" field)")
     return DataSet(set=_local(base, s), samples=_int(file, d.get("samples", default_n), f"{where}.samples"),
                    seq_len=_int(file, d.get("seq_len", default_len), f"{where}.seq_len", 2),
-                   column=str(d.get("column", "text")), split=str(d.get("split", "train")))
+                   column=str(d.get("column", chat.COLUMN if fmt == "chat" else "text")),
+                   split=str(d.get("split", "train")), format=fmt,
+                   reasoning_share=share if fmt == "chat" else None)
 
 
 def _columns(file, base: Path, data) -> tuple[Column, ...]:

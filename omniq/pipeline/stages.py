@@ -30,7 +30,8 @@ def quantize(ctx: StageContext) -> dict:
     # the source as the pipeline names it (a bundled name / hub id stays one in omniq.json's provenance)
     res = run_quantize(ctx.spec.source, resolve_recipe(ctx.column.recipe, ctx.column.kv_cache),
                        ctx.out / "artifact", calib=cal.set, calib_column=cal.column, calib_split=cal.split,
-                       calib_samples=cal.samples, calib_seq_len=cal.seq_len, progress=_progress(ctx))
+                       calib_samples=cal.samples, calib_seq_len=cal.seq_len, calib_format=cal.format,
+                       reasoning_share=cal.reasoning_share, progress=_progress(ctx))
     return {"path": "artifact", "bytes": res.output_bytes, "counts": res.counts, "files": res.files,
             "seconds": {k: round(v, 2) for k, v in res.seconds.items()}}
 
@@ -51,6 +52,8 @@ def validate(ctx: StageContext) -> dict:
     report = run_validate(str(ctx.source_dir), str(ctx.artifact), eval_set=ev.set, samples=ev.samples,
                           seq_len=ev.seq_len, max_kl=g.get("max_kl"), min_top1=g.get("min_top1"),
                           max_ppl_ratio=g.get("max_ppl_ratio"), report_path=ctx.out / VALIDATION,
+                          eval_format=ev.format, reasoning_share=ev.reasoning_share,
+                          eval_column=ev.column if ev.format == "chat" else None, eval_split=ev.split,
                           progress=_progress(ctx, "evaluating"))
     return {**{k: report.get(k) for k in DELTAS}, "passed": report["passed"], "failures": report["failures"],
             "gates": report["gates"], "format": report.get("format"), "report": VALIDATION}

@@ -53,6 +53,24 @@ def group_modules(names) -> list[tuple[str, int, str]]:
     return out
 
 
+def data_format(ident: dict | None) -> str | None:
+    """How calibration or evaluation text was made, from its recorded identity (omniq.json `calibration`,
+    an Omni mix's `calibration.text`, validation.json `eval`): chat conversations with their reasoning share,
+    or plain text; None when the identity records no format (artifacts from before chat data)."""
+    if not isinstance(ident, dict):
+        return None
+    if isinstance(ident.get("text"), dict):          # an Omni calibration mix: its text part
+        ident = ident["text"]
+    fmt = ident.get("format")
+    if fmt == "chat":
+        share, conv = ident.get("reasoning_share"), ident.get("conversations") or {}
+        counts = (f" ({_fmt(conv.get('reasoning_on'))} on, {_fmt(conv.get('reasoning_off'))} off)"
+                  if conv else "")
+        return (f"chat: conversations (column `{ident.get('column', 'messages')}`) rendered through the "
+                f"checkpoint's chat template, reasoning on for a share of {_fmt(share)}{counts}")
+    return "text" if fmt == "text" else None
+
+
 def quant_flags(formats: dict[str, int]) -> tuple[str, str]:
     """(vLLM --quantization, short format label) from the per-format layer counts."""
     quantized = {f for f in formats if f != "bf16"}
@@ -115,8 +133,10 @@ def render(release: rel.Release, repo_id: str | None = None) -> str:
     else:
         ev = gates.get("eval") or {}
         if ev:
+            how = data_format(ev)
             lines.append(f"Against the source on `{ev.get('set')}` ({_fmt(ev.get('rows'))} rows of "
-                         f"{_fmt(ev.get('seq_len'))} tokens), next-token distributions from the files:")
+                         f"{_fmt(ev.get('seq_len'))} tokens{'; ' + how if how and how != 'text' else ''}), "
+                         "next-token distributions from the files:")
             lines.append("")
         thresholds = gates.get("thresholds") or {}
         lines += ["| metric | value | gate |", "| --- | --- | --- |"]
@@ -152,6 +172,9 @@ def render(release: rel.Release, repo_id: str | None = None) -> str:
         if k not in ("model", "id", "name") and v not in (None, "", {}) and str(v) != source_name:
             lines.append(f"- source {k}: `{v if not isinstance(v, (dict, list)) else json.dumps(v)}`")
     if meta["calibration"]:
+        how = data_format(meta["calibration"])
+        if how:
+            lines.append(f"- calibration format: {how}")
         lines.append(f"- calibration: `{json.dumps(meta['calibration'], sort_keys=True)}`")
     if meta["versions"]:
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(meta["versions"].items())))

@@ -63,36 +63,33 @@ class Layer:
 
 
 class ShardReader:
-    """The checkpoint's safetensors files, opened once (safetensors memory-maps them) and read tensor by
-    tensor: a tensor is copied out of its shard only when asked for."""
+    """The checkpoint's safetensors files, opened once and read tensor by tensor (`omniq.model.checkpoint.
+    TensorReader`: `pread` into the tensor, the page cache of the bytes read dropped, no memory map): a
+    tensor is read from its shard only when asked for, with validate's own messages."""
 
     def unmap(self) -> None:
-        """Close the shards (reopened on the next read): their memory maps go, so the pages read so far are
-        plain page cache, not pages mapped into this process (which a cgroup-v1 limit counts and reclaims
-        slowly)."""
-        self._handles.clear()
+        """Close the shards (reopened on the next read)."""
+        self._reader.close()
 
     def __init__(self, ckpt: Checkpoint):
+        from omniq.model.checkpoint import TensorReader
+
         self.ckpt = ckpt
-        self._handles: dict = {}
+        self._reader = TensorReader(ckpt)
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         info = self.ckpt.headers.get(name)
         if info is None:
             raise OmniqError(f"{_where(self.ckpt)}: tensor {name!r} is not in the checkpoint")
         f = info.file
-        if f not in self._handles:
-            if not f.is_file():
-                raise OmniqError(f"{_where(self.ckpt)}: shard {f.name} disappeared while validating; "
-                                 "the checkpoint changed under omniq")
-            self._handles[f] = safe_open(str(f), framework="pt")
+        if not f.is_file():
+            raise OmniqError(f"{_where(self.ckpt)}: shard {f.name} disappeared during the run; "
+                             "the checkpoint changed under omniq")
         try:
-            return self._handles[f].get_tensor(info.stored or name)
-        except Exception as e:  # noqa: BLE001 - a truncated or rewritten shard: the user's to fix
-            raise OmniqError(f"{_where(self.ckpt)}: cannot read {name} from {f.name} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}); re-download or re-export it") from None
+            return self._reader.get(name)
+        except OmniqError:  # a truncated or rewritten shard: the user's to fix
+            raise OmniqError(f"{_where(self.ckpt)}: cannot read {name} from {f.name} (shorter than its header "
+                             "says, or changed); re-download or re-export it") from None
 
 
 @dataclass

@@ -68,10 +68,14 @@ def for_lint(artifact_path) -> dict:
 
 
 def check_target(report_path: str | os.PathLike | None, judged: str | os.PathLike, flag: str = "--report") -> None:
-    """Refuse (exit 2, before anything runs) a report path inside an artifact directory other than `judged`."""
+    """Refuse (exit 2, before anything runs) a report path whose directory does not exist, or one inside an
+    artifact directory other than `judged`."""
     if report_path is None:
         return
-    root = artifact_root(Path(report_path).expanduser().parent)
+    parent = Path(report_path).expanduser().parent
+    if not parent.is_dir():
+        raise OmniqError(f"{flag} {report_path}: directory {parent} does not exist")
+    root = artifact_root(parent)
     if root is not None and root != Path(judged).expanduser().resolve():
         raise OmniqError(f"{flag} {report_path}: that is inside the artifact {root}, not the one judged "
                          f"({judged}); a report goes into the artifact it judges, or outside any artifact")

@@ -8,7 +8,9 @@ candidate dequantized, activations and KV cache quantized as an engine would). D
 sequence for every new token (no KV / Mamba-state cache): exact, and cheap on the bundled models (N x
 max_new_tokens forwards of at most PROMPT_TOKENS + max_new_tokens tokens, batched over the prompts); on a
 real-width model it is slow, which is why it is opt-in. Unlike the rest of validate it is not layer-streamed:
-both models' weights are read (and the candidate's dequantized) once into memory for the decoding loop.
+both models' weights are read (and the candidate's dequantized) once into memory for the decoding loop, on
+validate's `--device` (`weights_on`: one tensor at a time, so host memory holds one float32 matrix beyond what
+the device holds), where the prompts are decoded too; the generated ids are read back once per step.
 
 Reported under `generation`: the share of prompts whose first 16 / 64 generated tokens are identical in both
 models (`same_first_16`, `same_first_64`; one that stopped earlier differs; null when the budget is shorter),
@@ -76,7 +78,7 @@ def greedy(arch, weights, prompt: torch.Tensor, max_new_tokens: int, eos: int | 
     `embed(ids) -> inputs_embeds`: the input embeddings of the whole sequence (an Omni prompt's media spliced
     in), instead of the embedding lookup."""
     seq = prompt.clone()
-    done = torch.zeros(prompt.shape[0], dtype=torch.bool)
+    done = [False] * prompt.shape[0]
     gen: list[list[int]] = [[] for _ in range(prompt.shape[0])]
     stopped = [False] * prompt.shape[0]
     for _ in range(max_new_tokens):
@@ -92,16 +94,22 @@ def greedy(arch, weights, prompt: torch.Tensor, max_new_tokens: int, eos: int | 
             if eos is not None and t == eos:
                 done[i] = True
                 stopped[i] = True
-        if bool(done.all()):
+        if all(done):
             break
         seq = torch.cat([seq, nxt[:, None]], dim=1)
     return gen, stopped
 
 
+def weights_on(artifact, device) -> dict[str, torch.Tensor]:
+    """Every base tensor of `artifact` dequantized to float32 on `device`, read and moved one at a time."""
+    lazy = artifact.weights
+    return {n: lazy[n].to(device) for n in lazy}
+
+
 def compare(reference, candidate, docs, n: int, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
             length_ratio: tuple[float, float] = DEFAULT_LENGTH_RATIO, candidate_weights=None,
             media: dict | None = None, media_length_ratio: dict | None = None,
-            chat_prompts: dict[str, list[str]] | None = None) -> dict:
+            chat_prompts: dict[str, list[str]] | None = None, device="cpu") -> dict:
     """The `generation` section of the report (see the module doc), with its gates' `failures`.
     `candidate_weights`: the candidate's tensors as a mapping (default: read from its files once).
     `media`: {modality: [MediaInputs]} of an Omni checkpoint (the first n of each are generated from);
@@ -112,11 +120,12 @@ def compare(reference, candidate, docs, n: int, max_new_tokens: int = DEFAULT_MA
         raise OmniqError("--max-new-tokens must be at least 1")
     tok = reference.tokenizer
     eos = tok.eos_token_id
-    rw = dict(reference.weights)
-    cw = dict(candidate.weights) if candidate_weights is None else candidate_weights
+    device = torch.device(device)
+    rw = weights_on(reference, device)
+    cw = weights_on(candidate, device) if candidate_weights is None else candidate_weights
     linear, kv = candidate.linear(cw), candidate.kv()
     if chat_prompts is None:
-        p = prompts(tok, docs, n)
+        p = prompts(tok, docs, n).to(device)
         ref, ref_eos = greedy(reference.arch, rw, p, max_new_tokens, eos)
         cand, cand_eos = greedy(candidate.arch, cw, p, max_new_tokens, eos, linear=linear, kv=kv)
         out = dict(statistics(ref, cand, ref_eos, cand_eos, max_new_tokens, length_ratio, "generation"),
@@ -127,7 +136,7 @@ def compare(reference, candidate, docs, n: int, max_new_tokens: int = DEFAULT_MA
         for split, texts in chat_prompts.items():
             for text in texts:
                 p = torch.tensor([([tok.bos_token_id] if tok.bos_token_id is not None else [])
-                                  + tok(text, add_special_tokens=False)["input_ids"]])
+                                  + tok(text, add_special_tokens=False)["input_ids"]], device=device)
                 for k, (g, stopped) in enumerate((greedy(reference.arch, rw, p, max_new_tokens, eos),
                                                   greedy(candidate.arch, cw, p, max_new_tokens, eos,
                                                          linear=linear, kv=kv))):
@@ -149,7 +158,7 @@ def compare(reference, candidate, docs, n: int, max_new_tokens: int = DEFAULT_MA
             if not inputs[:n]:
                 continue
             r = media_compare(reference, candidate, m, inputs[:n], rw, cw, linear, kv, max_new_tokens,
-                              (media_length_ratio or {}).get(m, length_ratio))
+                              (media_length_ratio or {}).get(m, length_ratio), device)
             out["modalities"][m] = r
             failures += r["failures"]
     out.update(failures=failures, passed=not failures)
@@ -157,19 +166,19 @@ def compare(reference, candidate, docs, n: int, max_new_tokens: int = DEFAULT_MA
 
 
 def media_compare(reference, candidate, modality: str, inputs: list, rw, cw, linear, kv, max_new_tokens: int,
-                  length_ratio: tuple[float, float]) -> dict:
+                  length_ratio: tuple[float, float], device="cpu") -> dict:
     """Greedy captions of Omni media prompts by both models (one prompt at a time: their lengths differ)."""
     from omniq.model import omni
     from omniq.validate import multimodal
 
     cfg = reference.checkpoint.config
     tokens = omni.context_tokens(cfg, reference.tokenizer)
-    emb = multimodal.embeds(reference, candidate, modality, inputs)
+    emb = multimodal.embeds(reference, candidate, modality, inputs, device)
     key = "image_embeds" if modality == "image" else "audio_embeds"
     eos = reference.tokenizer.eos_token_id
     got: dict[str, tuple[list, list]] = {"reference": ([], []), "candidate": ([], [])}
     for k, x in enumerate(inputs):
-        prompt = x.input_ids[:, :x.target_start]
+        prompt = x.input_ids[:, :x.target_start].to(device)
         for stream, art, weights, lin, kvf in (("reference", reference, rw, None, None),
                                               ("candidate", candidate, cw, linear, kv)):
             e = emb[stream][k]

@@ -32,6 +32,7 @@ context that is empty is BOS alone (`prefix_token_id`).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -42,7 +43,8 @@ from omniq.heap import give_back
 from omniq.model import forward
 from omniq.validate.artifact import Artifact
 from omniq.validate.metrics import log_probs
-from omniq.validate.stream import KEEP_FLOAT32_BYTES, _chunk_tokens, embedding_names, head_names, layer_names
+from omniq.validate.stream import (KEEP_FLOAT32_BYTES, _chunk_tokens, activation_bytes, embedding_names,
+                                   head_names, layer_names, logits_bytes, step_bytes)
 
 BATCH_TOKENS = 4096                # padded tokens per forward batch inside a layer
 PASS_BYTES = 512 * 2**20           # float32 hidden states of one pass (its batches, all held between layers)
@@ -68,12 +70,23 @@ def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return out
 
 
-@torch.inference_mode()
 def score(artifact: Artifact, seqs: list[list[int]], spans: list[int], *, device="cpu",
           batch_tokens: int = BATCH_TOKENS, pass_bytes: int = PASS_BYTES,
           progress: Progress | None = None) -> list[tuple[float, bool]]:
     """For each token sequence, (sum of log p of its last `spans[k]` tokens, whether each of them is the
     argmax): the model reads seq[:-1] and predicts seq[1:], layer-streamed (see the module doc)."""
+    total, missed = score_on_device(artifact, seqs, spans, device=device, batch_tokens=batch_tokens,
+                                    pass_bytes=pass_bytes, progress=progress)
+    return [(t, m == 0) for t, m in zip(total.tolist(), missed.tolist())]      # the one copy to the host
+
+
+@torch.inference_mode()
+def score_on_device(artifact: Artifact, seqs: list[list[int]], spans: list[int], *, device="cpu",
+                    batch_tokens: int = BATCH_TOKENS, pass_bytes: int = PASS_BYTES,
+                    progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`score`'s figures left on the device: per sequence the float64 sum of log p of its scored tokens and
+    the count of those that are not the argmax (every tensor made here is made on `device`: the tests run
+    it on PyTorch's `meta` device)."""
     device = torch.device(device)
     arch = artifact.arch
     inputs = [s[:-1] for s in seqs]
@@ -89,7 +102,8 @@ def score(artifact: Artifact, seqs: list[list[int]], spans: list[int], *, device
         used += size
     if cur:
         passes.append(cur)
-    out: list[tuple[float, bool] | None] = [None] * len(seqs)
+    total = torch.zeros(len(seqs), dtype=torch.float64, device=device)
+    missed = torch.zeros(len(seqs), dtype=torch.long, device=device)
     steps, done = len(passes) * (arch.num_layers + 2), 0
 
     def tick():
@@ -131,20 +145,34 @@ def score(artifact: Artifact, seqs: list[list[int]], spans: list[int], *, device
         h = torch.cat(rows) if rows else torch.zeros(0, arch.hidden_size, device=device)
         target = torch.tensor(targets, dtype=torch.long, device=device)
         owner = torch.tensor(owners, dtype=torch.long, device=device)
-        total = torch.zeros(len(seqs), dtype=torch.float64, device=device)
-        missed = torch.zeros(len(seqs), dtype=torch.long, device=device)
         chunk = _chunk_tokens(arch.vocab_size)
         for a in range(0, h.shape[0], chunk):
             sl = slice(a, a + chunk)
             lp = log_probs(forward.lm_head(arch, u, forward.final_norm(arch, u, h[sl]), linear))
             total.index_add_(0, owner[sl], lp.gather(-1, target[sl, None])[:, 0].double())
             missed.index_add_(0, owner[sl], (lp.argmax(-1) != target[sl]).long())
-        for b in group:
-            for k in b:
-                out[k] = (float(total[k]), int(missed[k]) == 0)
         del u, linear, h
         tick()
-    return out  # type: ignore[return-value]
+    return total, missed
+
+
+def estimate_bytes(artifact: Artifact, *, generate: bool = False) -> dict:
+    """Peak memory of `score` on one artifact, from the headers (`omniq eval` runs the reference, then the
+    candidate): its largest step (`stream.step_bytes`: a layer as `score` loads it, whole; the embedding or
+    head with its float32 copy), a pass's hidden states twice (a layer's outputs are made while its inputs
+    are held), one batch's activations inside a layer, a logits chunk. With `generate` (a task that
+    generates), also `generate_until`'s figure: every weight of the artifact in float32 at once."""
+    arch = artifact.arch
+    steps = [step_bytes(artifact, embedding_names(artifact), keep_all=True),
+             step_bytes(artifact, head_names(artifact), keep_all=True)]
+    steps += [step_bytes(artifact, layer_names(artifact, i)) for i in range(arch.num_layers)]
+    hidden = 2 * max(PASS_BYTES, BATCH_TOKENS * 4 * arch.hidden_size)
+    est = {"largest_step_bytes": max(steps), "hidden_states_bytes": hidden,
+           "activations_bytes": activation_bytes(arch, BATCH_TOKENS), "logits_chunk_bytes": logits_bytes(arch)}
+    est["total_bytes"] = sum(est.values())
+    if generate:
+        est["generation_bytes"] = sum(4 * math.prod(artifact.logical_shape(n)) for n in artifact.base_names)
+    return est
 
 
 # ----- the lm-eval model ---------------------------------------------------------------------------------
@@ -224,10 +252,7 @@ class ArtifactLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = True) -> list[str]:
         if not requests:
             return []
-        weights = dict(self.artifact.weights)
-        weights = {n: t.to(self._device) for n, t in weights.items()}
-        linear, kv = self.artifact.linear(weights), self.artifact.kv()
-        arch = self.artifact.arch
+        model = self.whole_model()
         out = []
         for req in requests:
             context, gen_kwargs = req.args
@@ -240,7 +265,7 @@ class ArtifactLM(TemplateLM):
             new: list[int] = []
             text = ""
             for _ in range(budget):
-                nxt = int(forward.logits(arch, weights, seq, linear=linear, kv=kv)[0, -1].argmax())
+                nxt = int(self.next_logits(model, seq).argmax())
                 if nxt == self.eot_token_id:
                     break
                 new.append(nxt)
@@ -254,3 +279,16 @@ class ArtifactLM(TemplateLM):
             self.forwards += 1
             out.append(text)
         return out
+
+    def whole_model(self) -> tuple[dict, object, object]:
+        """What `generate_until` decodes with (not layer-streamed): every weight dequantized to float32 and
+        moved to the device, the engine's linear and KV hooks."""
+        from omniq.validate.generate import weights_on
+
+        weights = weights_on(self.artifact, self._device)
+        return weights, self.artifact.linear(weights), self.artifact.kv()
+
+    def next_logits(self, model: tuple, seq: torch.Tensor) -> torch.Tensor:
+        """The logits after the last token of `seq` (1, L), on the device."""
+        weights, linear, kv = model
+        return forward.logits(self.artifact.arch, weights, seq, linear=linear, kv=kv)[0, -1]

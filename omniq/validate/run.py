@@ -333,7 +333,7 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
                                           gates_mod.length_ratio_for(gfile, fmt), media=media_inputs,
                                           media_length_ratio={m: gates_mod.length_ratio_for(gfile, fmt, m)
                                                               for m in media_inputs},
-                                          chat_prompts=chat_prompts)
+                                          chat_prompts=chat_prompts, device=dev)
         failures += generation["failures"]
     warnings = ref.warnings + cand.warnings + mm_warnings
     if changed:

@@ -110,23 +110,44 @@ def streamed_names(artifact: Artifact) -> set[str]:
     return out
 
 
+def step_bytes(art: Artifact, names: list[str], *, keep_all: bool = False, lazy: bool = False) -> int:
+    """Memory of one step's weights of one artifact, from the headers: the stored tensors, plus their float32
+    form where it is kept (all of it with `keep_all`, the embedding / head steps; a layer below
+    KEEP_FLOAT32_BYTES), plus the float32 matrices converted on use; `lazy`: one matrix at a time."""
+    stored = art.unit_bytes(names)
+    f32 = [4 * _numel(art.logical_shape(n)) for n in names]
+    if lazy:                 # read matrix by matrix
+        return max(art.unit_bytes([n]) for n in names) + 3 * max(f32)
+    if keep_all:             # embedding / head: float32 kept once (counted for both, shared or not)
+        return stored + sum(f32)
+    kept = sum(f32) if sum(f32) < KEEP_FLOAT32_BYTES else 0
+    return stored + kept + 3 * (max(f32) if f32 else 0)
+
+
+def activation_bytes(arch, tokens: int) -> int:
+    """One batch of `tokens` inside a layer: the Mamba in_proj output and scan blocks, the routed experts'
+    inputs, the layer's output."""
+    per_token = (4 * arch.in_proj_out + 3 * arch.mamba_num_heads * arch.chunk_size
+                 + 2 * arch.num_experts_per_tok * max(arch.moe_intermediate_size, arch.hidden_size)
+                 + 4 * arch.hidden_size)
+    return tokens * per_token * 4
+
+
+def logits_bytes(arch) -> int:
+    """A logits chunk: its float32 logits and log-probabilities of both models in float64."""
+    return 2 * LOGITS_CHUNK_BYTES + 3 * _chunk_tokens(arch.vocab_size) * arch.vocab_size * 4
+
+
 def estimate_bytes(reference: Artifact, candidate: Artifact, tokens: int, with_noise_floor: bool = True,
                    batch_tokens: int | None = None) -> dict:
-    """Peak memory of a run, from the headers: the largest step of each artifact (stored dtype, plus its
-    float32 form where it is kept, plus one float32 matrix), the hidden states of every evaluated token for
-    each stream, one batch's activations inside a layer (`batch_tokens`, default all tokens: the Mamba
-    in_proj output and scan blocks, the routed experts' inputs) and a logits chunk."""
+    """Peak memory of a run, from the headers: the largest step of each artifact (`step_bytes`), the hidden
+    states of every evaluated token for each stream, one batch's activations inside a layer (`batch_tokens`,
+    default all tokens) and a logits chunk."""
     arch = reference.arch
 
     def step(art: Artifact, names: list[str], keep_all: bool = False) -> int:
-        stored = art.unit_bytes(names)
-        f32 = [4 * _numel(art.logical_shape(n)) for n in names]
-        if not keep_all and reference.unit_bytes(names) > LAZY_LAYER_BYTES:     # read matrix by matrix
-            return max(art.unit_bytes([n]) for n in names) + 3 * max(f32)
-        if keep_all:             # embedding / head: float32 kept once (counted for both, shared or not)
-            return stored + sum(f32)
-        kept = sum(f32) if sum(f32) < KEEP_FLOAT32_BYTES else 0
-        return stored + kept + 3 * (max(f32) if f32 else 0)
+        lazy = not keep_all and reference.unit_bytes(names) > LAZY_LAYER_BYTES
+        return step_bytes(art, names, keep_all=keep_all, lazy=lazy)
 
     kept_steps = [embedding_names(reference), head_names(reference)]
     steps = [tower_names(reference)] + [layer_names(reference, i) for i in range(arch.num_layers)]
@@ -134,12 +155,8 @@ def estimate_bytes(reference: Artifact, candidate: Artifact, tokens: int, with_n
                   + [step(reference, s) + step(candidate, s) for s in steps if s])
     n_streams = 3 if with_noise_floor else 2
     hidden = n_streams * tokens * arch.hidden_size * 4
-    bt = min(tokens, batch_tokens or tokens)
-    per_token = (4 * arch.in_proj_out + 3 * arch.mamba_num_heads * arch.chunk_size
-                 + 2 * arch.num_experts_per_tok * max(arch.moe_intermediate_size, arch.hidden_size)
-                 + 4 * arch.hidden_size)
-    activations = bt * per_token * 4
-    logits = 2 * LOGITS_CHUNK_BYTES + 3 * _chunk_tokens(arch.vocab_size) * arch.vocab_size * 4
+    activations = activation_bytes(arch, min(tokens, batch_tokens or tokens))
+    logits = logits_bytes(arch)
     total = largest + hidden + activations + logits
     return {"largest_step_bytes": largest, "hidden_states_bytes": hidden, "activations_bytes": activations,
             "logits_chunk_bytes": logits, "total_bytes": total}

@@ -16,9 +16,12 @@ task search path and its `task:` name is used), or any task name lm-eval knows (
 lm-eval is an optional extra (`pip install 'omniq[eval]'`), imported only here.
 
 Refused before any model runs (OmniqError, exit 2, nothing written): lm-eval missing, a task that does not
-exist, a task with no examples after `limit`, an existing report without `force`, checkpoints that are not
-the same model. The report (`eval.json` in an artifact) is bound to what it judged like validation.json
-(`bound_to`, `omniq.validate.binding`).
+exist, a task with no examples after `limit`, an existing report without `force` or one whose directory does
+not exist, checkpoints that are not the same model, a run whose predicted peak (`preflight`,
+`lm.estimate_bytes`: one layer, a pass's hidden states, a logits chunk; a whole model in float32 for a task
+that generates) does not fit the process's memory limit. The report records that estimate (`memory`). The
+report (`eval.json` in an artifact) is bound to what it judged like validation.json (`bound_to`,
+`omniq.validate.binding`).
 """
 
 from __future__ import annotations
@@ -117,8 +120,9 @@ def task_manager(specs: list[TaskSpec]):
     return tm
 
 
-def count_examples(tm, specs: list[TaskSpec], limit: int | None) -> dict[str, int]:
-    """Examples each task evaluates after `limit`; a task with none is refused (exit 2)."""
+def count_examples(tm, specs: list[TaskSpec], limit: int | None) -> tuple[dict[str, int], dict[str, set[str]]]:
+    """Examples each task evaluates after `limit` (a task with none is refused, exit 2), and each task's
+    lm-eval output types (`generate_until` decodes with whole-model forwards: the preflight counts it)."""
     try:
         loaded = tm.load([s.name for s in specs])["tasks"]
     except OmniqError:
@@ -129,23 +133,52 @@ def count_examples(tm, specs: list[TaskSpec], limit: int | None) -> dict[str, in
     except Exception as e:  # noqa: BLE001  (lm-eval / datasets fail in many ways on a task's data)
         raise OmniqError(f"--tasks {','.join(s.given for s in specs)}: lm-eval cannot load the task data "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    counts = {}
+    counts, kinds = {}, {}
     for s in specs:
         task = loaded.get(s.name)
         if task is None:                      # a group: lm-eval evaluates its leaves
             leaves = [t for n, t in loaded.items() if n != s.name]
             n = sum(len(t.eval_docs) for t in leaves)
         else:
+            leaves = [task]
             try:
                 n = len(task.eval_docs)
             except Exception as e:  # noqa: BLE001  (a task whose data cannot be read names itself here)
                 raise OmniqError(f"--tasks {s.given}: cannot read its examples ({str(e).splitlines()[0]})") from None
+        kinds[s.name] = {str(getattr(t, "OUTPUT_TYPE", "")) for t in leaves}
         n = min(n, limit) if limit is not None else n
         if n < 1:
             raise OmniqError(f"--tasks {s.given}: no examples to evaluate"
                              + (f" after --limit {limit}" if limit is not None else ""))
         counts[s.name] = n
-    return counts
+    return counts, kinds
+
+
+def preflight(reference, candidate, device, kinds: dict[str, set[str]]) -> dict:
+    """Refuse (exit 2) before any weight is read when scoring, or a generating task, cannot fit the memory
+    limit of this process (`omniq.memory_limit`: its cgroup, else MemAvailable; the device's free memory with
+    --device cuda): `lm.estimate_bytes` of the larger artifact (they run one after the other)."""
+    from omniq import memory_limit
+    from omniq.validate.lm import estimate_bytes
+
+    generating = sorted(name for name, k in kinds.items() if "generate_until" in k)
+    est = max((estimate_bytes(a, generate=bool(generating)) for a in (reference, candidate)),
+              key=lambda e: max(e["total_bytes"], e.get("generation_bytes", 0)))
+    where = str(device)
+    have, source = memory_limit.available_bytes(where), memory_limit.limit_source(where)
+    est.update(available_bytes=have, limit_source=source)
+    gib = 2**30
+    if est["total_bytes"] > have:
+        raise OmniqError(f"eval needs about {est['total_bytes'] / gib:.2f} GiB (largest layer "
+                         f"{est['largest_step_bytes'] / gib:.2f} GiB, hidden states of a pass "
+                         f"{est['hidden_states_bytes'] / gib:.2f} GiB) but {have / gib:.2f} GiB is available "
+                         f"({source}); run where more memory is, or on another --device")
+    if generating and est["generation_bytes"] > have:
+        raise OmniqError(f"--tasks {', '.join(generating)} generates text, which holds a whole model in float32 "
+                         f"({est['generation_bytes'] / gib:.2f} GiB; generation is not layer-streamed) but "
+                         f"{have / gib:.2f} GiB is available ({source}); drop that task (scoring tasks need "
+                         f"{est['total_bytes'] / gib:.2f} GiB) or run where more memory is")
+    return est
 
 
 def main_metric(result: dict) -> str:
@@ -246,8 +279,6 @@ def evaluate(reference, candidate, tasks, *, limit: int | None = None,
         out = Path(report_path).expanduser()
         if out.exists() and not force:
             raise OmniqError(f"--out {out} exists; pass --force to overwrite it")
-        if not out.parent.is_dir():
-            raise OmniqError(f"--out {out}: directory {out.parent} does not exist")
     specs = parse_tasks(tasks)
     quiet_lm_eval()
 
@@ -262,7 +293,8 @@ def evaluate(reference, candidate, tasks, *, limit: int | None = None,
     cand = read_artifact(candidate)
     check_same_model(ref, cand)
     tm = task_manager(specs)
-    counts = count_examples(tm, specs, limit)
+    counts, kinds = count_examples(tm, specs, limit)
+    memory = preflight(ref, cand, dev, kinds)
     names = [s.name for s in specs]
     runs, seconds = {}, {}
     for label, art in (("reference", ref), ("candidate", cand)):
@@ -284,6 +316,7 @@ def evaluate(reference, candidate, tasks, *, limit: int | None = None,
         "reference": str(ref.path),
         "candidate": str(cand.path),
         "device": str(dev),
+        "memory": memory,
         "lm_eval": version,
         "model": "omniq ArtifactLM: weights dequantized from the files, activations / KV quantized as the "
                  "engine does, layer-streamed scoring",

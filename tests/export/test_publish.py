@@ -6,8 +6,6 @@ import base64
 import hashlib
 import json
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -510,12 +508,8 @@ def test_unreachable_hub_is_a_clean_exit_2(tmp_path):
 
 
 def test_help_of_publish_pull_pipeline_stays_light():
-    code = ("import sys, contextlib, io\n"
-            "from omniq.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    rcs = [main([c, '--help']) for c in ('publish', 'pull', 'pipeline')]\n"
-            "heavy = sorted(m for m in ('torch', 'oras', 'matplotlib', 'huggingface_hub', 'requests') if m in sys.modules)\n"
-            "print(rcs, heavy)\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "[0, 0, 0] []"
+    from cli_subprocess import cli_imports
+
+    r = cli_imports([[c, "--help"] for c in ("publish", "pull", "pipeline")],
+                    ("torch", "oras", "matplotlib", "huggingface_hub", "requests"))
+    assert r["rcs"] == [0, 0, 0] and r["heavy"] == []

@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from checkpoint_dir import by_layer_shards, resave_sharded
 from conftest import QUANTIZE_CALIB, run_cli_in_subprocess
 from reference_configs import DATA, REPO
 
@@ -32,30 +33,8 @@ def _digests(path):
 def sharded_tiny(tmp_path_factory, tiny_dir):
     """The bundled tiny model's tensors re-saved into 4 shards (an index, one layer split across files)."""
     d = tmp_path_factory.mktemp("tiny-sharded")
-    _resave(tiny_dir, d, lambda names: [names[k::4] for k in range(4)])   # layers interleave across shards
+    resave_sharded(tiny_dir, d, lambda names: [names[k::4] for k in range(4)])   # layers interleave across shards
     return d
-
-
-def _resave(tiny_dir, d, split):
-    """tiny's tensors re-saved into the shards `split(names)` gives, with an index and the side files; returns
-    the shard paths."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(tiny_dir / "model.safetensors"))
-    parts = split(list(tensors))
-    weight_map, paths = {}, []
-    for k, part in enumerate(parts):
-        f = f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
-        save_file({n: tensors[n] for n in part}, str(d / f), metadata={"format": "pt"})
-        weight_map.update({n: f for n in part})
-        paths.append(d / f)
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    for p in tiny_dir.iterdir():
-        if p.is_file() and p.suffix != ".safetensors":
-            shutil.copyfile(p, d / p.name)
-    return paths
 
 
 def _quantize(model, name, out, extra=()):
@@ -119,13 +98,6 @@ def test_materialized_layers_equal_transformers_load(tiny_dir):
 
 
 # ----- bad input mid-run: nothing at --out, no temporary left -----------------------------------------------
-def _by_layer_shards(tiny_dir, d):
-    """tiny re-saved in model order into two shards: the second holds only the last layers and lm_head."""
-    late = ("backbone.layers.8.", "backbone.layers.9.", "backbone.norm_f", "lm_head")
-    return _resave(tiny_dir, d, lambda names: [[n for n in names if not n.startswith(late)],
-                                               [n for n in names if n.startswith(late)]])[-1]
-
-
 def test_shard_missing_mid_run(tmp_path, tiny_dir):
     """The last shard disappears once the run has started writing (its stage exists): exit 2, one line naming
     the shard, nothing at --out, the stage removed."""
@@ -135,7 +107,7 @@ def test_shard_missing_mid_run(tmp_path, tiny_dir):
 
     src = tmp_path / "src"
     src.mkdir()
-    late = _by_layer_shards(tiny_dir, src)
+    late = by_layer_shards(tiny_dir, src)
     outdir = tmp_path / "outs"
     outdir.mkdir()
     p = subprocess.Popen([sys.executable, "-m", "omniq.cli", "quantize", str(src), "--recipe", "fp8",
@@ -158,19 +130,15 @@ def test_disk_full_during_export(tmp_path):
     import subprocess
     import sys
 
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
+    from small_disk import left_on, small_tmpfs
+
+    with small_tmpfs(tmp_path, "6m") as mnt:
         p = subprocess.run([sys.executable, "-m", "omniq.cli", "quantize", "tiny", "--recipe", "fp8",
                             "--out", str(mnt / "a"), *QUANTIZE_CALIB], capture_output=True, text=True, timeout=600)
         assert p.returncode == 1, p.stderr[-2000:]
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and "no space left" in lines[0], lines
-        assert list(mnt.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(mnt)])
+        assert left_on(mnt) == []
 
 
 HOOK_SCRIPT = r"""

@@ -113,10 +113,19 @@ def test_self_check_reads_rows_of_quantized_weights_and_opens_each_shard_once(fp
         def __getattr__(self, attr):
             return getattr(self._h, attr)
 
+    real_fd = ck.TensorReader._fd
+
+    def fd(self, f):                     # the source shards: TensorReader's own file descriptors
+        if f not in self._fds:
+            opened.append(str(f))
+        return real_fd(self, f)
+
     monkeypatch.setattr(ck.TensorReader, "get", get)
+    monkeypatch.setattr(ck.TensorReader, "_fd", fd)
     monkeypatch.setattr(safetensors, "safe_open", Handle)
     counts = hf_checkpoint.verify_tensors(path, plan, ckpt)
     assert counts["fp8"] == len(plan.quantized)
     weights = {f"{lin.name}.weight" for lin in plan.quantized}
     assert not weights & set(whole)
     assert len(opened) == len(set(opened))
+    assert {str(f) for f in ckpt.weight_files} <= set(opened)        # the source was read, each shard opened once

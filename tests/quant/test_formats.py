@@ -208,3 +208,21 @@ def test_export_fp8_in_chunks_is_modelopts_division(modelopt):
         assert mine.dtype == torch.float8_e4m3fn and torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8))
     assert torch.equal(streamed._fp8_in_chunks(w, cases[0][1], chunk_elements=200).view(torch.uint8),
                        to_quantized_weight(w, cases[0][1], "fp8").view(torch.uint8))
+
+
+def test_the_export_gives_heap_pages_back_every_few_packed_weights(modelopt, monkeypatch):
+    """An MoE layer's export packs hundreds of expert matrices; omniq_packing trims the heap every TRIM_EVERY of
+    them (their freed temporaries' pages otherwise stay in the process: benchmarks/export_layer_memory.py)."""
+    from modelopt.torch.export import unified_export_hf as ue
+
+    from omniq.export import streamed
+
+    trims = []
+    monkeypatch.setattr(streamed, "give_back", lambda *a, **k: trims.append(1))
+    monkeypatch.setattr(streamed, "TRIM_EVERY", 3)
+    w = _weights(torch.bfloat16)
+    scale = w.float().abs().amax().reshape(()) / 448
+    with streamed.omniq_packing():
+        for _ in range(7):
+            ue.to_quantized_weight(w, scale, "fp8")
+    assert len(trims) == 2

@@ -84,3 +84,23 @@ def test_weight_calibration_adds_its_statistics_to_the_estimate(real_config):
     assert gptq.weight_calibration > stats + 2 * 16 * 128 * plan.arch.hidden_size * 4
     assert gptq.total == base.total + gptq.weight_calibration
     assert gptq.as_dict()["weight_calibration_bytes"] == gptq.weight_calibration
+
+
+def test_a_model_that_does_not_fit_even_streamed_is_refused_through_the_cli(tmp_path):
+    """The process's limit forced to 64 MiB (the tiny model's streamed estimate is about 0.5 GiB with 2 x 32
+    calibration tokens, most of it the runtime allowance): `omniq quantize` refuses before loading, exit 2,
+    one line with the figure, the limit's source and what to do, nothing at --out and no stage beside it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom omniq import memory_limit\n"
+            "memory_limit._limit = lambda device='cpu': (64 * 2**20, 'cgroup v2 /fake/memory.max')\n"
+            "from omniq.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "outs" / "a"
+    p = subprocess.run([sys.executable, "-c", code, "quantize", "tiny", "--recipe", "nvfp4", "--out", str(out),
+                        "--calib-samples", "2", "--calib-seq-len", "32"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "quantize needs about" in lines[0], lines
+    assert "0.06 GiB is available (cgroup v2 /fake/memory.max)" in lines[0] and "more memory" in lines[0]
+    assert not (tmp_path / "outs").exists() and list(tmp_path.iterdir()) == []

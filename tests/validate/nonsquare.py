@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from checkpoint_dir import quantize_linears, write_checkpoint
 from omniq.calib import docstrings
 from omniq.export.hf_checkpoint import write_manifest
 from omniq.model import forward
 from omniq.model.arch import from_config
 from omniq.model.checkpoint import open_checkpoint
-from omniq.quant import formats
 from omniq.quant.plan import make_plan
 from omniq.quant.recipe import load
 
@@ -36,7 +34,6 @@ SHAPE = dict(hybrid_override_pattern="MEM*E", num_hidden_layers=5, hidden_size=9
              num_key_value_heads=2, head_dim=16, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16,
              n_groups=1, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
              moe_shared_expert_intermediate_size=64, intermediate_size=48, chunk_size=32)
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def make_model(tiny: Path, dest: Path, seed: int = 0) -> Path:
@@ -66,12 +63,7 @@ def make_model(tiny: Path, dest: Path, seed: int = 0) -> Path:
         else:
             w = torch.randn(shape, generator=g) * 0.02
         tensors[n] = w.to(torch.float32 if t.dtype == "F32" else torch.bfloat16)
-    dest.mkdir(parents=True)
-    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    (dest / "config.json").write_text(json.dumps(cfg, indent=1))
-    for f in SIDE_FILES:
-        shutil.copyfile(tiny / f, dest / f)
-    return dest
+    return write_checkpoint(dest, tensors, tiny, cfg)
 
 
 def _amax(src: Path, rows: int = 4, seq: int = 128) -> tuple[dict[str, float], dict[tuple[int, str], float]]:
@@ -109,27 +101,12 @@ def quantize(src: Path, dest: Path, recipe: str, kv_cache: str | None = None) ->
     ckpt = open_checkpoint(str(src))
     plan = make_plan(ckpt.arch, load(recipe).with_kv_cache(kv_cache))
     lin_amax, kv_amax = _amax(src)
-    tensors = ckpt.read()
-    for lin in plan.quantized:
-        w = tensors.pop(f"{lin.name}.weight")
-        if plan.formats[lin.name] == "fp8":
-            q = formats.fp8_quantize(w)
-            tensors[f"{lin.name}.input_scale"] = formats.fp8_scale(lin_amax[lin.name])
-        else:
-            q = formats.nvfp4_quantize(w)
-            tensors[f"{lin.name}.weight_scale_2"] = q.weight_scale_2
-            tensors[f"{lin.name}.input_scale"] = formats.nvfp4_global_scale(lin_amax[lin.name])
-        tensors[f"{lin.name}.weight"] = q.weight
-        tensors[f"{lin.name}.weight_scale"] = q.weight_scale
-    for name in plan.kv_scale_tensors:
-        layer = int(name.split(".layers.")[1].split(".")[0])
-        which = "k" if name.endswith("k_scale") else "v"
-        tensors[name] = formats.fp8_scale(kv_amax[layer, which])
-    dest.mkdir(parents=True)
-    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+
+    def kv(name: str) -> float:
+        return kv_amax[int(name.split(".layers.")[1].split(".")[0]), "k" if name.endswith("k_scale") else "v"]
+
+    write_checkpoint(dest, quantize_linears(ckpt.read(), plan, lin_amax.__getitem__, kv), src)
     write_declaration(dest, plan.hf_quant_config({"name": "modelopt", "version": "0.47.0"}), ckpt.config)
-    for f in SIDE_FILES:
-        shutil.copyfile(src / f, dest / f)
     from omniq.export.hf_checkpoint import source_hashes
 
     fields = manifest_fields(modules=dict(plan.formats))

@@ -54,6 +54,29 @@ def strip(report: dict) -> dict:
     return {k: v for k, v in report.items() if k not in VOLATILE}
 
 
+def floor_comparison(ref, rows):
+    """The noise floor on token `rows` with whole-model forwards: `ref`'s float32 forward against the same
+    weights run as a BF16 engine runs them (`artifact.bf16_compute_hooks`), BATCH_ROWS rows at a time; a
+    `metrics.Comparison`. omniq's validate measures the floor layer-streamed (`stream.run`'s third stream);
+    this loop is the independent whole-model reference the golden holds it to, and the floor the benchmarks
+    print (benchmarks/nvfp4_quality.py), so it lives here rather than in omniq."""
+    import torch
+
+    from omniq.model import forward
+    from omniq.validate.artifact import bf16_compute_hooks
+    from omniq.validate.metrics import Comparison
+    from omniq.validate.run import BATCH_ROWS
+
+    linear, kv = bf16_compute_hooks(ref.weights)
+    cmp = Comparison()
+    with torch.inference_mode():
+        for s in range(0, rows.shape[0], BATCH_ROWS):
+            x, y = rows[s: s + BATCH_ROWS, :-1], rows[s: s + BATCH_ROWS, 1:]
+            cmp.add(forward.logits(ref.arch, ref.weights, x),
+                    forward.logits(ref.arch, ref.weights, x, linear=linear, kv=kv), y)
+    return cmp
+
+
 def noise_floor(reference: str, kw: dict) -> dict:
     """The reference run as a BF16 engine runs it (`artifact.bf16_compute_hooks`) against its float32 forward,
     on the rows validate evaluates (the text set; per media modality for an Omni reference, the towers in
@@ -65,19 +88,14 @@ def noise_floor(reference: str, kw: dict) -> dict:
     from omniq.validate import multimodal
     from omniq.validate.artifact import bf16_compute_hooks, read_artifact
     from omniq.validate.metrics import Comparison
-    from omniq.validate.run import BATCH_ROWS, eval_texts, token_rows
+    from omniq.validate.run import eval_texts, token_rows
 
     keys = ("kl_mean", "kl_p95", "top1_agreement", "ppl_ratio", "tokens")
     ref = read_artifact(reference)
     linear, kv = bf16_compute_hooks(ref.weights)
     rows = token_rows(ref.tokenizer, eval_texts(kw.get("eval_set"))[1], kw["samples"], kw["seq_len"])
-    cmp = Comparison()
+    out = {"text": {k: floor_comparison(ref, rows).summary()[k] for k in keys}}
     with torch.inference_mode():
-        for s in range(0, rows.shape[0], BATCH_ROWS):
-            x, y = rows[s: s + BATCH_ROWS, :-1], rows[s: s + BATCH_ROWS, 1:]
-            cmp.add(forward.logits(ref.arch, ref.weights, x),
-                    forward.logits(ref.arch, ref.weights, x, linear=linear, kv=kv), y)
-        out = {"text": {k: cmp.summary()[k] for k in keys}}
         if ref.checkpoint.is_omni:
             cfg = ref.checkpoint.config
             tokens = omni.context_tokens(cfg, ref.tokenizer)

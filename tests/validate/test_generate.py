@@ -92,3 +92,14 @@ def test_a_length_change_within_the_prompts_noise_does_not_fail():
     s = generate.statistics([[1] * 10, [1] * 30], [[1] * 6, [1] * 26], [False] * 2, [False] * 2, 32,
                             (0.85, 1.15), "generation")
     assert s["length_ratio"] == 0.8 and s["length_difference"]["significant"] and not s["passed"]
+
+
+def test_generation_weights_go_to_the_run_device(artifacts):
+    """--generate decodes on validate's --device: every weight dequantized and moved there, one at a time (on
+    `meta` here: a weight left on the CPU fails; the decoding loop itself reads ids back each step, which
+    `meta` cannot)."""
+    import torch
+
+    meta = torch.device("meta")
+    w = generate.weights_on(read_artifact(artifacts["nvfp4"]), meta)
+    assert w and all(t.device == meta and t.dtype == torch.float32 for t in w.values())

@@ -28,9 +28,9 @@ from omniq.quant import formats
 from omniq.quant.plan import make_plan
 from omniq.quant.recipe import load
 from omniq.validate.lint import lint
+from checkpoint_dir import quantize_linears, write_checkpoint
 from reference_configs import manifest_fields
 
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOWER_TENSORS = {   # a few tower / projector tensors per component, enough for the name checks
     "vision_model.radio_model.model.blocks.0.attn.qkv.weight": (96, 32),
     "vision_model.radio_model.model.blocks.0.norm1.weight": (32,),
@@ -77,25 +77,10 @@ def _quantized(src: Path, name: str, w: torch.Tensor, fmt: str):
 def write_artifact(src: Path, dest: Path, recipe: str, kv_cache: str | None = None) -> Path:
     ckpt = open_checkpoint(str(src))
     plan = make_plan(ckpt.arch, load(recipe).with_kv_cache(kv_cache))
-    tensors = ckpt.read()
-    for lin in plan.quantized:
-        w = tensors.pop(f"{lin.name}.weight")
-        q = _quantized(src, lin.name, w, plan.formats[lin.name])
-        if plan.formats[lin.name] == "fp8":
-            tensors[f"{lin.name}.input_scale"] = formats.fp8_scale(3.5)
-        else:
-            tensors[f"{lin.name}.weight_scale_2"] = q.weight_scale_2
-            tensors[f"{lin.name}.input_scale"] = formats.nvfp4_global_scale(3.5)
-        tensors[f"{lin.name}.weight"] = q.weight
-        tensors[f"{lin.name}.weight_scale"] = q.weight_scale
-    for name in plan.kv_scale_tensors:
-        tensors[name] = formats.fp8_scale(6.0)
-    dest.mkdir(parents=True)
-    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    tensors = quantize_linears(ckpt.read(), plan, lambda name: 3.5, lambda name: 6.0,
+                               lambda name, w, fmt: _quantized(src, name, w, fmt))
+    write_checkpoint(dest, tensors, src)
     write_declaration(dest, plan.hf_quant_config({"name": "modelopt", "version": "0.47.0"}), ckpt.config)
-    for f in SIDE_FILES:
-        if (src / f).is_file():
-            shutil.copyfile(src / f, dest / f)
     write_manifest(dest, manifest_fields())
     return dest
 
@@ -110,12 +95,7 @@ def omni_source(tiny: Path, dest: Path) -> Path:
     g = torch.Generator().manual_seed(0)
     for name, shape in TOWER_TENSORS.items():
         tensors[name] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-    dest.mkdir(parents=True)
-    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    (dest / "config.json").write_text(json.dumps(top, indent=1))
-    for f in SIDE_FILES:
-        shutil.copyfile(tiny / f, dest / f)
-    return dest
+    return write_checkpoint(dest, tensors, tiny, top)
 
 
 def _rewrite(path: Path, text: str | None = None, tensors: dict | None = None) -> None:

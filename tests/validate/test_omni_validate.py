@@ -84,3 +84,29 @@ def test_cli_shows_the_media_sets(mm, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "image+text" in out and "audio+text" in out
     assert set(json.loads(rep.read_text())["modalities"]) == {"text", "image", "audio"}
+
+
+@pytest.mark.parametrize("name", ["tiny-omni", "tiny-omni-real"])
+def test_the_omni_stream_runs_on_the_meta_device(name):
+    """Both Omni layouts' towers (vision + projector, audio encoder + projector) embed their samples and the
+    embeddings are spliced into the rows on PyTorch's `meta` device, then the layer stream runs every set: a
+    tensor made on the CPU by mistake in the towers, the splice or the stream raises 'expected device'.
+    (The quantized candidate's hooks on meta: test_validate_streamed.py.)"""
+    import torch
+
+    from omniq.validate import multimodal, stream
+    from omniq.validate.artifact import read_artifact
+    from omniq.validate.run import eval_texts, text_items, token_rows
+
+    meta = torch.device("meta")
+    ref = read_artifact(name)
+    modalities, _ = multimodal.wanted(ref, 2)
+    assert modalities == ["image", "audio"]
+    items = text_items(token_rows(ref.tokenizer, eval_texts("eval")[1], 2, 32))
+    for m in modalities:
+        items += multimodal.items(ref, ref, m, multimodal.sample_inputs(ref, m, 2), meta)
+    assert all(e.device == meta for it in items for by in it.media.values() for e in by.values())
+    out = stream.run(ref, ref, items, device=meta)
+    assert set(out.comparisons) == {"text", "image", "audio"}
+    for by in out.comparisons.values():
+        assert all(c.tokens > 0 and all(t.device == meta for t in c.kl + c.agree + c.nll) for c in by.values())

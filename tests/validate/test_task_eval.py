@@ -22,6 +22,7 @@ from omniq.validate import task_eval  # noqa: E402
 from omniq.validate.artifact import read_artifact  # noqa: E402
 from omniq.validate.lm import ArtifactLM, score  # noqa: E402
 from omniq.validate.tasks import cloze  # noqa: E402
+from checkpoint_dir import by_layer_shards, watch_reads  # noqa: E402
 
 CLOZE = "omniq-docstring-cloze"
 
@@ -208,12 +209,105 @@ def test_omni_checkpoint_text_tasks(capsys):
 
 
 def test_eval_help_stays_light():
-    import subprocess
-    import sys
+    from cli_subprocess import cli_imports
 
-    code = ("import sys, contextlib, io\nfrom omniq.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()) as out:\n    rc = main(['eval', '--help'])\n"
-            "print(rc, sorted(m for m in ('torch', 'lm_eval', 'datasets') if m in sys.modules), "
-            "'--min-recovery' in out.getvalue())\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.stdout.split() == ["0", "[]", "True"], p.stderr
+    r = cli_imports([["eval", "--help"]], ("torch", "lm_eval", "datasets"))
+    assert r["rcs"] == [0] and r["heavy"] == [] and "--min-recovery" in r["stdout"]
+
+
+# ----- memory preflight and bad input found mid-run ----------------------------------------------------
+def _limit(monkeypatch, gib: float) -> None:
+    from omniq import memory_limit
+
+    monkeypatch.setattr(memory_limit, "available_bytes", lambda *a, **kw: int(gib * 2**30))
+    monkeypatch.setattr(memory_limit, "limit_source", lambda *a, **kw: "cgroup v1 /fake")
+
+
+def test_preflight_refuses_before_reading_weights(artifacts, tmp_path, monkeypatch, capsys):
+    """The estimate (one layer, a pass's hidden states, a logits chunk) against a forced 10 MiB limit: exit
+    2, one line with the figure and where the limit comes from, no weight read, no report."""
+    from omniq.validate.lm import estimate_bytes
+
+    est = estimate_bytes(read_artifact(artifacts["nvfp4"]))
+    assert est["total_bytes"] == sum(v for k, v in est.items() if k != "total_bytes")
+    assert est["largest_step_bytes"] >= 4 * 4096 * 256        # the embedding's float32 copy (kept)
+    _limit(monkeypatch, 10 / 1024)
+    read = watch_reads(monkeypatch)
+    out = tmp_path / "eval.json"
+    code = main(["eval", "tiny", str(artifacts["nvfp4"]), "--tasks", CLOZE, "--limit", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "eval needs about" in err and "0.01 GiB is available (cgroup v1 /fake)" in err
+    assert not [n for n in read if n.endswith(".weight")] and not out.exists()
+
+
+def test_a_generating_task_is_refused_when_a_float32_model_does_not_fit(artifacts, tmp_path, monkeypatch, capsys):
+    """generate_until is not layer-streamed: a generating task gets its own figure (every weight in float32),
+    checked before any weight is read; the same limit lets a scoring task through."""
+    from omniq.validate import lm
+
+    gen = tmp_path / "gen.yaml"
+    data = tmp_path / "gen.jsonl"
+    data.write_text(json.dumps({"context": "Return the", "answer": "number"}) + "\n")
+    gen.write_text(f"task: my-gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+                   "test_split: test\noutput_type: generate_until\ndoc_to_text: \"{{context}}\"\n"
+                   "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\".\"]\n  max_gen_toks: 4\n"
+                   "metric_list:\n  - metric: exact_match\n")
+    real = lm.estimate_bytes
+    monkeypatch.setattr(lm, "estimate_bytes", lambda art, generate=False: {
+        **real(art, generate=generate), **({"generation_bytes": 9 * 2**30} if generate else {})})
+    _limit(monkeypatch, 8)
+    read = watch_reads(monkeypatch)
+    code = main(["eval", "tiny", str(artifacts["fp8"]), "--tasks", f"{CLOZE},{gen}", "--limit", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--tasks my-gen generates text" in err and "9.00 GiB" in err and "8.00 GiB is available" in err
+    assert not [n for n in read if n.endswith(".weight")]
+    assert task_eval.count_examples(task_eval.task_manager(task_eval.parse_tasks(str(gen))),
+                                    task_eval.parse_tasks(str(gen)), None)[1] == {"my-gen": {"generate_until"}}
+
+
+def test_a_shard_deleted_mid_run_and_a_full_disk(artifacts, tiny_dir, tmp_path, monkeypatch, capsys):
+    """The reference's last shard deleted once the first layer is read: exit 2, one line naming it, no
+    report. --out on a full disk: exit 1, one line, nothing left there."""
+    from small_disk import left_on, small_tmpfs
+
+    src = tmp_path / "ref"
+    src.mkdir()
+    late = by_layer_shards(tiny_dir, src)
+    out = tmp_path / "eval.json"
+    with monkeypatch.context() as m:
+        watch_reads(m, delete=late)
+        code = main(["eval", str(src), str(artifacts["fp8"]), "--tasks", CLOZE, "--limit", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and late.name in err and "disappeared" in err, err
+    assert not out.exists()
+
+    with small_tmpfs(tmp_path, "2m", free=1024) as mnt:
+        code = main(["eval", "tiny", str(artifacts["fp8"]), "--tasks", CLOZE, "--limit", "2",
+                     "--out", str(mnt / "eval.json")])
+        err = capsys.readouterr().err
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "no space left" in err, err
+        assert left_on(mnt) == []
+
+
+# ----- devices: every tensor of the eval path on the run's device ---------------------------------------
+META = torch.device("meta")
+
+
+def test_the_eval_scorer_and_generation_step_run_on_the_meta_device(artifacts):
+    """`omniq eval`'s layer-streamed scorer (two passes, ragged lengths) and generate_until's whole-model step
+    on an NVFP4 + FP8-KV artifact, weights moved to `meta`: a tensor made on the CPU anywhere (batching,
+    padding, the head's chunks, dequantization, activation / KV quantization) raises 'expected device'."""
+    from omniq.validate.lm import score_on_device
+
+    art = read_artifact(artifacts["nvfp4-kv"])
+    seqs = [[1, *range(5, 5 + n)] for n in (40, 7, 23)]
+    total, missed = score_on_device(art, seqs, [5, 3, 9], device=META, batch_tokens=64, pass_bytes=1)
+    assert total.device == missed.device == META and total.shape == missed.shape == (3,)
+    assert total.dtype == torch.float64
+    lm = ArtifactLM(art, device=META)
+    model = lm.whole_model()
+    assert all(t.device == META for t in model[0].values())
+    out = lm.next_logits(model, torch.tensor([[1, 5, 6, 7]], device=META))
+    assert out.device == META and out.shape == (art.arch.vocab_size,)
