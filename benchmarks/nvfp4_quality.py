@@ -110,7 +110,7 @@ def one_seed(label: str, recipe: str, seed: int, work: Path, a) -> dict:
         rep = work / f"{label}-s{seed}.{s}.json"
         run(["validate", "tiny", str(art), "--eval", s, "--samples", str(a.samples), "--seq-len",
              str(a.seq_len), "--report", str(rep), "--max-kl", "10", "--min-top1", "0", "--max-ppl-ratio", "100",
-             "--no-noise-floor"])                  # the floor is measured once below, on the same rows
+             "--no-noise-floor", "--force"])       # the floor is measured once below, on the same rows
         v = json.loads(rep.read_text())
         r[s] = {k: v[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_ratio", "tokens")}
     print(f"  {label} seed {seed}: KL eval {r['eval']['kl_mean']:.3e} eval2 {r['eval2']['kl_mean']:.3e}; "

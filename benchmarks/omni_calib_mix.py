@@ -39,7 +39,8 @@ def main() -> None:
         rep = root / f"report{k}.json"
         subprocess.run([*omniq, "validate", "tiny-omni", str(art), "--samples", str(args.eval[0]),
                         "--seq-len", str(args.eval[1]),
-                        "--media-samples", str(args.media_samples), "--report", str(rep)], capture_output=True)
+                        "--media-samples", str(args.media_samples), "--report", str(rep), "--force"],
+                       capture_output=True)
         r = json.loads(rep.read_text())
         rows.append((label, r["modalities"]))
     print("| calibration | eval set | tokens scored | mean KL | top-1 agreement | ppl ratio |")

@@ -1,8 +1,13 @@
 """Files and directories that appear whole or not at all (the ground floor: every stage writes through it).
 
+- `check_new_file(path, flag, force=...)`: the up-front refusal of a user-named output file (a report, a
+  recipe) that exists without --force, is a directory, or has no directory to go into (exit 2, before any
+  work starts; nothing is written).
 - `write_atomic(path, data)`: a temporary sibling, fsync, one rename over `path`, fsync of the parent.
-  A full disk (ENOSPC / EDQUOT) in it or in `staged_dir` is an OmniqError (one line, exit 1) raised after
-  the temporary is removed.
+  With `replace=False` the temporary is hard-linked to `path` instead, which fails if a file appeared there
+  while the command ran (then refused as in `staged_dir`; the one that appeared is kept). A full disk
+  (ENOSPC / EDQUOT) in it or in `staged_dir` is an OmniqError (one line, exit 1) raised after the temporary
+  is removed.
 - `staged_dir(dest, tag=...)`: a hidden temporary sibling `.NAME.TAG-XXXX` of `dest` (same file system, so
   the final move is one rename); the caller fills its `final` directory; on success it replaces `dest`
   (an existing one only with `replace=True`), on any failure or interrupt the stage and the parent
@@ -50,8 +55,24 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write `data` to `path` through a temporary sibling renamed over it (fsynced, then the parent)."""
+def check_new_file(path: str | os.PathLike, flag: str, *, force: bool = False) -> Path:
+    """Refuse (OmniqError, exit 2) an output file `flag PATH` that cannot be written as asked: its directory
+    does not exist, it is a directory, or it exists and `force` is off. Called before the command's work."""
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        raise OmniqError(f"{flag} {path}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise OmniqError(f"{flag} {path}: that is a directory; name a file")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise OmniqError(f"{flag} {path} already exists; pass --force to overwrite it")
+    return path
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str, *, replace: bool = True) -> Path:
+    """Write `data` to `path` through a temporary sibling renamed over it (fsynced, then the parent).
+
+    `replace=False`: never over an existing `path` (one that appeared since the command's `check_new_file`
+    is refused with an OmniqError and kept as it is)."""
     path = Path(path)
     if isinstance(data, str):
         data = data.encode()
@@ -62,7 +83,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -71,6 +95,27 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Put `tmp` at `path` only if nothing is there: a hard link fails atomically on an existing name. On a
+    file system without hard links, an existence check and a rename (a narrow race instead of none)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _appeared(path) from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        if path.exists() or path.is_symlink():
+            raise _appeared(path) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+def _appeared(path: Path) -> OmniqError:
+    return OmniqError(f"{path} appeared while omniq was writing it; it was kept (pass --force to replace it)")
 
 
 def _umask() -> int:
@@ -150,7 +195,7 @@ def staged_dir(dest: str | os.PathLike, *, tag: str, replace: bool = False, fsyn
         stage.final.mkdir()
         yield stage
         if (dest.exists() or dest.is_symlink()) and not replace:
-            raise OmniqError(appeared or f"{dest} appeared while omniq was writing it; pass --force to replace it")
+            raise OmniqError(appeared) if appeared else _appeared(dest)
         replace_dir(stage.final, dest, fsync=fsync)
     except BaseException as e:
         if stage is not None:

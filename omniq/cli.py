@@ -52,7 +52,8 @@ def validate(
     max_kl: Optional[float] = typer.Option(None, "--max-kl", help="Gate: highest mean KL(reference || candidate) per token. [default: per format]"),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Gate: lowest top-1 agreement, 0-1. [default: per format]"),
     max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Gate: highest perplexity ratio candidate / reference. [default: per format]"),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write the machine-readable JSON report here."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the machine-readable JSON report here (never over an existing file without --force)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --report."),
     positions: bool = typer.Option(False, "--positions", help="Also break KL and top-1 down by position in the row."),
     media_samples: Optional[int] = typer.Option(None, "--media-samples", min=0, help="Omni checkpoints: image+text and audio+text evaluation samples per modality (bundled eval split; 0 skips them). [default: 32]"),
     device: str = typer.Option("cpu", "--device", help="Where the layer stream runs: cpu, cuda or cuda:N (the CUDA path is untested: no GPU in CI)."),
@@ -73,7 +74,8 @@ def validate(
                               media_samples=media_samples, device=device, noise_floor=not no_noise_floor,
                               eval_media=eval_media, bad_media=bad_media, gates_file=gates_file,
                               generate=generate, max_new_tokens=max_new_tokens, eval_format=eval_format,
-                              reasoning_share=reasoning_share, eval_column=eval_column, eval_split=eval_split)
+                              reasoning_share=reasoning_share, eval_column=eval_column, eval_split=eval_split,
+                              force=force)
     _verdict("validate", summary_table(result), result, report)
 
 
@@ -101,7 +103,7 @@ def eval_tasks(
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval tasks: omniq-docstring-cloze (bundled), a task YAML file, or any task lm-eval knows."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate at most N examples per task."),
     min_recovery: float = typer.Option(0.95, "--min-recovery", help="Gate per task: candidate score / reference score at least this."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON report here (ARTIFACT/eval.json is what `omniq publish` ships)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the JSON report here (ARTIFACT/eval.json is what `omniq publish` ships; never over an existing file without --force)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
     device: str = typer.Option("cpu", "--device", help="Where the forward runs: cpu, cuda or cuda:N (the CUDA path is untested: no GPU in CI)."),
 ):
@@ -118,7 +120,8 @@ def lint(
     artifact: str = typer.Argument(..., help="A quantized checkpoint directory (omniq's, or any ModelOpt unified HF checkpoint)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="Also check what this engine loads: trtllm, vllm or sglang."),
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON report here (ARTIFACT/lint.json is what `omniq publish` reads)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the JSON report here (ARTIFACT/lint.json is what `omniq publish` reads; quantize wrote one already, so replacing it takes --force)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --report."),
 ):
     """Check a quantized checkpoint from its files (headers, scales, declaration, checksums); exit 1 on errors."""
     import json
@@ -127,13 +130,13 @@ def lint(
     from omniq.validate import binding, findings as fnd
     from omniq.validate.lint import lint as run_lint, report as lint_report
 
-    binding.check_target(report, artifact)
+    binding.check_target(report, artifact, force=force)
     found = run_lint(artifact, engine)
     doc = lint_report(found, artifact, engine)
     if report is not None:
         from omniq.atomic import write_atomic
 
-        write_atomic(report, json.dumps(doc, indent=1) + "\n")
+        write_atomic(report, json.dumps(doc, indent=1) + "\n", replace=force)
     n = fnd.counts(found)
     if as_json:
         typer.echo(json.dumps(doc, indent=1))

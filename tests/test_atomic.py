@@ -105,3 +105,39 @@ def test_write_atomic_on_a_full_disk_is_one_line_exit_1_and_leaves_nothing(tmp_p
         write_atomic(tmp_path / "r.json", "x")
     assert e.value.exit_code == 1 and "no space left" in str(e.value) and "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-hard-links"])
+def test_write_atomic_without_replace_never_overwrites(tmp_path, monkeypatch, links):
+    """replace=False (a report or recipe without --force): a new file is written whole; one that exists by
+    the time of the write is kept and refused, also on a file system without hard links."""
+    import errno
+
+    if not links:
+        def no_links(src, dst):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
+    p = write_atomic(tmp_path / "r.json", "new\n", replace=False)
+    assert p.read_text() == "new\n" and sorted(x.name for x in tmp_path.iterdir()) == ["r.json"]
+    assert p.stat().st_nlink == 1                      # the temporary's name is gone, not a second link
+    with pytest.raises(OmniqError, match="appeared while omniq was writing it") as e:
+        write_atomic(p, "other\n", replace=False)
+    assert e.value.exit_code == 2 and "--force" in str(e.value)
+    assert p.read_text() == "new\n" and sorted(x.name for x in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_check_new_file_refuses_what_cannot_be_written_as_asked(tmp_path):
+    from omniq.atomic import check_new_file
+
+    f = tmp_path / "r.json"
+    assert check_new_file(f, "--report") == f                      # absent: fine
+    f.write_text("x")
+    with pytest.raises(OmniqError, match=r"--report .*r\.json already exists; pass --force"):
+        check_new_file(f, "--report")
+    assert check_new_file(f, "--report", force=True) == f
+    with pytest.raises(OmniqError, match="is a directory"):
+        check_new_file(tmp_path, "--out", force=True)
+    with pytest.raises(OmniqError, match="does not exist"):
+        check_new_file(tmp_path / "no" / "r.json", "--out", force=True)
+    assert f.read_text() == "x"

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from omniq.atomic import check_new_file, write_atomic
 from omniq.checksums import sha256_file
 from omniq.errors import OmniqError
 from omniq.quant import search as srch
@@ -90,17 +89,6 @@ def read_cache(path: Path, model_sha: str) -> dict:
         raise OmniqError(f"--cache {path}: measured on another model (sha256 {str(doc.get('model_sha256'))[:12]}, "
                          f"this one {model_sha[:12]}); pass another --cache")
     return doc
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def eval_rows(tokenizer, eval_set: str, samples: int, seq_len: int):
@@ -234,12 +222,9 @@ def search(model: str, budget: float, out, *, formats: str = "nvfp4,fp8,bf16", a
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     out = Path(out).expanduser().absolute()
-    if out.exists() and not force:
-        raise OmniqError(f"--out {out} already exists; choose another file or pass --force to replace it")
+    check_new_file(out, "--out", force=force)
     if out.suffix not in (".yaml", ".yml"):
         raise OmniqError(f"--out {out}: a recipe file ends in .yaml or .yml")
-    if not out.parent.is_dir():
-        raise OmniqError(f"--out {out}: directory {out.parent} does not exist")
     fmts = srch.check_formats(tuple(f.strip() for f in formats.split(",") if f.strip()))
     if algorithm not in ALGORITHMS:
         raise OmniqError(f"--algorithm {algorithm!r} is unknown; expected one of {', '.join(ALGORITHMS)}")
@@ -295,7 +280,7 @@ def search(model: str, budget: float, out, *, formats: str = "nvfp4,fp8,bf16", a
             del qweights
         seconds["measure"] = time.perf_counter() - t
         del source, sens
-        _write_atomic(cache_path, json.dumps(doc, indent=1) + "\n")
+        write_atomic(cache_path, json.dumps(doc, indent=1) + "\n")    # a cache: updated in place
 
     choices = srch.frontier(gs, kl, fmts, base)
     budget_bytes = budget * params / 8
@@ -309,7 +294,7 @@ def search(model: str, budget: float, out, *, formats: str = "nvfp4,fp8,bf16", a
     plan = make_plan(arch, parse(recipe, name))        # the recipe quantize will read, checked
     import yaml
 
-    _write_atomic(out, yaml.safe_dump(recipe, sort_keys=False, width=120))
+    write_atomic(out, yaml.safe_dump(recipe, sort_keys=False, width=120), replace=force)
     seconds["total"] = time.perf_counter() - t0
     return SearchResult(out=out, recipe=recipe, choice=choice, plan_bytes=plan.total_bytes,
                         plan_bits_per_weight=plan.bits_per_weight, params=params, measured=measured,

@@ -10,7 +10,10 @@ validate); every tensor made here is made on the inputs' device (tests/model/tes
 
 A `linear` hook is a callable `linear(name, x)`; a hook that quantizes activations may also offer
 `input_key(name)` (equal keys: the same input transformation), `prepare(name, x)` (that transformation) and
-`matmul(name, x_prepared)`, so the MoE quantizes a layer input once for all its routed experts.
+`matmul(name, x_prepared)` (what such a hook returns, from `matmul` or a call, is a new tensor the caller
+may modify in place), so the MoE quantizes a layer input once for
+all its routed and shared experts (and the experts' down-projection inputs once for all of them), and
+attention its q / k / v input once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from omniq.model import names
 from omniq.model.arch import ATTENTION, MAMBA, MLP, MOE, Arch
 from omniq.model.mamba2 import mixer_scan
 
@@ -71,54 +75,78 @@ def expert_counts(counts: torch.Tensor, total: int) -> list[int]:
     return counts.tolist()
 
 
-def _input_once(linear: LinearFn, names: list[str], x: torch.Tensor) -> torch.Tensor | None:
-    """`x` as every one of `names` quantizes its input, computed once, when the hook says they quantize it
+def _input_once(linear: LinearFn, modules: list[str], x: torch.Tensor) -> torch.Tensor | None:
+    """`x` as every one of `modules` quantizes its input, computed once, when the hook says they quantize it
     alike (`input_key`, e.g. one shared input_scale for a layer's routed experts); else None. Per-tensor FP8
     and per-row-block NVFP4 act on each token row alone, so quantizing the layer input once and then taking an
     expert's rows is exactly quantizing the expert's rows."""
+    return linear.prepare(modules[0], x) if _alike(linear, modules) else None
+
+
+def _alike(linear: LinearFn, modules: list[str]) -> bool:
+    """The hook transforms the inputs of all of `modules` the same way (`input_key`); False for plain hooks."""
     key = getattr(linear, "input_key", None)
-    if key is None:
-        return None
-    keys = {key(n) for n in names}
-    return linear.prepare(names[0], x) if len(keys) == 1 else None
+    return key is not None and len({key(n) for n in modules}) == 1
 
 
 def moe(arch: Arch, weights, p: str, x: torch.Tensor, linear: LinearFn, stats: dict | None, layer: int):
     """Routed experts (tokens grouped by expert once: a stable sort of the chosen experts, so each expert sees
-    its tokens in ascending order) plus the shared expert."""
+    its tokens in ascending order, as one contiguous slice of the gathered rows) plus the shared expert. With
+    a hook that quantizes inputs (`input_key`), the layer input is quantized once for every up projection
+    that quantizes it alike (routed and shared), and the routed experts' down-projection inputs once for all
+    of them when they are alike; a plain hook sees each expert's rows in its own call."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     idx, w = route(arch, weights, p, flat)
     k = idx.shape[1]
     chosen = idx.flatten()
     order = chosen.argsort(stable=True)
-    tok, slot = order // k, order % k
+    tok = order // k
+    w_sorted = w.reshape(-1)[order, None]               # the routing weight of each gathered row
     counts = torch.zeros(arch.n_routed_experts, dtype=torch.long, device=flat.device)
     counts.scatter_add_(0, chosen, torch.ones_like(chosen))
     if stats is not None:
         stats[layer] = stats.get(layer, 0) + counts
     ups = [f"{p}.experts.{e}.up_proj" for e in range(arch.n_routed_experts)]
+    downs = [f"{p}.experts.{e}.down_proj" for e in range(arch.n_routed_experts)]
+    shared_up = f"{p}.shared_experts.up_proj"
     shared_input = _input_once(linear, ups, flat)
-    out = torch.zeros_like(flat)
-    start = 0
+    spans, start = [], 0
     for e, c in enumerate(expert_counts(counts, chosen.numel())):
-        if not c:
-            continue
-        t, s = tok[start: start + c], slot[start: start + c]
+        if c:
+            spans.append((e, slice(start, start + c)))
         start += c
-        up = linear.matmul(ups[e], shared_input[t]) if shared_input is not None else linear(ups[e], flat[t])
-        h = linear(f"{p}.experts.{e}.down_proj", relu2(up))
-        out.index_add_(0, t, h * w[t, s, None])
+    xs = (flat if shared_input is None else shared_input)[tok]          # every expert's rows, grouped
+    up = linear.matmul if shared_input is not None else linear
+    out = torch.zeros_like(flat)
+    if _alike(linear, downs):
+        hidden = flat.new_empty(tok.shape[0], arch.moe_intermediate_size)
+        for e, r in spans:
+            torch.square(torch.relu_(up(ups[e], xs[r])), out=hidden[r])
+        del xs                                          # (the gathered inputs or the quantized hidden: two at once)
+        hidden = linear.prepare(downs[0], hidden)
+        for e, r in spans:
+            out.index_add_(0, tok[r], linear.matmul(downs[e], hidden[r]).mul_(w_sorted[r]))
+    else:
+        for e, r in spans:
+            out.index_add_(0, tok[r], linear(downs[e], relu2(up(ups[e], xs[r]))) * w_sorted[r])
     if arch.n_shared_experts:
-        out = out + linear(f"{p}.shared_experts.down_proj", relu2(linear(f"{p}.shared_experts.up_proj", flat)))
+        if shared_input is not None and _alike(linear, [ups[0], shared_up]):
+            h = linear.matmul(shared_up, shared_input)
+        else:
+            h = linear(shared_up, flat)
+        out = out + linear(f"{p}.shared_experts.down_proj", relu2(h))
     return out.view(shape)
 
 
 def attention(arch: Arch, p: str, x: torch.Tensor, linear: LinearFn, kv: KvFn | None, layer: int):
     b, L, _ = x.shape
-    q = linear(f"{p}.q_proj", x).view(b, L, arch.num_attention_heads, arch.head_dim).transpose(1, 2)
-    k = linear(f"{p}.k_proj", x).view(b, L, arch.num_key_value_heads, arch.head_dim)
-    v = linear(f"{p}.v_proj", x).view(b, L, arch.num_key_value_heads, arch.head_dim)
+    qkv = names.qkv(p)
+    xq = _input_once(linear, qkv, x)          # the fused QKV GEMM's one input quantization, when they share it
+    q, k, v = (linear(n, x) if xq is None else linear.matmul(n, xq) for n in qkv)
+    q = q.view(b, L, arch.num_attention_heads, arch.head_dim).transpose(1, 2)
+    k = k.view(b, L, arch.num_key_value_heads, arch.head_dim)
+    v = v.view(b, L, arch.num_key_value_heads, arch.head_dim)
     if kv is not None:
         k, v = kv(layer, "k", k), kv(layer, "v", v)
     rep = arch.num_attention_heads // arch.num_key_value_heads

@@ -407,20 +407,36 @@ def bf16_compute_hooks(weights: Mapping[str, torch.Tensor]) -> tuple[LinearFn, K
     """Hooks that run every linear as a BF16 engine does (bf16 inputs and weights, fp32 accumulation, bf16
     output) and keep K / V in bf16. Used for the noise floor: a bf16 forward against the float32 one. A
     weight stored in BF16 (`UnitWeights.stored_dtype`) is used as it is: rounding it again changes nothing."""
-    stored_dtype = getattr(weights, "stored_dtype", lambda name: None)
-
-    def linear(name: str, x: torch.Tensor) -> torch.Tensor:
-        w = weights[f"{name}.weight"]
-        if stored_dtype(f"{name}.weight") != torch.bfloat16:
-            w = w.to(torch.bfloat16).float()
-        b = weights.get(f"{name}.bias")
-        y = F.linear(x.to(torch.bfloat16).float(), w, None if b is None else b.to(torch.bfloat16).float())
-        return y.to(torch.bfloat16).float()
 
     def kv(layer: int, which: str, t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.bfloat16).float()
 
-    return linear, kv
+    return BF16Linear(weights), kv
+
+
+class BF16Linear:
+    """The noise floor's linear (`bf16_compute_hooks`). Every input is rounded to bf16 alike (`input_key`), so
+    the forward rounds a layer input once for all the linears that read it (the MoE's experts, q / k / v)."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor]):
+        self.weights = weights
+        self.stored_dtype = getattr(weights, "stored_dtype", lambda name: None)
+
+    def input_key(self, name: str):
+        return "bf16"
+
+    def prepare(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16).float()
+
+    def matmul(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        w = self.weights[f"{name}.weight"]
+        if self.stored_dtype(f"{name}.weight") != torch.bfloat16:
+            w = w.to(torch.bfloat16).float()
+        b = self.weights.get(f"{name}.bias")
+        return F.linear(x, w, None if b is None else b.to(torch.bfloat16).float()).to(torch.bfloat16).float()
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(name, self.prepare(name, x))
 
 
 # ----- reading ------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ A report carries `bound_to`:
 not the artifact's in hand, or whose reference files are not the source omniq.json names (exit 1, naming
 the file): a report copied from another artifact, or one computed against another reference, says nothing
 about this one. omniq.json lists the sha256 of every checkpoint file, so its hash binds the report to all
-of them. `check_target` keeps validate and lint from writing a report into an artifact directory other than
-the one they judged.
+of them. `check_target` keeps validate, lint and eval from writing a report into an artifact directory other than
+the one they judged, and from overwriting an existing report without --force (quantize's own lint.json
+included: `omniq lint ART --report ART/lint.json --force` replaces it).
 
 Hashing the reference reads its files once (about a minute for 60 GB at disk speed); the bundled models
 take well under a second.
@@ -24,9 +25,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from omniq.atomic import check_new_file
 from omniq.checksums import sha256_file
 from omniq.errors import OmniqError
-from omniq.manifest import EVAL, LINT, MANIFEST, VALIDATION
+from omniq.manifest import EVAL, LINT, MANIFEST, VALIDATION, read_json
 
 KEY = "bound_to"
 # reference files that must be the ones omniq.json's source lists (others are compared when both have them)
@@ -67,18 +69,24 @@ def for_lint(artifact_path) -> dict:
     return {"candidate": candidate(artifact_path)}
 
 
-def check_target(report_path: str | os.PathLike | None, judged: str | os.PathLike, flag: str = "--report") -> None:
-    """Refuse (exit 2, before anything runs) a report path whose directory does not exist, or one inside an
-    artifact directory other than `judged`."""
+def check_target(report_path: str | os.PathLike | None, judged: str | os.PathLike, flag: str = "--report", *,
+                 force: bool = False) -> None:
+    """Refuse (exit 2, before anything runs) a report path inside an artifact directory other than `judged`,
+    one that is the judged artifact's omniq.json or a file it lists (even with `force`), or one
+    `atomic.check_new_file` refuses: its directory missing, a directory, an existing file without `force`."""
     if report_path is None:
         return
     parent = Path(report_path).expanduser().parent
-    if not parent.is_dir():
-        raise OmniqError(f"{flag} {report_path}: directory {parent} does not exist")
-    root = artifact_root(parent)
+    root = artifact_root(parent) if parent.is_dir() else None
     if root is not None and root != Path(judged).expanduser().resolve():
         raise OmniqError(f"{flag} {report_path}: that is inside the artifact {root}, not the one judged "
                          f"({judged}); a report goes into the artifact it judges, or outside any artifact")
+    if root is not None:
+        rel = (parent.resolve() / Path(report_path).name).relative_to(root).as_posix()
+        if rel == MANIFEST or rel in (read_json(root / MANIFEST, MANIFEST).get("files") or {}):
+            raise OmniqError(f"{flag} {report_path}: that is one of the artifact's own files ({rel}, listed in "
+                             f"{MANIFEST}), not a report; --force never replaces those")
+    check_new_file(report_path, flag, force=force)
 
 
 def problems(release_path: Path, manifest: dict, validation: dict | None, lint: dict | None,
@@ -93,19 +101,19 @@ def problems(release_path: Path, manifest: dict, validation: dict | None, lint: 
         cand = bound.get("candidate") if isinstance(bound, dict) else None
         if not isinstance(cand, dict):
             out.append(f"{release_path / name} records no {KEY} (the artifact it judged is unknown); "
-                       f"re-run the step that writes it")
+                       f"re-run the step that writes it (with --force)")
             continue
         if cand.get(MANIFEST) != here:
             out.append(f"{release_path / name} judged another artifact (its {MANIFEST} sha256 "
                        f"{str(cand.get(MANIFEST))[:12]}... is not this one's {str(here)[:12]}...); re-run it on "
-                       "this artifact")
+                       "this artifact (with --force)")
             continue
         if name in (VALIDATION, EVAL):
             why = _reference_mismatch(bound.get("reference"), manifest)
             if why:
                 out.append(f"{release_path / name} compared with another reference: {why}; re-run "
                            f"{'validate' if name == VALIDATION else 'eval'} against the source this artifact was "
-                           "made from")
+                           "made from (with --force)")
     return out
 
 

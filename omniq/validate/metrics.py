@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 POSITION_BUCKETS = (0, 128, 512, 2048)
+ROW_BLOCK_BYTES = 2 * 2**20    # `compare_logits` on the CPU: float64 rows worked on at once (cache-sized)
 
 
 def bucket_names(seq_len: int, edges=POSITION_BUCKETS) -> list[tuple[str, int, int]]:
@@ -55,12 +56,20 @@ class Comparison:
         if positions is None:
             b, L = targets.shape
             positions = torch.arange(L, device=lr.device).repeat(b)
-        self.kl.append(((lr.exp() if pr is None else pr) * (lr - lc)).sum(-1).clamp_min(0.0))
-        self.agree.append(lr.argmax(-1) == lc.argmax(-1))
-        self.positions.append(positions.reshape(-1))
         t = targets.reshape(-1, 1)
-        self.nll.append(torch.stack([-lr.gather(1, t).sum(), -lc.gather(1, t).sum()]))
-        self.tokens += t.shape[0]
+        self.add_scores(((lr.exp() if pr is None else pr) * (lr - lc)).sum(-1).clamp_min(0.0),
+                        lr.argmax(-1) == lc.argmax(-1), positions,
+                        torch.stack([-lr.gather(1, t).sum(), -lc.gather(1, t).sum()]))
+
+    def add_scores(self, kl: torch.Tensor, agree: torch.Tensor, positions: torch.Tensor,
+                   nll: torch.Tensor) -> None:
+        """Per-token KL (float64) and top-1 agreement of n tokens, their positions in the row, and the
+        (reference, candidate) negative log-likelihood sums over them."""
+        self.kl.append(kl)
+        self.agree.append(agree)
+        self.positions.append(positions.reshape(-1))
+        self.nll.append(nll)
+        self.tokens += kl.shape[0]
 
     @classmethod
     def merged(cls, parts: list["Comparison"]) -> "Comparison":
@@ -109,6 +118,39 @@ class Comparison:
                                           "top1_agreement": agree[m].double().mean().item(),
                                           "tokens": int(m.sum().item())}
         return out
+
+
+def compare_logits(ref_logits: torch.Tensor, cand_logits: dict[str, torch.Tensor], targets: torch.Tensor,
+                   positions: torch.Tensor, into: dict[str, Comparison]) -> None:
+    """Add float32 logits (n, vocab) of every candidate in `cand_logits` against the reference's, on the same
+    n tokens (`targets` (n,), `positions` (n,)), to the Comparison of the same name in `into`: the same
+    per-token numbers as `Comparison.add` (float64 log-softmax of each row, KL, argmax, target
+    log-likelihood), and per candidate the same sums over the n tokens. On the CPU the rows are worked on a
+    block of `ROW_BLOCK_BYTES` float64 rows at a time, so the float64 temporaries stay in the cache (the whole
+    chunk at once streams several (n, vocab) float64 arrays through memory per candidate, more time than the
+    lm_head's matmul); the reference's log-probabilities, probabilities and argmax are computed once for
+    every candidate."""
+    n, vocab = ref_logits.shape
+    dev = ref_logits.device
+    rows = max(1, ROW_BLOCK_BYTES // (8 * vocab)) if dev.type == "cpu" else max(n, 1)
+    f64 = torch.float64
+    kl = {s: torch.empty(n, dtype=f64, device=dev) for s in cand_logits}
+    agree = {s: torch.empty(n, dtype=torch.bool, device=dev) for s in cand_logits}
+    picked = {s: torch.empty(n, 1, dtype=f64, device=dev) for s in [None, *cand_logits]}    # None: reference
+    t = targets.reshape(-1, 1)
+    for a in range(0, n, rows):
+        b = slice(a, a + rows)
+        lr = log_probs(ref_logits[b])
+        pr, top = lr.exp(), lr.argmax(-1)
+        picked[None][b] = lr.gather(1, t[b])
+        for s, logits in cand_logits.items():
+            lc = log_probs(logits[b])
+            kl[s][b] = (pr * (lr - lc)).sum(-1).clamp_min(0.0)
+            agree[s][b] = top == lc.argmax(-1)
+            picked[s][b] = lc.gather(1, t[b])
+    ref_nll = -picked[None].sum()
+    for s in cand_logits:
+        into[s].add_scores(kl[s], agree[s], positions, torch.stack([ref_nll, -picked[s].sum()]))
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:

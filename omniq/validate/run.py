@@ -204,12 +204,11 @@ def _finite(obj):
     return obj
 
 
-def write_report(report: dict, path: str | os.PathLike) -> Path:
-    """Write the JSON report atomically (a temporary sibling renamed into place)."""
+def write_report(report: dict, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write the JSON report atomically (a temporary sibling renamed into place); over an existing file only
+    with `force` (`binding.check_target` refused one up front; this catches one that appeared meanwhile)."""
     path = Path(path).expanduser()
-    if path.parent and not path.parent.is_dir():
-        raise OmniqError(f"--report {path}: directory {path.parent} does not exist")
-    write_atomic(path, json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    write_atomic(path, json.dumps(_finite(report), indent=2, allow_nan=False) + "\n", replace=force)
     return path
 
 
@@ -232,14 +231,14 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
              noise_floor: bool = True, eval_media: str | None = None, bad_media: str = "skip", gates_file=None,
              generate: int = 0, max_new_tokens: int = generate_mod.DEFAULT_MAX_NEW_TOKENS,
              eval_format: str = "text", reasoning_share: float | None = None, eval_column: str | None = None,
-             eval_split: str = "train") -> dict:
+             eval_split: str = "train", force: bool = False) -> dict:
     """Read both checkpoints from their files, layer by layer, compare next-token distributions (and the
     reference's BF16-engine noise floor), apply the gates.
 
     The gates come from the noise floor measured on the same rows (`gates.from_floor`; `noise_floor=False`:
     the bundled model's constant floor), the `gates_file` (`gates.load_file`) and the flags, in that order.
-    Returns the report (and writes it to `report_path` when given); `report["passed"]` says whether every
-    gate held. Raises OmniqError (exit 2) for input that cannot be compared or a run that cannot fit.
+    Returns the report (and writes it to `report_path` when given: over an existing file only with `force`,
+    refused before anything runs); `report["passed"]` says whether every gate held. Raises OmniqError (exit 2) for input that cannot be compared or a run that cannot fit.
     `eval_format` "chat": the evaluation text is `eval_set`'s conversations rendered through the reference's
     chat template (`chat_sets`), scored and gated per reasoning split (`report["reasoning"]`) and together."""
     from omniq.calib import chat
@@ -248,7 +247,7 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
     t0 = time.perf_counter()
     dev = torch_device(device)
     cand_path = Path(candidate)
-    binding.check_target(report_path, cand_path if cand_path.is_dir() else str(candidate))
+    binding.check_target(report_path, cand_path if cand_path.is_dir() else str(candidate), force=force)
     chat.check_format(eval_format, "--eval-format")
     share = chat.check_share(reasoning_share, eval_format)
     if eval_column is not None and eval_format != "chat":
@@ -382,7 +381,7 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
     if generation is not None:
         report["generation"] = generation
     if report_path is not None:
-        write_report(report, report_path)
+        write_report(report, report_path, force=force)
     return report
 
 

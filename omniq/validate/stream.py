@@ -35,7 +35,7 @@ import torch
 from omniq.heap import give_back
 from omniq.model import forward, omni
 from omniq.validate.artifact import (Artifact, bf16_compute_hooks, changed_unquantized, unquantized_names)
-from omniq.validate.metrics import Comparison, log_probs, sqnr_from_sums, sqnr_sums
+from omniq.validate.metrics import Comparison, compare_logits, sqnr_from_sums, sqnr_sums
 
 BATCH_ROWS = 8                     # rows per forward batch inside a layer
 LOGITS_CHUNK_BYTES = 256 * 2**20   # float64 log-probabilities of one chunk, both models
@@ -286,12 +286,8 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
         pos = torch.arange(S, device=device).repeat(b)
         for a in range(0, b * S, chunk):
             sl = slice(a, a + chunk)
-            lr = log_probs(forward.lm_head(arch, heads["reference"][0], flat["reference"][sl], heads["reference"][1]))
-            pr = lr.exp()
-            for s in by:
-                u, linear = heads[s]
-                lc = log_probs(forward.lm_head(arch, u, flat[s][sl], linear))
-                by[s].add_log_probs(lr, lc, t[sl], pos[sl], pr)
+            logits = {s: forward.lm_head(arch, heads[s][0], flat[s][sl], heads[s][1]) for s in streams}
+            compare_logits(logits.pop("reference"), logits, t[sl], pos[sl], by)
     del ref_u, cand_u, heads
     give_back()
     done += 1

@@ -274,11 +274,8 @@ def evaluate(reference, candidate, tasks, *, limit: int | None = None,
     if not 0 < min_recovery <= 10:
         raise OmniqError(f"--min-recovery {min_recovery}: expected a ratio such as 0.95")
     cand_path = Path(candidate)
-    binding.check_target(report_path, cand_path if cand_path.is_dir() else str(candidate), flag="--out")
-    if report_path is not None:
-        out = Path(report_path).expanduser()
-        if out.exists() and not force:
-            raise OmniqError(f"--out {out} exists; pass --force to overwrite it")
+    binding.check_target(report_path, cand_path if cand_path.is_dir() else str(candidate), flag="--out",
+                         force=force)
     specs = parse_tasks(tasks)
     quiet_lm_eval()
 
@@ -325,7 +322,7 @@ def evaluate(reference, candidate, tasks, *, limit: int | None = None,
         binding.KEY: binding.for_validation(cand.path, ref.path),
     }
     if report_path is not None:
-        write_report(report, report_path)
+        write_report(report, report_path, force=force)
     return report
 
 

@@ -146,6 +146,21 @@ def test_fast_e2m1_rounding_equals_the_codes():
         assert torch.equal(fm.e2m1_round(x), fm.e2m1_decode(fm.e2m1_encode(x)) + 0.0)   # + 0.0: -0 == 0
 
 
+def test_fast_e2m1_rounding_is_exact_next_to_every_tie_and_far_out():
+    """The magic-number rounding (`e2m1_round`) against the codes on the floats either side of every tie and
+    step boundary, values past saturation up to float32's range, tiny and subnormal ones, and NaN."""
+    edges = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.0, 2.5, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0, 2.0 ** 21, 2.0 ** 23,
+                          1.5 * 2 ** 22, 1.5 * 2 ** 24, 2.0 ** 25, 3.0e38, 1e-30, 1e-45])
+    near = torch.cat([torch.nextafter(edges, torch.zeros_like(edges)), edges,
+                      torch.nextafter(edges, torch.full_like(edges, math.inf))])
+    x = torch.cat([near, -near, torch.tensor([0.0, -0.0, math.inf, -math.inf])])
+    assert torch.equal(fm.e2m1_round(x), fm.e2m1_decode(fm.e2m1_encode(x)) + 0.0)
+    assert fm.e2m1_round(torch.tensor([math.nan])).isnan().all()
+    half = torch.arange(-8.0, 8.0, 1 / 64).to(torch.bfloat16)          # other dtypes: rounded as float32
+    assert fm.e2m1_round(half).dtype == torch.bfloat16
+    assert torch.equal(fm.e2m1_round(half).float(), fm.e2m1_round(half.float()))
+
+
 def test_export_packs_nvfp4_with_omniq_arithmetic_bit_identically(modelopt, monkeypatch):
     """streamed.omniq_packing: ModelOpt's export step `to_quantized_weight` runs omniq's packing for
     NVFP4 (stacked experts with one global scale each included), with ModelOpt's own result."""
@@ -226,3 +241,33 @@ def test_the_export_gives_heap_pages_back_every_few_packed_weights(modelopt, mon
         for _ in range(7):
             ue.to_quantized_weight(w, scale, "fp8")
     assert len(trims) == 2
+
+
+def test_export_nvfp4_block_scales_are_modelopts_and_computed_once(modelopt):
+    """omniq_packing's NVFP4QTensor.get_weights_scaling_factor: ModelOpt's scales bit for bit (zero blocks
+    included), computed once when the export asks twice for the same weight, and ModelOpt's own function back
+    after the context."""
+    from omniq.export import streamed
+    from omniq.quant.formats import nvfp4
+
+    NVFP4QTensor, _ = modelopt
+    theirs_fn = NVFP4QTensor.get_weights_scaling_factor
+    w = _weights(torch.bfloat16)
+    w[3, :16] = 0                                             # a zero block: scale 1.0 by ModelOpt's rule
+    cases = [(w, w.float().abs().amax() / (6 * 448)), (w.float() * 1e-6, torch.tensor(1e-9))]   # tiny: clamped
+    calls = []
+    real = nvfp4.nvfp4_block_scales
+    import unittest.mock as mock
+    for weight, ws2 in cases:
+        theirs = theirs_fn(weight, 16, ws2)[0]
+        with mock.patch.object(nvfp4, "nvfp4_block_scales", lambda *a, **k: calls.append(1) or real(*a, **k)):
+            with streamed.omniq_packing():
+                mine = NVFP4QTensor.get_weights_scaling_factor(weight, 16, ws2)[0]
+                again = NVFP4QTensor.get_weights_scaling_factor(weight, 16, ws2.clone())[0]
+                other = NVFP4QTensor.get_weights_scaling_factor(weight * 2, 16, ws2)[0]
+        assert mine.dtype == torch.float8_e4m3fn
+        assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8))
+        assert again is mine
+        assert torch.equal(other.view(torch.uint8), theirs_fn(weight * 2, 16, ws2)[0].view(torch.uint8))
+    assert len(calls) == 4                                    # twice per case: the weight, then weight * 2
+    assert NVFP4QTensor.get_weights_scaling_factor == theirs_fn

@@ -101,8 +101,11 @@ def test_search_end_to_end(tmp_path, capsys):
     plan_out = capsys.readouterr().out
     assert rc == 0 and f"{bpw:.2f} bits per weight" in plan_out
     # again: nothing measured, the cache serves; without --force the recipe is not overwritten
+    before = out.read_bytes()
     assert main(["search", "tiny", "--budget", "7.2", "--out", str(out), *FAST]) == 2
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    assert f"--out {out} already exists; pass --force" in err and len(err.strip().splitlines()) == 1, err
+    assert out.read_bytes() == before
     rc = main(["search", "tiny", "--budget", "8.5", "--out", str(out), "--force", *FAST])
     stdout = capsys.readouterr().out
     assert rc == 0 and "sensitivities: 0 measured" in stdout

@@ -72,3 +72,37 @@ def test_transformers_cpu_path_is_wrong_past_chunk_size_and_ours_is_not(referenc
     assert _rel(theirs[:, :cs], truth[:, :cs]) < 1e-4          # right inside the first chunk
     assert _rel(theirs[:, cs:], truth[:, cs:]) > 1e-2          # measured: 10 % of the logits' scale
     assert _rel(ours, truth) < 1e-5
+
+
+class _EachCall:
+    """A hook doing what `inner` does, call by call, without `input_key`: the forward then quantizes every
+    expert's (and q / k / v's) input in its own call, the definition the shared quantization must equal."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, name, x):
+        return self.inner(name, x)
+
+
+@pytest.mark.parametrize("differ", [None, "experts.3.down_proj", "shared_experts.up_proj", "k_proj"])
+def test_input_quantized_once_equals_quantizing_each_linear(reference, differ):
+    """forward.moe / attention quantize a layer input once for all linears whose `input_key` is equal (and
+    each alone where it is not): bit-identical to quantizing each linear's input in its own call."""
+    from omniq.validate.artifact import EngineLinear, Layer
+    from omniq.validate.stream import layer_names
+
+    arch = reference.arch
+    x = torch.randn(2, 96, arch.hidden_size, generator=torch.Generator().manual_seed(0))
+    for i in (arch.kinds.index("E"), arch.kinds.index("*")):
+        u = reference.unit(layer_names(reference, i), keep_float32_below=2**40)
+        modules = [n[: -len(".weight")] for n in u if n.endswith(".weight") and "norm" not in n and "gate" not in n]
+        layers = {m: Layer(m, "bf16", "nvfp4", torch.tensor(0.002 if differ and m.endswith(differ) else 0.001))
+                  for m in modules}
+        engine = EngineLinear(layers, u)
+        with torch.inference_mode():
+            once = forward.decoder_layer(arch, u, i, x, linear=engine)
+            each = forward.decoder_layer(arch, u, i, x, linear=_EachCall(engine))
+            unquantized = forward.decoder_layer(arch, u, i, x)
+        assert torch.equal(once, each), (i, differ)
+        assert not torch.equal(once, unquantized)

@@ -143,11 +143,11 @@ def test_gates_file_is_applied_per_format_and_modality_and_recorded(artifacts, t
     assert r["gates"]["max_kl"] == 1e-7 and r["gates"]["multiplier"] == 1000
     assert r["gates"]["source"] == "floor + team.yaml" and r["gates_file"]["path"] == str(f)
     assert r["gates_file"]["formats"]["nvfp4"] == {"min_top1": 0.5}
-    # the flag wins over the file
-    assert main(args + ["--gates", str(f), "--max-kl", "1"]) == 0
+    # the flag wins over the file (the report of the run before replaced: --force)
+    assert main(args + ["--gates", str(f), "--max-kl", "1", "--force"]) == 0
     capsys.readouterr()
     # without a floor the gates are the bundled model's constants, said so
-    assert main(args + ["--no-noise-floor"]) == 0
+    assert main(args + ["--no-noise-floor", "--force"]) == 0
     r = json.loads(report.read_text())
     assert r["gates"]["source"] == "constant" and r["noise_floor"] is None
 

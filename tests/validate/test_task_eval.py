@@ -135,12 +135,17 @@ def test_eval_through_the_cli(artifacts, tmp_path, capsys):
     assert "omniq.json" in report["bound_to"]["candidate"]          # its sha256 (null: not made by omniq quantize)
     assert "config.json" in report["bound_to"]["reference"]["files"]
 
-    # never overwritten without --force; a gate no candidate meets fails with exit 1 (the report written)
-    assert main(args) == 2 and "--force" in capsys.readouterr().err
-    assert main(args[:-2] + ["--out", str(tmp_path / "strict.json"), "--min-recovery", "10"]) == 1
+    # never overwritten without --force (refused before any model runs: one line naming it, bytes unchanged);
+    # with --force, a gate no candidate meets fails with exit 1, the report replaced
+    before = out.read_bytes()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} already exists; pass --force" in err and len(err.strip().splitlines()) == 1, err
+    assert out.read_bytes() == before and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert main(args + ["--force", "--min-recovery", "10"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("omniq: error: eval: ") and "recovery" in err and len(err.strip().splitlines()) == 1
-    assert json.loads((tmp_path / "strict.json").read_text())["passed"] is False
+    assert json.loads(out.read_text())["passed"] is False
 
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, monkeypatch):
