@@ -1,7 +1,7 @@
 """NVFP4 quality on the bundled `tiny`: weight-calibration algorithms, named recipes and searched recipes.
 
     nice -n 10 python benchmarks/nvfp4_quality.py [--work DIR] [--seeds 0,1,2] [--algorithms max,mse,...]
-        [--recipes nvfp4,omni-nvfp4,...] [--budgets omni-nvfp4,6.8,...] [--calib-samples 16 --calib-seq-len 256]
+        [--fp8-algorithms mse,gptq,...] [--recipes nvfp4,omni-nvfp4,...] [--budgets omni-nvfp4,6.8,...] [--calib-samples 16 --calib-seq-len 256]
         [--samples 16 --seq-len 256] [--json benchmarks/results/nvfp4_quality.json] [--resume]
 
 Every point is made the way a user makes it: `omniq quantize tiny --recipe R --calib-seed S` (each seed a
@@ -11,6 +11,11 @@ from omniq.json). Searched recipes: `omniq search tiny --budget B` (sensitivitie
 text, disjoint from both evaluation sets), then quantized over the same seeds. The noise floor (BF16 weights
 run as a BF16 engine runs them, against the float32 reference, `artifact.bf16_compute_hooks`) is measured on
 the same evaluation rows. A budget named after a recipe (`omni-nvfp4`) means that recipe's bits per weight.
+An `--algorithms` entry `NAME+act-mse` also sets `activation_calibration: mse` (input_scale searched).
+`--fp8-algorithms`: the same algorithms on all-layer `fp8` (`fp8 ALGO` points; the `fp8` recipe is fp8 max),
+over `--fp8-seeds` (default: --seeds; fewer seeds: no spread, so no claim rests on them).
+With `--resume`, a seed whose record in --work has the same recipe text and sizes is reused, not rerun; its
+run is marked `"reused": true` in the JSON (its time and memory are those of the run that made the record).
 
 Claims are printed only where the seed spreads (min..max over seeds) do not overlap:
     at nvfp4's size, best algorithm KL <= 0.7 x max's, on both sets
@@ -38,7 +43,8 @@ RUNNER = ("import json, resource, sys, time\n"
           "rc = main(sys.argv[1:])\n"
           "print('OMNIQ-RUN ' + json.dumps({'rc': rc, 'seconds': time.perf_counter() - t, "
           "'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), file=sys.stderr)\n")
-ALGORITHMS = ("max", "mse", "local-hessian", "gptq", "four-over-six")
+ALGORITHMS = ("max", "mse", "local-hessian", "gptq", "gptaq", "four-over-six")
+FP8_ALGORITHMS = ("mse", "local-hessian", "gptq", "gptaq")
 RECIPES = ("nvfp4", "omni-nvfp4", "nano3-nvfp4", "nvfp4-experts", "fp8")
 SETS = ("eval", "eval2")
 
@@ -92,7 +98,7 @@ def one_seed(label: str, recipe: str, seed: int, work: Path, a) -> dict:
         done = json.loads(record.read_text())
         if done.get("settings") == settings:
             print(f"  {label} seed {seed}: reused {record.name}", flush=True)
-            return done["run"]
+            return dict(done["run"], reused=True)
     q = run(["quantize", "tiny", "--recipe", recipe, "--out", str(art), "--force", "--calib-samples",
              str(a.calib_samples), "--calib-seq-len", str(a.calib_seq_len), "--calib-seed", str(seed)])
     m = json.loads((art / "omniq.json").read_text())
@@ -159,7 +165,7 @@ def chart(points: list[dict], floor: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=True)
-    colors = {"algorithm": "tab:blue", "recipe": "tab:green", "searched": "tab:red"}
+    colors = {"algorithm": "tab:blue", "fp8 algorithm": "tab:purple", "recipe": "tab:green", "searched": "tab:red"}
     for ax, s in zip(axes, SETS):
         for p in points:
             y = p[s]["kl_mean"]
@@ -190,6 +196,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", type=Path, default=Path("out/nvfp4_quality"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    ap.add_argument("--fp8-algorithms", default=",".join(FP8_ALGORITHMS))
+    ap.add_argument("--fp8-seeds", default=None, help="seeds of the fp8 algorithm points (default: --seeds)")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--budgets", default="omni-nvfp4,6.8,8.0")
     ap.add_argument("--search-algorithm", default="max")
@@ -209,9 +217,17 @@ def main(argv=None) -> dict:
     floor: dict = {}
     points = []
     for algo in [x for x in a.algorithms.split(",") if x]:
+        name, act = algo.split("+act-") if "+act-" in algo else (algo, None)      # e.g. gptaq+act-mse
         path = work / f"nvfp4-{algo}.yaml"
-        path.write_text(f"name: nvfp4-{algo}\ndefault: nvfp4\nalgorithm: {algo}\n")
-        points.append(point(f"nvfp4 {algo}", "algorithm", str(path), seeds, work, a))
+        path.write_text(f"name: nvfp4-{algo}\ndefault: nvfp4\nalgorithm: {name}\n"
+                        + (f"activation_calibration: {act}\n" if act else ""))
+        points.append(point(f"nvfp4 {name}" + (f" + act {act}" if act else ""), "algorithm", str(path), seeds, work, a))
+        partial(a, floor, points)
+    for algo in [x for x in a.fp8_algorithms.split(",") if x]:
+        path = work / f"fp8-{algo}.yaml"
+        path.write_text(f"name: fp8-{algo}\ndefault: fp8\nalgorithm: {algo}\n")
+        fp8_seeds = [int(x) for x in a.fp8_seeds.split(",")] if a.fp8_seeds else seeds
+        points.append(point(f"fp8 {algo}", "fp8 algorithm", str(path), fp8_seeds, work, a))
         partial(a, floor, points)
     for rec in [x for x in a.recipes.split(",") if x]:
         if rec == "nvfp4" and any(p["label"] == "nvfp4 max" for p in points):

@@ -347,12 +347,13 @@ def main() -> int:
         flops = calibration_flops(path, tokens)
         for recipe in [r for r in a.recipes.split(",") if r]:
             load_before = wait_idle(a.max_load)
-            out = work / f"{name}-{recipe}"
-            dest = work / f"{name}-{recipe}.json"
+            tag = f"{name}-{Path(recipe).stem}"          # a recipe may be a YAML path
+            out = work / tag
+            dest = work / f"{tag}.json"
             cg = Cgroup(int(a.cgroup_gib * 2**30)) if a.cgroup_gib else None
             try:
                 r = run_child([sys.executable, "-c", CHILD, path, str(out), recipe, str(a.samples), str(a.seq_len),
-                               str(dest), str(a.threads)], work / f"{name}-{recipe}.log", cg)
+                               str(dest), str(a.threads)], work / f"{tag}.log", cg)
                 if cg:
                     r.update(cgroup_max_usage_bytes=cg.max_usage(), cgroup_failcnt=cg.failcnt())
             finally:
@@ -370,7 +371,7 @@ def main() -> int:
                 r["write_layers_bytes_per_s"] = (r["output_bytes"] / s["export_layers"] if s.get("export_layers")
                                                  else None)
             else:
-                r["log_tail"] = (work / f"{name}-{recipe}.log").read_text()[-2000:]
+                r["log_tail"] = (work / f"{tag}.log").read_text()[-2000:]
             doc["runs"].append(r)
             _print(r)
             shutil.rmtree(out, ignore_errors=True)

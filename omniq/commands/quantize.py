@@ -124,10 +124,10 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
     # Refuse before anything is loaded when the streamed peak cannot fit this process's memory limit.
     algorithms = {lin.name: rec.algorithm_of(lin, ckpt.arch) for lin in plan.quantized}
     predicted = memory.preflight(plan, samples=calib_samples, seq_len=calib_seq_len, batch=cal.BATCH_SIZE,
-                                 device=device, algorithms=algorithms)
+                                 device=device, algorithms=algorithms, activation=rec.activation_calibration)
     config = modelopt_config(plan)
     enabled = enabled_quantizers(plan)
-    weight_algos = any(a.name != "max" for a in algorithms.values())
+    weight_algos = any(a.name != "max" for a in algorithms.values()) or rec.activation_calibration != "max"
     if weight_algos and (ckpt.is_omni or device != "cpu"):
         raise OmniqError(f"recipe {rec.name}: weight calibration {', '.join(rec.algorithms)} runs on CPU on text "
                          "checkpoints only for now (not on Omni checkpoints, not with --device cuda)")
@@ -178,7 +178,8 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
 
             reader = TensorReader(ckpt)
             wcal = LayerByLayer(ckpt.arch, calib_set.rows, plan.formats, algorithms,
-                                reader.get(ckpt.arch.embedding_weight), keep_weights=False)
+                                reader.get(ckpt.arch.embedding_weight), keep_weights=False,
+                                activation=rec.activation_calibration)
         try:
             run = streamed.run(ckpt, plan, config, enabled, batches, stage.final, coverage=coverage,
                                counter=counter, device=device, progress=progress, model=skeleton,

@@ -293,11 +293,33 @@ def calibrate_layer(model, i: int, config: dict, hidden: list, kwargs: list, *, 
         shell.omniq_bf16_layer = True        # export_layer: the layer's tensors as loaded, no ModelOpt step
         return shell
     log = io.StringIO()
-    with modelopt_isolation(restored), contextlib.redirect_stdout(log), warnings.catch_warnings():
+    # Only KV-cache quantizers in this layer (a BF16 attention layer under an FP8 KV cache, as nano3-nvfp4 has):
+    # ModelOpt's check that the config's weight quantizers matched a module would refuse the one-layer shell;
+    # it is skipped for this call only (check_calibrated below still checks the layer's own quantizers).
+    kv_only = not any("weight_quantizer" in n for n in mine)
+    with modelopt_isolation(restored), contextlib.redirect_stdout(log), warnings.catch_warnings(), \
+            _skip_weight_check(kv_only):
         warnings.simplefilter("ignore")
         mtq.quantize(shell, config, loop)
     check_calibrated(shell, mine)
     return shell
+
+
+@contextlib.contextmanager
+def _skip_weight_check(skip: bool):
+    """ModelOpt's MODELOPT_SKIP_WEIGHT_QUANT_CHECK set for one mtq.quantize call (restored after)."""
+    key = "MODELOPT_SKIP_WEIGHT_QUANT_CHECK"
+    old = os.environ.get(key)
+    if skip:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if skip:
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from omniq.quant import formats, weight_search
 
 DAMPING = 0.01
 BLOCK_SIZE = 128
+TARGET_DAMPING = 0.1      # gptaq's ridge towards the source weight (`asymmetric_target`)
 
 
 @dataclass
@@ -47,13 +48,17 @@ class GPTQResult:
         return formats.fp8_dequantize(formats.cast_e4m3(self.values / s), s)
 
 
-def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, batched over leading dims."""
+def _with_dead_channels(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 copy of H with diag 1 for dead input channels, its mean diagonal [..., 1] and the identity."""
     h = hessian.double().clone()
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     diag[diag == 0] = 1.0                        # dead input channels
-    mean = diag.mean(-1, keepdim=True)
-    eye = torch.eye(h.shape[-1], dtype=h.dtype)
+    return h, diag.mean(-1, keepdim=True), torch.eye(h.shape[-1], dtype=h.dtype)
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, batched over leading dims."""
+    h, mean, eye = _with_dead_channels(hessian)
     for extra in (0.0, 0.1, 1.0, 10.0):          # more damping only if the factorisation fails
         hd = h + ((damping + extra) * mean).unsqueeze(-1) * eye
         lower, info = torch.linalg.cholesky_ex(hd)
@@ -61,6 +66,29 @@ def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
             hinv = torch.cholesky_inverse(lower)
             return torch.linalg.cholesky(hinv, upper=True).float()
     raise RuntimeError("GPTQ: the input Hessian is not positive definite even with heavy damping")
+
+
+def asymmetric_target(w: torch.Tensor, hessian_q: torch.Tensor, cross: torch.Tensor,
+                      damping: float = TARGET_DAMPING) -> torch.Tensor:
+    """The weight GPTQ should aim at when the layer's inputs will be quantized (`gptaq`).
+
+    With X the calibration inputs [n, in] as they reach the linear and Xq = Q(X) as the engine quantizes them
+    (the layer's own input quantizer and input_scale), the goal is min ||X W^T - Xq Wq^T||. Its unconstrained
+    minimiser is W C Hq^-1 with C = X^T Xq / n (`cross`) and Hq = Xq^T Xq / n (`hessian_q`); the residual is
+    orthogonal to Xq's columns, so ||X W^T - Xq Wq^T||^2 = const + ||Xq (W* - Wq)^T||^2, which is plain GPTQ
+    of W* under Hq. (GPTAQ, Li et al. 2025, folds the same cross term into GPTQ's column loop; solving for W*
+    first is the same objective in one linear solve.) Unregularised, W* overfits the calibration rows: input
+    directions the rows barely use get their weights shrunk towards zero (on tiny, 30 % relative change for a
+    shared expert from 4,096 tokens), so the target is pulled towards W by a ridge term mu ||W* - W||^2 with
+    mu = `damping` x mean(diag Hq): W* = W (C + mu I) (Hq + mu I)^-1, W itself as `damping` grows.
+    Batched over leading dims like `gptq`; float64 inside, float32 out."""
+    h, mean, eye = _with_dead_channels(hessian_q)
+    c = cross.double().clone()
+    dead = torch.diagonal(hessian_q, dim1=-2, dim2=-1) == 0
+    torch.diagonal(c, dim1=-2, dim2=-1)[dead] = 1.0        # a channel no row uses keeps its weight (W* = W)
+    mu = (damping * mean).unsqueeze(-1) * eye
+    rhs = (w.double() @ (c + mu)).transpose(-1, -2)        # (W (C + mu))^T [.., in, out]
+    return torch.linalg.solve(h + mu, rhs).transpose(-1, -2).float()   # symmetric: W* = ((Hq + mu)^-1 rhs)^T
 
 
 def _group_codes(g: torch.Tensor, ws2: torch.Tensor, scales: str) -> torch.Tensor:

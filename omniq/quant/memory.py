@@ -284,42 +284,51 @@ class StreamedEstimate:
 GPTQ_EXPERT_CHUNK = 16
 
 
-def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int, seq_len: int) -> int:
+def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int, seq_len: int,
+                             activation: str = "max") -> int:
     """Extra peak of omniq's weight calibration inside the stream (`omniq.quant.weight_calibration.LayerByLayer`),
     for `algorithms` (linear name -> recipe Algorithm): when gptq or local-hessian is used, the float32
     hidden states of every calibration row (kept between layers, plus one layer's output) and, for the layer
-    that needs most, its float32 weights (source and calibrated) and its statistics: gptq in^2 floats per
-    linear and per routed expert, summed, plus the batched factorisation's float64 work for one call
-    (3 x 8 bytes x in^2 per expert, `GPTQ_EXPERT_CHUNK` experts at most); local-hessian in x 16 floats per linear. 0 when no algorithm
-    needs statistics (mse, four-over-six and max add only a float32 copy of one weight)."""
+    that needs most, the float32 values of its calibrated (non-max) linears, one linear's float32 copies at
+    a time (the layer's weights are read and fake-quantized on access, `weight_calibration.LayerWeights`),
+    and its statistics: gptq in^2 floats per linear and per routed expert, summed (gptaq twice that), plus
+    one batched call's stacked float32 weights and float64 factorisation work (3 x 8 bytes x in^2 per
+    expert, `GPTQ_EXPERT_CHUNK` experts at most); local-hessian in x 16 floats per linear. 0 when no
+    algorithm needs statistics (mse, four-over-six and max add only a float32 copy of one weight)."""
     arch = plan.arch
-    kinds = {n: a.name for n, a in algorithms.items() if a.name in ("gptq", "local-hessian")}
-    if not kinds:
+    kinds = {n: a.name for n, a in algorithms.items() if a.name in ("gptq", "gptaq", "local-hessian")}
+    if not kinds and activation == "max":          # activation mse runs the same stream (no statistics)
         return 0
     per_layer: dict[int, int] = {}
+    transient: dict[int, int] = {}
     stack: dict[tuple, int] = {}
     for lin in arch.linears:
         if lin.layer is None:
             continue
-        stat = {"gptq": 4 * lin.in_features ** 2, "local-hessian": 4 * lin.in_features * 16}.get(kinds.get(lin.name), 0)
-        per_layer[lin.layer] = per_layer.get(lin.layer, 0) + stat + 2 * 4 * lin.params
-        if kinds.get(lin.name) == "gptq":
+        stat = {"gptq": 4 * lin.in_features ** 2, "gptaq": 8 * lin.in_features ** 2,      # gptaq: + cross term
+                "local-hessian": 4 * lin.in_features * 16}.get(kinds.get(lin.name), 0)
+        algo = algorithms.get(lin.name)
+        calibrated = 4 * lin.params if algo is not None and algo.name != "max" else 0
+        per_layer[lin.layer] = per_layer.get(lin.layer, 0) + stat + calibrated
+        transient[lin.layer] = max(transient.get(lin.layer, 0), 2 * 4 * lin.params)
+        if kinds.get(lin.name) in ("gptq", "gptaq"):
             key = (lin.layer, lin.role if lin.expert is not None else lin.name)
-            stack[key] = stack.get(key, 0) + 24 * lin.in_features ** 2
+            stack[key] = stack.get(key, 0) + 24 * lin.in_features ** 2 + 4 * lin.params
     count: dict[tuple, int] = {}
     for lin in arch.linears:
-        if lin.layer is not None and kinds.get(lin.name) == "gptq":
+        if lin.layer is not None and kinds.get(lin.name) in ("gptq", "gptaq"):
             key = (lin.layer, lin.role if lin.expert is not None else lin.name)
             count[key] = count.get(key, 0) + 1
     work = {}
     for key, b in stack.items():          # one batched call of at most GPTQ_EXPERT_CHUNK experts at a time
         work[key[0]] = max(work.get(key[0], 0), b * min(count[key], GPTQ_EXPERT_CHUNK) // count[key])
-    layer = max(per_layer[i] + work.get(i, 0) for i in per_layer)
+    layer = max(per_layer[i] + transient[i] + work.get(i, 0) for i in per_layer)
     return 2 * samples * seq_len * arch.hidden_size * 4 + layer
 
 
 def streamed_estimate(plan: LayerPlan, *, samples: int, seq_len: int, batch: int = 4, device: str = "cpu",
-                      dtype: str = "bf16", algorithms: dict | None = None) -> StreamedEstimate:
+                      dtype: str = "bf16", algorithms: dict | None = None,
+                      activation: str = "max") -> StreamedEstimate:
     """Peak memory of `omniq quantize` (layer-streamed) with `samples x seq_len` calibration tokens.
 
     One decoder layer is resident at a time (its routed experts materialized in place into the fused tensor);
@@ -343,28 +352,28 @@ def streamed_estimate(plan: LayerPlan, *, samples: int, seq_len: int, batch: int
                             quantizer_state=quantizer_state_bytes(plan, dtype),
                             overhead=STREAMED_OVERHEAD["cpu" if device == "cpu" else "gpu"], samples=samples,
                             seq_len=seq_len,
-                            weight_calibration=weight_calibration_bytes(plan, algorithms or {}, samples=samples,
+                            weight_calibration=weight_calibration_bytes(plan, algorithms or {}, activation=activation, samples=samples,
                                                                         seq_len=seq_len))
 
 
 def preflight(plan: LayerPlan, *, samples: int, seq_len: int, batch: int = 4, device: str = "cpu",
-              algorithms: dict | None = None) -> StreamedEstimate:
+              algorithms: dict | None = None, activation: str = "max") -> StreamedEstimate:
     """Refuse (exit 2, one line) before anything is loaded when the streamed quantize's predicted peak does not
     fit the memory limit that applies to this process (`omniq.memory_limit`: cgroup v1/v2, MemAvailable, or
     the CUDA device's free memory)."""
     from omniq import memory_limit
 
     est = streamed_estimate(plan, samples=samples, seq_len=seq_len, batch=batch, device=device,
-                            algorithms=algorithms)
+                            algorithms=algorithms, activation=activation)
     limit = memory_limit.available_bytes(device)
     if est.total > limit:
-        one = streamed_estimate(plan, samples=1, seq_len=seq_len, batch=batch, device=device, algorithms=algorithms)
+        one = streamed_estimate(plan, samples=1, seq_len=seq_len, batch=batch, device=device, algorithms=algorithms, activation=activation)
         if one.total <= limit:
             per_row = seq_len * plan.arch.hidden_size * (DTYPE_BYTES["bf16"] + (8 if one.weight_calibration else 0))
             rows = max(1, int((limit - one.total) // per_row))
             hint = f"pass --calib-samples {rows} or fewer, a shorter --calib-seq-len, or another --device"
         elif streamed_estimate(plan, samples=1, seq_len=1, batch=batch, device=device,
-                               algorithms=algorithms).total <= limit:
+                               algorithms=algorithms, activation=activation).total <= limit:
             hint = "pass a shorter --calib-seq-len (and fewer --calib-samples), or another --device"
         else:
             hint = "the largest layer alone does not fit; use a machine or --device with more memory"

@@ -13,10 +13,12 @@
     algorithm: mse           # weight calibration of every quantized layer no rule's `algorithm` names
 
 Weight calibration (`algorithm:`, top level and per rule; `omniq.quant.weight_calibration`): `max` (default:
-ModelOpt's max calibration, the artifacts of before), `mse`, `local-hessian`, `gptq`, `four-over-six` (NVFP4
-only), as a name or a mapping `{name: gptq, damping: 0.01, block_size: 128, min_tokens: 64}`. An algorithm
+ModelOpt's max calibration, the artifacts of before), `mse`, `local-hessian`, `gptq`, `gptaq` (GPTQ aiming at
+the output the engine computes from quantized inputs), `four-over-six` (NVFP4 only), as a name or a mapping
+`{name: gptq, damping: 0.01, block_size: 128, min_tokens: 64}`. An algorithm
 that does not apply to a rule's format (anything but `max` on bf16, `four-over-six` on fp8) is refused.
-Activations keep ModelOpt's max calibration.
+`activation_calibration: mse` (top level; default `max`, ModelOpt's) picks each quantized layer's
+input_scale as max's times the factor with the least squared input error on the calibration inputs.
 
 Selectors name parts of the model, derived from the architecture (never layer indices), so one recipe fits
 every NemotronH layout: a role (`mamba_in`, `mamba_out`, `attn_q`, `attn_k`, `attn_v`, `attn_o`,
@@ -58,27 +60,35 @@ GROUPS = {
 }
 QUALIFIERS = ("mamba_feeding_attention",)
 SELECTORS = tuple(ROLES) + tuple(GROUPS) + QUALIFIERS
-_RECIPE_KEYS = {"name", "description", "kv_cache", "default", "rules", "notes", "reference", "algorithm"}
+_RECIPE_KEYS = {"name", "description", "kv_cache", "default", "rules", "notes", "reference", "algorithm",
+                "activation_calibration"}
+# Activation (input_scale) calibration of every quantized layer: ModelOpt's max, or max x the factor in
+# `weight_calibration.ACT_FACTORS` with the least squared input error over the calibration inputs.
+ACTIVATION_CALIBRATIONS = ("max", "mse")
 _RULE_KEYS = {"select", "modules", "format", "algorithm"}
 # Weight calibration algorithms and the formats each applies to.
 ALGORITHMS = {"max": ("bf16", "fp8", "nvfp4"), "mse": ("fp8", "nvfp4"), "local-hessian": ("fp8", "nvfp4"),
-              "gptq": ("fp8", "nvfp4"), "four-over-six": ("nvfp4",)}
-_ALGORITHM_KEYS = {"name", "damping", "block_size", "min_tokens"}
+              "gptq": ("fp8", "nvfp4"), "gptaq": ("fp8", "nvfp4"), "four-over-six": ("nvfp4",)}
+GPTQ_LIKE = ("gptq", "gptaq")     # take damping, block_size, min_tokens
+_ALGORITHM_KEYS = {"name", "damping", "block_size", "min_tokens", "target_damping"}
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    """Weight calibration of a layer. `damping` and `block_size` are GPTQ's; `min_tokens`: a routed expert
-    with fewer calibration tokens than this falls back to `mse` under local-hessian and gptq."""
+    """Weight calibration of a layer. `damping` and `block_size` are GPTQ's (and gptaq's); `min_tokens`: a
+    routed expert with fewer calibration tokens than this falls back to `mse` under local-hessian, gptq and
+    gptaq."""
     name: str = "max"
     damping: float = 0.01
     block_size: int = 128
     min_tokens: int = 64
+    target_damping: float = 0.1     # gptaq only: ridge of its target towards the source weight
 
     def as_dict(self) -> dict | str:
-        if self.name == "gptq":
+        if self.name in GPTQ_LIKE:
             return {"name": self.name, "damping": self.damping, "block_size": self.block_size,
-                    "min_tokens": self.min_tokens}
+                    "min_tokens": self.min_tokens,
+                    **({"target_damping": self.target_damping} if self.name == "gptaq" else {})}
         if self.name == "local-hessian" and self.min_tokens != 64:
             return {"name": self.name, "min_tokens": self.min_tokens}
         return self.name
@@ -115,6 +125,7 @@ class Recipe:
     source: str = ""                   # file it came from
     raw: dict = field(default_factory=dict, compare=False, hash=False)
     algorithm: Algorithm = MAX         # weight calibration of quantized layers no rule's algorithm names
+    activation_calibration: str = "max"   # input_scale of every quantized layer: max | mse
 
     def with_kv_cache(self, kv: str | None) -> "Recipe":
         if kv is None:
@@ -183,6 +194,8 @@ class Recipe:
                        for r in self.rules]}
         if self.algorithm != MAX:
             d["algorithm"] = self.algorithm.as_dict()
+        if self.activation_calibration != "max":
+            d["activation_calibration"] = self.activation_calibration
         return d
 
 
@@ -207,18 +220,21 @@ def parse_algorithm(value, where: str) -> Algorithm:
     if name not in ALGORITHMS:
         _fail(where, f"algorithm {name!r} is unknown; expected one of {', '.join(ALGORITHMS)}")
     params = {k: v for k, v in value.items() if k != "name"}
-    allowed = {"gptq": {"damping", "block_size", "min_tokens"}, "local-hessian": {"min_tokens"}}.get(name, set())
+    allowed = ({"damping", "block_size", "min_tokens"} | ({"target_damping"} if name == "gptaq" else set())
+               if name in GPTQ_LIKE else {"min_tokens"} if name == "local-hessian" else set())
     if set(params) - allowed:
         _fail(where, f"algorithm {name} takes no {sorted(set(params) - allowed)[0]} parameter")
-    d = params.get("damping", 0.01)
-    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
-        _fail(where, f"algorithm damping {d!r} must be a number in (0, 1]")
+    for key, default, top in (("damping", 0.01, 1), ("target_damping", 0.1, 100)):
+        d = params.get(key, default)
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= top:
+            _fail(where, f"algorithm {key} {d!r} must be a number in (0, {top}]")
     for key, default in (("block_size", 128), ("min_tokens", 64)):
         v = params.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (key == "block_size" and v % 16):
             _fail(where, f"algorithm {key} {v!r} must be a positive integer" +
                   (" and a multiple of 16 (the NVFP4 group)" if key == "block_size" else ""))
-    return Algorithm(name, float(d), int(params.get("block_size", 128)), int(params.get("min_tokens", 64)))
+    return Algorithm(name, float(params.get("damping", 0.01)), int(params.get("block_size", 128)),
+                     int(params.get("min_tokens", 64)), float(params.get("target_damping", 0.1)))
 
 
 def _check_applies(algo: Algorithm, fmt: str, where: str, what: str) -> None:
@@ -284,8 +300,12 @@ def parse(data, where: str) -> Recipe:
     for fmt in {default} | {r.format for r in rules if r.algorithm is None}:
         if fmt != "bf16":
             _check_applies(top, fmt, where, "")
+    act = data.get("activation_calibration", "max")
+    if act not in ACTIVATION_CALIBRATIONS:
+        _fail(where, f"activation_calibration {act!r} is unknown; expected one of {', '.join(ACTIVATION_CALIBRATIONS)}")
     return Recipe(name=str(data["name"]), default=default, kv_cache=kv, rules=tuple(rules),
-                  description=str(data.get("description", "")).strip(), source=where, raw=data, algorithm=top)
+                  description=str(data.get("description", "")).strip(), source=where, raw=data, algorithm=top,
+                  activation_calibration=act)
 
 
 def load(name_or_path: str) -> Recipe:

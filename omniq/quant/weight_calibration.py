@@ -10,11 +10,19 @@ sees only the tokens routed to it), the token count and the input statistics its
     gptq            the full input Hessian, sum of x^T x [in, in]: in_features^2 floats per linear and per
                     expert while its layer is calibrated (tiny: 256 KiB; Nemotron 3 Nano's 2,688-wide
                     inputs: 29 MiB per linear, 128 experts x 2 projections of one MoE layer 5.5 GB at once)
+    gptaq           with xq = Q(x) the input as the engine quantizes it (the linear's format and its exported
+                    input_scale), sum of xq^T xq and the cross term sum of x^T xq: twice gptq's statistics;
+                    the weight aimed at is `gptq.asymmetric_target` (the least-squares weight mapping the
+                    quantized inputs onto the float outputs), then GPTQ under the quantized inputs' Hessian
 
 then quantizes that layer's weights (`weight_search`, `gptq`) and runs the layer again with its quantized
 weights (every quantized linear, max ones included) to produce the next layer's inputs, so a layer's
 statistics reflect the quantization of the layers before it, as GPTQ's sequential mode and ModelOpt's
-`get_qdq_activations_from_prev_layer` do. `mse` and `four-over-six` need no statistics; when no layer asks for
+`get_qdq_activations_from_prev_layer` do. When some layer uses `gptaq`, that forward also quantizes every
+quantized linear's inputs as the engine does (exported input_scale), so later layers see the engine's inputs;
+without an exported input_scale (`calibrate_weights` for `omniq search`), the layer's max calibration
+(amax / (6 x 448) NVFP4, amax / 448 FP8, routed experts of one projection sharing the largest, as ModelOpt
+exports them) is measured from the stream's inputs first. `mse` and `four-over-six` need no statistics; when no layer asks for
 any, no forward runs. A routed expert with fewer than `min_tokens` routed tokens falls back to `mse` and is
 listed in `fallbacks`. Activation (input) scales stay ModelOpt's max calibration.
 
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -42,9 +51,12 @@ from omniq.model import forward
 from omniq.model.arch import Arch
 from omniq.quant import formats, gptq as gptq_mod, weight_search
 from omniq.quant.memory import GPTQ_EXPERT_CHUNK as EXPERT_CHUNK
-from omniq.quant.recipe import Algorithm
+from omniq.quant.recipe import GPTQ_LIKE, Algorithm
 
-STATS = {"local-hessian": "blocks", "gptq": "hessian"}
+STATS = {"local-hessian": "blocks", "gptq": "hessian", "gptaq": "asymmetric"}
+ACT_AWARE = ("gptaq",)            # algorithms whose statistics see the engine's quantized inputs
+# activation_calibration: mse tries input_scale = max's x these (1.0 first: a tie keeps max's)
+ACT_FACTORS = (1.0, 0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25)
 BATCH_ROWS = 8
 
 
@@ -79,6 +91,8 @@ class WeightCalibration:
     fallbacks: list[str] = field(default_factory=list)       # experts that fell back to mse (too few tokens)
     seconds: float = 0.0
     stats_bytes: int = 0                                      # largest statistics held at once
+    input_scales: dict[str, torch.Tensor] = field(default_factory=dict)   # activation mse: module -> input_scale
+    input_factors: dict[str, float] = field(default_factory=dict)         # ... and its factor on max's
 
     def manifest(self, algorithms: dict[str, Algorithm]) -> dict:
         """omniq.json `weight_calibration`: algorithms with their parameters and layer counts, fallbacks."""
@@ -89,18 +103,29 @@ class WeightCalibration:
             params = {"name": algo.name} if isinstance(algo.as_dict(), str) else algo.as_dict()
             if params not in entry["parameters"]:
                 entry["parameters"].append(params)
-        return {"implementation": "omniq.quant.weight_calibration (CPU, omniq's own arithmetic)",
-                "algorithms": used, "fallback_to_mse": sorted(self.fallbacks),
-                "seconds": round(self.seconds, 3), "statistics_peak_bytes": self.stats_bytes}
+        out = {"implementation": "omniq.quant.weight_calibration (CPU, omniq's own arithmetic)",
+               "algorithms": used, "fallback_to_mse": sorted(self.fallbacks),
+               "seconds": round(self.seconds, 3), "statistics_peak_bytes": self.stats_bytes}
+        if self.input_factors:
+            out["activation_calibration"] = {"algorithm": "mse", "factors_tried": list(ACT_FACTORS),
+                                             "input_scale_factor": dict(sorted(self.input_factors.items()))}
+        return out
+
+
+def _accumulate(into: dict, name: str, add: torch.Tensor) -> None:
+    into[name] = into[name] + add if name in into else add
 
 
 class _Recorder:
-    """A `linear` hook that accumulates input statistics for the layers in `want` (name -> kind)."""
+    """A `linear` hook that accumulates input statistics for the layers in `want` (name -> kind); `quantize`
+    (name -> the engine's input quantization) for the `asymmetric` kind, whose linears then compute from the
+    quantized input as the engine will."""
 
-    def __init__(self, weights, want: dict[str, str]):
+    def __init__(self, weights, want: dict[str, str], quantize: dict | None = None):
         self.plain = forward.plain_linear(weights)
-        self.want = want
+        self.want, self.quantize = want, quantize or {}
         self.stats: dict[str, torch.Tensor] = {}
+        self.cross: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {name: 0 for name in want}
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -110,33 +135,107 @@ class _Recorder:
             self.tokens[name] += flat.shape[0]
             if kind == "hessian":
                 add = flat.T @ flat
+            elif kind == "asymmetric":
+                xq = self.quantize[name](flat)
+                add = xq.T @ xq
+                _accumulate(self.cross, name, flat.T @ xq)
+                x = xq.reshape(x.shape)
             else:
                 xb = weight_search._blocks(flat)                          # [n, nb, 16]
                 add = torch.einsum("nbi,nbj->bij", xb, xb)
-            self.stats[name] = self.stats[name] + add if name in self.stats else add
+            _accumulate(self.stats, name, add)
         return self.plain(name, x)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.stats.values())
+        return sum(t.numel() * t.element_size() for d in (self.stats, self.cross) for t in d.values())
+
+
+def _input_quantizer(fmt: str, input_scale: torch.Tensor):
+    """The engine's quantization of a `fmt` linear's input with its input_scale."""
+    scale = torch.as_tensor(input_scale, dtype=torch.float32).reshape(())
+    return lambda x: formats.FORMATS[fmt].fake_quant_input(x, scale)
+
+
+def _max_input_scales(arch: Arch, lins, formats_of: dict[str, str], weights, xs) -> dict[str, torch.Tensor]:
+    """Max-calibrated input scales of one layer's quantized linears from the stream's inputs (routed experts
+    of one projection share the largest amax, as ModelOpt exports them)."""
+    amax: dict[str, float] = {}
+    plain = forward.plain_linear(weights)
+
+    def linear(name, x):
+        amax[name] = max(amax.get(name, 0.0), float(x.abs().amax()) if x.numel() else 0.0)
+        return plain(name, x)
+
+    layer = lins[0].layer
+    with torch.inference_mode():
+        for x in xs:
+            forward.decoder_layer(arch, weights, layer, x, linear=linear)
+    shared: dict[str, float] = {}
+    for lin in lins:
+        if lin.expert is not None:
+            shared[lin.role] = max(shared.get(lin.role, 0.0), amax.get(lin.name, 0.0))
+    out = {}
+    for lin in lins:
+        fmt = formats_of.get(lin.name, "bf16")
+        a = shared[lin.role] if lin.expert is not None else amax.get(lin.name, 0.0)
+        if fmt == "nvfp4":
+            out[lin.name] = formats.nvfp4_global_scale(a)
+        elif fmt == "fp8":
+            out[lin.name] = formats.fp8_scale(a)
+    return out
+
+
+def search_input_scales(arch: Arch, lins, formats_of: dict[str, str], weights, xs,
+                        scales: dict[str, torch.Tensor]) -> dict[str, float]:
+    """activation_calibration mse: per quantized linear of one layer, the factor f in `ACT_FACTORS` for which
+    input_scale = max's x f gives the least squared input error sum ||x - Q(x)||^2 over the calibration
+    inputs (Q: the engine's input quantization of the linear's format). Routed experts of one projection share
+    one factor (summed over their routed tokens), so their input scales stay equal as the engines load them.
+
+    Why it can help NVFP4 though its block scales are dynamic: a block's E4M3 scale is rounded relative to
+    input_scale, so the factor moves where the blocks' scales round (and f < 1 clips the largest blocks)."""
+    qlins = {lin.name: lin for lin in lins if formats_of.get(lin.name, "bf16") != "bf16"}
+    key = {n: (lin.role if lin.expert is not None else n) for n, lin in qlins.items()}
+    errs: dict = {}
+    plain = forward.plain_linear(weights)
+
+    def linear(name, x):
+        if name in qlins and x.numel():
+            flat = x.reshape(-1, x.shape[-1]).float()
+            fmt = formats.FORMATS[formats_of[name]]
+            base = torch.as_tensor(scales[name], dtype=torch.float32).reshape(())
+            e = torch.stack([(flat - fmt.fake_quant_input(flat, base * f)).double().square().sum()
+                             for f in ACT_FACTORS])
+            errs[key[name]] = errs[key[name]] + e if key[name] in errs else e
+        return plain(name, x)
+
+    with torch.inference_mode():
+        for x in xs:
+            forward.decoder_layer(arch, weights, lins[0].layer, x, linear=linear)
+    best = {k: ACT_FACTORS[int(torch.argmin(e))] for k, e in errs.items()}     # argmin: the first of equals
+    return {n: best.get(key[n], 1.0) for n in qlins}
 
 
 def quantize_one(name: str, w: torch.Tensor, fmt: str, algo: Algorithm, ws2: torch.Tensor | None,
-                 stat: torch.Tensor | None, tokens: int | None) -> CalibratedWeight:
-    """One linear's weight by its algorithm; `stat` is the summed statistic (`STATS`), `tokens` its count."""
+                 stat: torch.Tensor | None, tokens: int | None, cross: torch.Tensor | None = None) -> CalibratedWeight:
+    """One linear's weight by its algorithm; `stat` is the summed statistic (`STATS`), `tokens` its count,
+    `cross` gptaq's summed cross term."""
     wf = w.detach().float()
     name_used = algo.name
     if name_used in STATS and (stat is None or not tokens):
         name_used = "mse"
+    if name_used == "gptaq":
+        wf = gptq_mod.asymmetric_target(wf, stat / tokens, cross / tokens, algo.target_damping)
     if fmt == "nvfp4":
-        ws2 = formats.nvfp4_global_scale(wf.abs().amax()) if ws2 is None else ws2
-        if name_used == "gptq":
+        ws2 = formats.nvfp4_global_scale(w.detach().float().abs().amax()) if ws2 is None else ws2
+        if name_used in GPTQ_LIKE:
             r = gptq_mod.gptq(wf, stat / tokens, "nvfp4", weight_scale_2=ws2, damping=algo.damping,
                               block_size=algo.block_size)
             return CalibratedWeight(name, fmt, name_used, r.values, r.weight_scale, ws2, tokens)
         hb = stat / tokens if name_used == "local-hessian" else None
         codes = weight_search.nvfp4_search_scales(wf, ws2, name_used, hb)
         return CalibratedWeight(name, fmt, name_used, wf, codes, ws2, tokens)
-    if name_used == "gptq":
+    if name_used in GPTQ_LIKE:
         r = gptq_mod.gptq(wf, stat / tokens, "fp8", damping=algo.damping, block_size=algo.block_size)
         return CalibratedWeight(name, fmt, name_used, r.values, r.weight_scale, None, tokens)
     if name_used == "four-over-six":
@@ -147,7 +246,7 @@ def quantize_one(name: str, w: torch.Tensor, fmt: str, algo: Algorithm, ws2: tor
 
 
 def _gptq_stack(lins, fmt: str, algo: Algorithm, source, rec: "_Recorder", global_scales) -> dict:
-    """GPTQ of same-shaped weights (the routed experts of one projection) in one batched call."""
+    """GPTQ (or gptaq) of same-shaped weights (the routed experts of one projection) in one batched call."""
     W = torch.stack([source[f"{lin.name}.weight"].float() for lin in lins])
     H = torch.stack([rec.stats[lin.name] / rec.tokens[lin.name] for lin in lins])
     ws2 = None
@@ -155,10 +254,40 @@ def _gptq_stack(lins, fmt: str, algo: Algorithm, source, rec: "_Recorder", globa
         ws2 = torch.stack([torch.as_tensor(global_scales[lin.name], dtype=torch.float32).reshape(())
                            if lin.name in global_scales else formats.nvfp4_global_scale(W[k].abs().amax())
                            for k, lin in enumerate(lins)])
+    if algo.name == "gptaq":
+        C = torch.stack([rec.cross[lin.name] / rec.tokens[lin.name] for lin in lins])
+        W = gptq_mod.asymmetric_target(W, H, C, algo.target_damping)
+        del C
     r = gptq_mod.gptq(W, H, fmt, weight_scale_2=ws2, damping=algo.damping, block_size=algo.block_size)
-    return {lin.name: CalibratedWeight(lin.name, fmt, "gptq", r.values[k], r.weight_scale[k],
+    return {lin.name: CalibratedWeight(lin.name, fmt, algo.name, r.values[k], r.weight_scale[k],
                                        None if ws2 is None else r.weight_scale_2[k], rec.tokens[lin.name])
             for k, lin in enumerate(lins)}
+
+
+class LayerWeights(Mapping):
+    """One layer's tensors by hub name, made on access and never kept: `read(name)` for the names in `names`
+    (the source, e.g. a shard reader), and `made` (name -> function) in place of some of them (quantized
+    weights as the next layer will see them). At real width a MoE layer's float32 copies would be 5 GB
+    (1.3 G parameters); made per access, one linear's is held at a time. The price: each forward over the
+    calibration batches reads the layer's source again (the stream's `TensorReader` drops the page cache of
+    what it read, so from disk: about five reads of the layer per calibrated layer, 2.5 GB each for a
+    real-width MoE layer)."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor], names, made: dict | None = None):
+        self.read, self.names, self.made = read, set(names), dict(made or {})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.made:
+            return self.made[name]()
+        if name not in self.names:
+            raise KeyError(name)
+        return self.read(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def fake_quant(w: torch.Tensor, fmt: str, ws2: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,15 +311,18 @@ class LayerByLayer:
 
     def __init__(self, arch: Arch, rows: torch.Tensor | None, formats_of: dict[str, str],
                  algorithms: dict[str, Algorithm], embedding: torch.Tensor | None = None, *,
-                 keep_weights: bool = True):
+                 keep_weights: bool = True, activation: str = "max"):
         """`embedding`: the embedding matrix (read once, for the first layer's inputs; needed only when some
         algorithm needs statistics, see `needs_stats`). `keep_weights`: keep every layer's calibrated weights
         in `result.weights` (float32, the whole model's worth: `calibrate_weights`); the stream passes False
-        and uses each layer's as it is returned."""
+        and uses each layer's as it is returned. `activation`: the recipe's activation_calibration (max | mse:
+        each quantized linear's input_scale searched, `search_input_scales`)."""
         self.arch, self.formats_of, self.keep_weights = arch, formats_of, keep_weights
         self.todo = {n: a for n, a in algorithms.items() if a.name != "max" and formats_of.get(n, "bf16") != "bf16"}
         self.result = WeightCalibration()
-        self.needs_stats = any(a.name in STATS for a in self.todo.values())
+        self.activation = activation
+        self.needs_stats = any(a.name in STATS for a in self.todo.values()) or activation == "mse"
+        self.act_aware = any(a.name in ACT_AWARE for a in self.todo.values())
         self.next_layer = 0
         self.xs: list[torch.Tensor] = []
         if self.needs_stats:
@@ -212,11 +344,14 @@ class LayerByLayer:
         prefix = f"{self.arch.layer_prefix(i)}."
         return [t.name for t in self.arch.tensors if t.name.startswith(prefix)]
 
-    def layer(self, i: int, weights: dict[str, torch.Tensor],
-              global_scales: dict[str, torch.Tensor]) -> dict[str, CalibratedWeight]:
-        """Calibrate decoder layer `i` from its source tensors `weights` (hub names, as stored) and its
-        linears' NVFP4 global scales as exported (module name -> weight_scale_2); returns the layer's
-        calibrated weights (also kept in `result` with `keep_weights`) and moves the hidden states past the layer."""
+    def layer(self, i: int, weights: Mapping[str, torch.Tensor], global_scales: dict[str, torch.Tensor],
+              input_scales: dict[str, torch.Tensor] | None = None) -> dict[str, CalibratedWeight]:
+        """Calibrate decoder layer `i` from its source tensors `weights` (hub names, as stored; a mapping that
+        reads on access, `LayerWeights`, keeps memory to one tensor) and its
+        linears' NVFP4 global scales as exported (module name -> weight_scale_2) and, for gptaq, their input
+        scales as exported (module name -> input_scale; missing ones are max-calibrated here); returns the
+        layer's calibrated weights (also kept in `result` with `keep_weights`) and moves the hidden states
+        past the layer."""
         if i != self.next_layer:
             raise ValueError(f"weight calibration expects layer {self.next_layer}, got {i}")
         self.next_layer += 1
@@ -225,8 +360,23 @@ class LayerByLayer:
         lins = self.by_layer.get(i, [])
         want = {lin.name: STATS[todo[lin.name].name] for lin in lins
                 if lin.name in todo and todo[lin.name].name in STATS}
-        current = dict(weights)
-        rec = _Recorder(current, want)
+        current = weights
+        quantize = {}
+        if self.act_aware or self.activation == "mse":
+            scales = dict(input_scales or {})
+            missing = [lin for lin in lins if formats_of.get(lin.name, "bf16") != "bf16" and lin.name not in scales]
+            if missing:
+                scales.update({n: s for n, s in _max_input_scales(self.arch, lins, formats_of, current,
+                                                                  self.xs).items() if n not in scales})
+            if self.activation == "mse" and lins:
+                factors = search_input_scales(self.arch, lins, formats_of, current, self.xs, scales)
+                for n, f in factors.items():
+                    scales[n] = torch.as_tensor(scales[n], dtype=torch.float32).reshape(()) * f
+                    result.input_scales[n], result.input_factors[n] = scales[n], f
+        if self.act_aware:        # the engine's input quantization of every quantized linear of the layer
+            quantize = {lin.name: _input_quantizer(formats_of[lin.name], scales[lin.name]) for lin in lins
+                        if formats_of.get(lin.name, "bf16") != "bf16"}
+        rec = _Recorder(current, want, quantize)
         if want:
             with torch.inference_mode():
                 for x in self.xs:
@@ -242,11 +392,12 @@ class LayerByLayer:
             if algo.name in STATS and lin.expert is not None and (tokens or 0) < algo.min_tokens:
                 result.fallbacks.append(lin.name)
                 algo = Algorithm("mse")
-            if algo.name == "gptq" and lin.expert is not None:
+            if algo.name in GPTQ_LIKE and lin.expert is not None:
                 stacks.setdefault((lin.role, formats_of[lin.name], algo), []).append(lin)
                 continue
             done[lin.name] = quantize_one(lin.name, weights[f"{lin.name}.weight"], formats_of[lin.name], algo,
-                                          global_scales.get(lin.name), rec.stats.get(lin.name), tokens)
+                                          global_scales.get(lin.name), rec.stats.get(lin.name), tokens,
+                                          rec.cross.get(lin.name))
         for (_, fmt, algo), group in stacks.items():
             for k in range(0, len(group), EXPERT_CHUNK):
                 done.update(_gptq_stack(group[k:k + EXPERT_CHUNK], fmt, algo, weights, rec, global_scales))
@@ -254,16 +405,23 @@ class LayerByLayer:
         if self.keep_weights:
             result.weights.update(done)
         if self.needs_stats:
+            made = {}
             for lin in lins:
                 fmt = formats_of.get(lin.name, "bf16")
                 if lin.name in done:
-                    current[f"{lin.name}.weight"] = done[lin.name].dequantized()
+                    made[f"{lin.name}.weight"] = done[lin.name].dequantized
                 elif fmt != "bf16":
-                    current[f"{lin.name}.weight"] = fake_quant(weights[f"{lin.name}.weight"], fmt,
-                                                               global_scales.get(lin.name))
+                    made[f"{lin.name}.weight"] = (lambda n=lin.name, f=fmt: fake_quant(
+                        weights[f"{n}.weight"], f, global_scales.get(n)))
+            current = LayerWeights(weights.__getitem__, weights.keys(), made)
             with torch.inference_mode():
                 plain = forward.plain_linear(current)
-                self.xs = [forward.decoder_layer(self.arch, current, i, x, linear=plain) for x in self.xs]
+                if quantize:
+                    def linear(name, x):
+                        return plain(name, quantize[name](x) if name in quantize else x)
+                else:
+                    linear = plain
+                self.xs = [forward.decoder_layer(self.arch, current, i, x, linear=linear) for x in self.xs]
         result.seconds += time.perf_counter() - t0
         return done
 
@@ -272,16 +430,19 @@ class LayerByLayer:
         packed weights and scales, as ModelOpt wrote them), calibrate the layer from its source tensors
         (`read(name)`, e.g. a `TensorReader.get`) and the exported global scales, and return the tensors with
         the calibrated layers' weight and weight_scale in place of ModelOpt's (same names, dtypes, shapes)."""
-        suffix = ".weight_scale_2"
+        suffix, in_suffix = ".weight_scale_2", ".input_scale"
 
         def hook(i: int, tensors: dict) -> dict:
             if not any(lin.name in self.todo for lin in self.by_layer.get(i, [])) and not self.needs_stats:
                 self.next_layer += 1
                 return tensors
-            weights = {n: read(n) for n in self.layer_tensor_names(i)}
+            weights = LayerWeights(read, self.layer_tensor_names(i))
             scales = {n[: -len(suffix)]: t for n, t in tensors.items() if n.endswith(suffix)}
-            for cw in self.layer(i, weights, scales).values():
+            inputs = {n[: -len(in_suffix)]: t for n, t in tensors.items() if n.endswith(in_suffix)}
+            for cw in self.layer(i, weights, scales, inputs).values():
                 tensors.update(cw.tensors())
+            for n in self.result.input_scales.keys() & inputs.keys():       # activation mse: this layer's
+                tensors[f"{n}{in_suffix}"] = self.result.input_scales[n].reshape(inputs[n].shape).to(inputs[n].dtype)
             return tensors
         return hook
 
@@ -289,17 +450,18 @@ class LayerByLayer:
 def calibrate_weights(arch: Arch, source: dict[str, torch.Tensor], rows: torch.Tensor | None,
                       formats_of: dict[str, str], algorithms: dict[str, Algorithm],
                       global_scales: dict[str, torch.Tensor] | None = None,
-                      progress=None) -> WeightCalibration:
+                      progress=None, input_scales: dict[str, torch.Tensor] | None = None) -> WeightCalibration:
     """Weights of every linear whose algorithm is not max, layer by layer (`LayerByLayer` over a model held
     whole: `omniq search`).
 
     `source`: every tensor of the language model (hub names), float32 or bf16; `rows`: calibration token ids
     (samples, seq_len); `formats_of` / `algorithms`: per linear (the plan's); `global_scales`: NVFP4
-    weight_scale_2 per linear as exported (fused layers share one), else amax / (6 * 448)."""
+    weight_scale_2 per linear as exported (fused layers share one), else amax / (6 * 448); `input_scales`
+    (gptaq): input_scale per linear as exported, else max-calibrated from the stream's inputs."""
     global_scales = global_scales or {}
     cal = LayerByLayer(arch, rows, formats_of, algorithms, source.get(arch.embedding_weight))
     for i in range(arch.num_layers):
-        cal.layer(i, {n: source[n] for n in cal.layer_tensor_names(i)}, global_scales)
+        cal.layer(i, {n: source[n] for n in cal.layer_tensor_names(i)}, global_scales, input_scales)
         if progress:
             progress("weights", i + 1, arch.num_layers)
     return cal.result
