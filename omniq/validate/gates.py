@@ -228,6 +228,7 @@ def section(label: str, metrics: dict, floor: dict | None, gates: Gates) -> dict
 
 # ----- --gates FILE.yaml ---------------------------------------------------------------------------------
 LENGTH_KEYS = ("min_length_ratio", "max_length_ratio")
+DEFAULT_LENGTH_RATIO = (0.85, 1.15)      # --generate: candidate / reference mean generated length, default band
 FILE_FORMAT_KEYS = ("multiplier", "min_layer_sqnr_db", *GATE_KEYS, *LENGTH_KEYS, *MODALITIES)
 
 
@@ -337,8 +338,6 @@ def overrides_for(gates_file: dict | None, fmt: str, modality: str, flags: dict 
 def length_ratio_for(gates_file: dict | None, fmt: str, modality: str = "text") -> tuple[float, float]:
     """`--generate`'s gate on the mean generated length ratio candidate / reference for a format and the
     prompts of one modality: the file's `<fmt>.<modality>` value, else its `<fmt>` one, else the default."""
-    from omniq.validate.generate import DEFAULT_LENGTH_RATIO
-
     body = (gates_file or {}).get("formats", {}).get(fmt) or {}
     own = body.get(modality) or {}
     lo, hi = (own.get(k, body.get(k, d)) for k, d in zip(LENGTH_KEYS, DEFAULT_LENGTH_RATIO))

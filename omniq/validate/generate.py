@@ -45,10 +45,10 @@ import torch
 
 from omniq.errors import OmniqError
 from omniq.model import forward
+from omniq.validate.gates import DEFAULT_LENGTH_RATIO  # noqa: F401  (the band is a gate; re-exported)
 
 PROMPT_TOKENS = 32
 DEFAULT_MAX_NEW_TOKENS = 128
-DEFAULT_LENGTH_RATIO = (0.85, 1.15)
 PREFIXES = (16, 64)
 SIGNIFICANT_SE = 2.0     # a length ratio outside its band fails only when the paired difference exceeds 2 s.e.
 
