@@ -153,7 +153,7 @@ class TensorReader:
                 raise OmniqError(f"{meta.file}: cannot read tensor {name} (the file ends at byte {start + done}, "
                                  f"its header says {start + len(view)}); the shard changed or is damaged")
             done += n
-        if done:
+        if done and hasattr(os, "posix_fadvise"):          # Linux; elsewhere the page cache is the OS's to manage
             os.posix_fadvise(fd, start, done, os.POSIX_FADV_DONTNEED)
         return out
 
