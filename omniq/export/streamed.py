@@ -63,7 +63,7 @@ from omniq.errors import OmniqError
 from omniq.heap import give_back
 from omniq.model import names
 from omniq.model.arch import ATTENTION
-from omniq.model.checkpoint import Checkpoint, TensorReader
+from omniq.model.checkpoint import DTYPE_BYTES, TORCH_DTYPES, Checkpoint, TensorReader
 
 Progress = Callable[[str, int, int], None]
 # Output shards of at most 1 GB (ModelOpt's export writes 5 GB ones; the buffer of one shard is part of the
@@ -470,8 +470,7 @@ def export_layer(shell, model, arch) -> LayerResult:
 
 
 # ----- 4. output shards -----------------------------------------------------------------------------------
-_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E4M3": "float8_e4m3fn", "U8": "uint8",
-           "I64": "int64", "I32": "int32", "F64": "float64", "I8": "int8", "BOOL": "bool"}
+_DTYPES = TORCH_DTYPES        # safetensors dtype name -> torch dtype name (omniq.model.checkpoint's one table)
 
 
 def _dtype_name(t) -> str:
@@ -613,9 +612,7 @@ class ShardWriter:
 
 
 def _itemsize(dtype: str) -> int:
-    import torch
-
-    return torch.empty((), dtype=getattr(torch, _DTYPES[dtype])).element_size()
+    return DTYPE_BYTES[dtype]
 
 
 def output_layout(plan) -> dict:
