@@ -260,8 +260,9 @@ REAL_PATTERNS = {"rw5": "MEM*E", "rw12": "MEM*EMEM*EME", "real52": None}
 
 
 def predictions(recipes_: list[str], samples: int, seq_len: int) -> list[dict]:
-    """The streamed quantize's predicted peak (`omniq.quant.memory.streamed_estimate`) on the real widths at 5,
-    12 and 52 layers, and the whole model's BF16 size beside it."""
+    """The streamed quantize's predicted peak (`omniq.quant.memory.streamed_estimate`, with the recipe's weight
+    calibration as the preflight counts it) on the real widths at 5, 12 and 52 layers, and the whole model's
+    BF16 size beside it."""
     from omniq.model.arch import from_config
     from omniq.quant import memory, recipe as recipes
     from omniq.quant.plan import make_plan
@@ -272,7 +273,11 @@ def predictions(recipes_: list[str], samples: int, seq_len: int) -> list[dict]:
         pattern = pattern or real["hybrid_override_pattern"]
         arch = from_config(dict(real, hybrid_override_pattern=pattern, num_hidden_layers=len(pattern)))
         for r in recipes_:
-            est = memory.streamed_estimate(make_plan(arch, recipes.load(r)), samples=samples, seq_len=seq_len)
+            rec = recipes.load(r)
+            plan = make_plan(arch, rec)
+            algos = {lin.name: rec.algorithm_of(lin, arch) for lin in plan.quantized}   # as quantize's preflight
+            est = memory.streamed_estimate(plan, samples=samples, seq_len=seq_len, algorithms=algos,
+                                           activation=rec.activation_calibration)
             out.append({"model": name, "layers": len(pattern), "recipe": r, "predicted_peak_bytes": est.total,
                         "bf16_bytes": memory.weight_bytes(arch), **est.as_dict()})
             print(f"predicted  {name:6} {len(pattern):3} layers {r:10} peak {est.total / 2**30:5.2f} GiB "
