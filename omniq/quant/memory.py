@@ -260,12 +260,14 @@ GPTQ_CHUNK_BYTES = GiB
 _STAT_FLOATS = {"gptq": 1, "gptaq": 2}      # in^2 float32 statistics per linear: X^T X (gptaq: Xq^T Xq and X^T Xq)
 
 
-def gptq_chunk_bytes(in_features: int, out_features: int, algorithm: str) -> int:
+def gptq_chunk_bytes(in_features: int, out_features: int, algorithm: str, act_order: bool = False) -> int:
     """Working bytes per weight of a batched GPTQ call (`weight_calibration._gptq_stack`, `gptq.gptq`): its
     float32 statistics (gptaq's two) and, stacked, the Hessian and the inverse's Cholesky factor (4 x in^2
     each), plus the weight's float32 copies: stacked source, GPTQ's working copy, its values and the lazy
-    update's temporary (4 x 4 x in x out)."""
-    return 4 * (_STAT_FLOATS[algorithm] + 2) * in_features ** 2 + 16 * in_features * out_features
+    update's temporary (4 x 4 x in x out); act-order adds the permuted Hessian and weight and the values
+    permuted back (4 x in^2 + 8 x in x out)."""
+    extra = 4 * in_features ** 2 + 8 * in_features * out_features if act_order else 0
+    return 4 * (_STAT_FLOATS[algorithm] + 2) * in_features ** 2 + 16 * in_features * out_features + extra
 
 
 def gptq_float64_bytes(in_features: int, out_features: int, algorithm: str) -> int:
@@ -277,9 +279,9 @@ def gptq_float64_bytes(in_features: int, out_features: int, algorithm: str) -> i
     return 40 * in_features ** 2
 
 
-def gptq_expert_chunk(in_features: int, out_features: int, algorithm: str) -> int:
+def gptq_expert_chunk(in_features: int, out_features: int, algorithm: str, act_order: bool = False) -> int:
     """Experts per chunk for routed experts of this shape under `algorithm` (gptq | gptaq)."""
-    per = gptq_chunk_bytes(in_features, out_features, algorithm)
+    per = gptq_chunk_bytes(in_features, out_features, algorithm, act_order)
     return max(1, min(GPTQ_EXPERT_CHUNK, GPTQ_CHUNK_BYTES // per))
 
 
@@ -391,22 +393,23 @@ def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int,
             continue
         i, kind = lin.layer, kinds.get(lin.name)
         transient[i] = max(transient.get(i, 0), 2 * 4 * lin.params)
-        if kind in _STAT_FLOATS and lin.expert is not None:
-            groups.setdefault((i, lin.role, kind), []).append(lin)
-            continue
         if kind in _STAT_FLOATS:
+            order = algorithms[lin.name].act_order
+            if lin.expert is not None:
+                groups.setdefault((i, lin.role, kind, order), []).append(lin)
+                continue
             first[i] = first.get(i, 0) + 4 * _STAT_FLOATS[kind] * lin.in_features ** 2
-            work = (gptq_chunk_bytes(lin.in_features, lin.out_features, kind)
+            work = (gptq_chunk_bytes(lin.in_features, lin.out_features, kind, order)
                     - 4 * _STAT_FLOATS[kind] * lin.in_features ** 2
                     + gptq_float64_bytes(lin.in_features, lin.out_features, kind))
             one[i] = max(one.get(i, 0), work)
         elif kind == "local-hessian":
             first[i] = first.get(i, 0) + 4 * lin.in_features * 16
     chunk: dict[int, int] = {}
-    for (i, _, kind), lins in groups.items():
+    for (i, _, kind, order), lins in groups.items():
         lin = lins[0]
-        n = min(len(lins), gptq_expert_chunk(lin.in_features, lin.out_features, kind))
-        b = n * gptq_chunk_bytes(lin.in_features, lin.out_features, kind) + gptq_float64_bytes(
+        n = min(len(lins), gptq_expert_chunk(lin.in_features, lin.out_features, kind, order))
+        b = n * gptq_chunk_bytes(lin.in_features, lin.out_features, kind, order) + gptq_float64_bytes(
             lin.in_features, lin.out_features, kind)
         chunk[i] = max(chunk.get(i, 0), b)
     parts = activation_parts(arch, min(BATCH_ROWS, samples), seq_len, "fp32", logits_positions=1)

@@ -257,13 +257,14 @@ def quantize_one(name: str, w: torch.Tensor, fmt: str, algo: Algorithm, ws2: tor
         ws2 = formats.nvfp4_global_scale(w.detach().float().abs().amax()) if ws2 is None else ws2
         if name_used in GPTQ_LIKE:
             r = gptq_mod.gptq(wf, stat / tokens, "nvfp4", weight_scale_2=ws2, damping=algo.damping,
-                              block_size=algo.block_size)
+                              block_size=algo.block_size, act_order=algo.act_order)
             return CalibratedWeight(name, fmt, name_used, r.values, r.weight_scale, ws2, tokens)
         hb = stat / tokens if name_used == "local-hessian" else None
         codes = weight_search.nvfp4_search_scales(wf, ws2, name_used, hb)
         return CalibratedWeight(name, fmt, name_used, wf, codes, ws2, tokens)
     if name_used in GPTQ_LIKE:
-        r = gptq_mod.gptq(wf, stat / tokens, "fp8", damping=algo.damping, block_size=algo.block_size)
+        r = gptq_mod.gptq(wf, stat / tokens, "fp8", damping=algo.damping, block_size=algo.block_size,
+                          act_order=algo.act_order)
         return CalibratedWeight(name, fmt, name_used, r.values, r.weight_scale, None, tokens)
     if name_used == "four-over-six":
         raise ValueError("four-over-six applies to NVFP4 only")
@@ -290,7 +291,7 @@ def _expert_chunks(group: list, algo: Algorithm) -> list[list]:
     layer's calibration inputs, GPTQ runs on it as one batched call, and its statistics are freed before the
     next, so one chunk's are held at a time rather than the layer's (5.5 GB for gptq's 256 expert Hessians of
     a real-width MoE layer)."""
-    n = memory.gptq_expert_chunk(group[0].in_features, group[0].out_features, algo.name)
+    n = memory.gptq_expert_chunk(group[0].in_features, group[0].out_features, algo.name, algo.act_order)
     return [group[k:k + n] for k in range(0, len(group), n)]
 
 
@@ -309,7 +310,8 @@ def _gptq_stack(lins, fmt: str, algo: Algorithm, source, rec: "_Recorder", globa
         for k, lin in enumerate(lins):
             W[k] = gptq_mod.asymmetric_target(W[k], H[k], rec.cross.pop(lin.name) / rec.tokens[lin.name],
                                               algo.target_damping)
-    r = gptq_mod.gptq(W, H, fmt, weight_scale_2=ws2, damping=algo.damping, block_size=algo.block_size)
+    r = gptq_mod.gptq(W, H, fmt, weight_scale_2=ws2, damping=algo.damping, block_size=algo.block_size,
+                      act_order=algo.act_order)
     return {lin.name: CalibratedWeight(lin.name, fmt, algo.name, r.values[k], r.weight_scale[k],
                                        None if ws2 is None else r.weight_scale_2[k], rec.tokens[lin.name])
             for k, lin in enumerate(lins)}
