@@ -9,7 +9,8 @@ sees only the tokens routed to it), the token count and the input statistics its
                     (their diagonals are the per-channel second moments that FP8's local-hessian weights by)
     gptq            the full input Hessian, sum of x^T x [in, in]: in_features^2 floats per linear and per
                     expert while its layer is calibrated (tiny: 256 KiB; Nemotron 3 Nano's 2,688-wide
-                    inputs: 29 MiB per linear, 128 experts x 2 projections of one MoE layer 5.5 GB at once)
+                    inputs: 29 MiB per linear; 128 experts x 2 projections of one MoE layer would be 5.5 GB
+                    at once, so the routed experts' are gathered a chunk of experts at a time, below)
     gptaq           with xq = Q(x) the input as the engine quantizes it (the linear's format and its exported
                     input_scale), sum of xq^T xq and the cross term sum of x^T xq: twice gptq's statistics;
                     the weight aimed at is `gptq.asymmetric_target` (the least-squares weight mapping the
@@ -26,6 +27,14 @@ exports them) is measured from the stream's inputs first. `mse` and `four-over-s
 any, no forward runs. A routed expert with fewer than `min_tokens` routed tokens falls back to `mse` and is
 listed in `fallbacks`. Activation (input) scales stay ModelOpt's max calibration.
 
+Routed experts under gptq / gptaq are calibrated in chunks of experts (`_expert_chunks`,
+`memory.gptq_expert_chunk`): the layer's first forward records every other linear and counts the routed
+tokens (skipping the experts' matmuls); then per chunk a forward over the same kept inputs runs only that
+chunk's experts (`_Recorder`'s `skip`), GPTQ runs on the chunk as one batched call, and the results are
+packed (`CalibratedWeight.compact`) and the statistics freed before the next chunk. The statistics are those
+of one pass over every expert (tests/quant/test_gptq_chunks.py); the price is one routing of the layer's
+tokens per chunk.
+
 The result is per-linear packed tensors (`tensors()`, the names and dtypes ModelOpt exports) that replace the
 exported weight and weight scale of those layers; `weight_scale_2` / `input_scale` stay the export's.
 
@@ -33,8 +42,8 @@ exported weight and weight scale of those layers; `weight_scale_2` / `input_scal
 `omniq.export.streamed.run`'s `layer_tensors_hook`): right after ModelOpt has calibrated and packed layer i,
 the layer's source tensors are read from the shards, its statistics gathered, its weights calibrated and put
 in place of ModelOpt's before the layer is written; between layers only the float32 hidden states of the
-calibration rows are kept, so memory stays about one layer (plus those hidden states and one layer's
-statistics). `calibrate_weights` runs the same steps over a model held whole (`omniq search`).
+calibration rows are kept, so memory stays about one packed layer (plus those hidden states and one layer's
+statistics, or one chunk of its experts'). `calibrate_weights` runs the same steps over a model held whole (`omniq search`).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from omniq.heap import give_back
 from omniq.model import forward
 from omniq.model.arch import Arch
 from omniq.quant import formats, gptq as gptq_mod, memory, weight_search
@@ -470,6 +480,7 @@ class LayerByLayer:
                 for name, cw in _gptq_stack(chunk, fmt, algo, weights, crec, global_scales).items():
                     done[name] = self._kept(cw)
                 del crec
+                give_back()      # the chunk's freed temporaries: glibc keeps them between the packed results
         if self.keep_weights:
             result.weights.update(done)
         if self.needs_stats:
