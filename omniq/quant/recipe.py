@@ -15,7 +15,8 @@
 Weight calibration (`algorithm:`, top level and per rule; `omniq.quant.weight_calibration`): `max` (default:
 ModelOpt's max calibration, the artifacts of before), `mse`, `local-hessian`, `gptq`, `gptaq` (GPTQ aiming at
 the output the engine computes from quantized inputs), `four-over-six` (NVFP4 only), as a name or a mapping
-`{name: gptq, damping: 0.01, block_size: 128, min_tokens: 64}`. An algorithm
+`{name: gptq, damping: 0.01, block_size: 128, min_tokens: 64, act_order: false}` (`act_order`: gptq / gptaq
+only, true or false; GPTQ's descending-diag(H) column order, NVFP4 in whole 16-column groups). An algorithm
 that does not apply to a rule's format (anything but `max` on bf16, `four-over-six` on fp8) is refused.
 `activation_calibration: mse` (top level; default `max`, ModelOpt's) picks each quantized layer's
 input_scale as max's times the factor with the least squared input error on the calibration inputs.
