@@ -38,18 +38,7 @@ KINDS = {
     "A_log": ("mixer.A_log",),
     "conv": ("mixer.conv1d.weight", "mixer.conv1d.bias"),
 }
-DEFAULT_KINDS = ("norm", "mixer-norm")
 BATCH_ROWS = 8
-
-
-@dataclass(frozen=True)
-class Compensation:
-    """A recipe's `compensation:` (none by default)."""
-
-    name: str = "none"                       # none | norm-tweak
-    steps: int = 200
-    lr: float = 1e-3                         # Adam's, on the parameters relative to their mean magnitude
-    params: tuple[str, ...] = DEFAULT_KINDS
 
 
 @dataclass
@@ -146,16 +135,32 @@ def fit_layer(arch: Arch, i: int, weights: Mapping[str, torch.Tensor], xs: list[
         return {n: v.detach().to(torch.bfloat16).float() for n, v in out.items()} if rounded else out
 
     before = _loss(arch, i, weights, dict, xs, targets, quantizers, grad=False)
-    opt = torch.optim.Adam(list(delta.values()), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        _loss(arch, i, weights, params, xs, targets, quantizers, grad=True)
-        opt.step()
-    fitted = params(rounded=True)
+    fitted = _adam(delta, lambda: _loss(arch, i, weights, params, xs, targets, quantizers, grad=True), params,
+                   steps, lr)
     after = _loss(arch, i, weights, lambda: fitted, xs, targets, quantizers, grad=False)
     kept = after < before
     out = {n: v.to(torch.bfloat16) for n, v in fitted.items()} if kept else {}
     return out, LayerFit(i, list(names), before, after if kept else before, kept)
+
+
+def _adam(delta: dict, step_loss: Callable[[], float], params: Callable, steps: int, lr: float, log=None) -> dict:
+    """Adam on `delta` with a cosine-decayed learning rate; `step_loss()` accumulates the gradients and
+    returns the loss at the current values. Returns the BF16-rounded values (float32) of the step with the
+    lowest loss seen (the last step's loss is measured once more at the end)."""
+    opt = torch.optim.Adam(list(delta.values()), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    best, best_loss = params(rounded=True), float("inf")
+    for step in range(steps + 1):
+        opt.zero_grad()
+        cur = step_loss()
+        if cur < best_loss:
+            best, best_loss = params(rounded=True), cur
+        if log is not None and (step % 20 == 0 or step == steps):
+            log(f"  step {step}: loss {cur:.4e}")
+        if step < steps:
+            opt.step()
+            sched.step()
+    return best
 
 
 def kl_loss(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -192,14 +197,7 @@ def fit_model(arch: Arch, weights: Mapping[str, torch.Tensor], rows: list[torch.
         return total
 
     before = loss(dict, False)
-    opt = torch.optim.Adam(list(delta.values()), lr=lr)
-    for step in range(steps):
-        opt.zero_grad()
-        cur = loss(params, True)
-        opt.step()
-        if log is not None and (step % 20 == 0 or step == steps - 1):
-            log(f"  step {step}: KL {cur:.4e}")
-    fitted = params(rounded=True)
+    fitted = _adam(delta, lambda: loss(params, True), params, steps, lr, log)
     after = loss(lambda: fitted, False)
     kept = after < before
     out = {n: v.to(torch.bfloat16) for n, v in fitted.items()} if kept else {}

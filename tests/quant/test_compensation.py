@@ -91,3 +91,18 @@ def test_fit_layer_lowers_the_quantized_layers_error(tiny):
     assert all(t.dtype == torch.bfloat16 and t.shape == ref[n].shape for n, t in fitted.items())
     _, none = comp.fit_layer(arch, i, quantized, xs, targets, quantizers, rec.names, steps=0, lr=1e-3)
     assert not none.kept and none.loss_after == none.loss_before
+
+
+def test_recipe_compensation_parses_and_round_trips():
+    from omniq.errors import OmniqError
+    from omniq.quant import recipe as recipes
+
+    r = recipes.parse({"name": "x", "default": "nvfp4", "compensation": "norm-tweak"}, "t")
+    assert r.compensation == recipes.Compensation("norm-tweak")
+    assert recipes.parse(r.as_dict(), "t").compensation == r.compensation
+    assert recipes.parse({"name": "x", "default": "nvfp4"}, "t").compensation.name == "none"
+    assert set(recipes.COMPENSATION_PARAMS) == set(comp.KINDS)
+    with pytest.raises(OmniqError, match="needs quantized layers"):
+        recipes.parse({"name": "x", "default": "bf16", "compensation": "norm-tweak"}, "t")
+    with pytest.raises(OmniqError, match="lr"):
+        recipes.parse({"name": "x", "default": "nvfp4", "compensation": {"name": "norm-tweak", "lr": 0}}, "t")
