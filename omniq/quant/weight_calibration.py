@@ -335,6 +335,7 @@ class LayerByLayer:
         self.engine_inputs = self.act_aware or self.compensate     # the stream quantizes inputs as engines do
         self.next_layer = 0
         self.xs: list[torch.Tensor] = []
+        self.xs_ref: list[torch.Tensor] = []        # compensation: the float reference's hidden states
         if self.needs_stats:
             if rows is None:
                 raise ValueError("local-hessian and gptq need calibration token rows")
@@ -343,7 +344,8 @@ class LayerByLayer:
             t0 = time.perf_counter()
             emb = embedding.float()
             self.xs = [F.embedding(rows[b:b + BATCH_ROWS], emb) for b in range(0, rows.shape[0], BATCH_ROWS)]
-            self.xs_ref = [x.clone() for x in self.xs] if self.compensate else []
+            if self.compensate:
+                self.xs_ref = [x.clone() for x in self.xs]
             self.result.seconds += time.perf_counter() - t0
         self.by_layer: dict[int, list] = {}
         for lin in arch.linears:

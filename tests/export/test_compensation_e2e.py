@@ -30,6 +30,7 @@ def artifact(tmp_path_factory):
 def test_norm_tweak_writes_fitted_norms_and_records_them(artifact, tiny_dir):
     assert artifact["rc"] == 0, artifact["stderr"][-2000:]
     m = json.loads((artifact["path"] / "omniq.json").read_text())
+    assert "compensation: norm-tweak changed" in artifact["stdout"]
     assert m["recipe"]["compensation"] == {"name": "norm-tweak", "steps": 4, "lr": 0.003,
                                            "params": ["norm", "mixer-norm"]}
     rec = m["weight_calibration"]["compensation"]
