@@ -180,10 +180,12 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], -1, block)
 
 
-# Integer views of float dtypes and the mask that clears the sign bit: a non-negative float's magnitude
-# orders as its bit pattern does (NaN patterns above infinity's), so max |x| is a max over integers.
-_MAGNITUDE_BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
-                   torch.float32: (torch.int32, 0x7FFFFFFF)}
+def _magnitude_bits(dtype) -> tuple | None:
+    """The integer view of a float dtype and the mask that clears its sign bit (None: no such path): a
+    non-negative float's magnitude orders as its bit pattern does (NaN patterns above infinity's), so
+    max |x| is a max over integers."""
+    return {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
+            torch.float32: (torch.int32, _FLOAT32_MAGNITUDE)}.get(dtype)
 
 
 def _block_amax(w: torch.Tensor, block: int, chunk_elements: int = 1 << 20) -> torch.Tensor:
@@ -192,9 +194,10 @@ def _block_amax(w: torch.Tensor, block: int, chunk_elements: int = 1 << 20) -> t
     reused buffer: 5x faster on the CPU than `abs().amax(-1)` in BF16 (whose elementwise passes are not
     vectorized) on a real-width expert matrix at one thread (benchmarks/nvfp4_pack_speed.py)."""
     blocks = _blocks(w, block)
-    if w.dtype not in _MAGNITUDE_BITS:
+    bits = _magnitude_bits(w.dtype)
+    if bits is None:
         return blocks.abs().amax(-1)
-    int_dtype, mask = _MAGNITUDE_BITS[w.dtype]
+    int_dtype, mask = bits
     rows = blocks.reshape(-1, *blocks.shape[-2:]).view(int_dtype)
     out = torch.empty(rows.shape[:2], dtype=int_dtype, device=w.device)
     step = max(1, min(rows.shape[0], chunk_elements // max(rows.shape[1] * block, 1)))
