@@ -248,6 +248,36 @@ def test_block_amax_on_bit_patterns_is_abs_amax():
                 assert torch.equal(mine.nan_to_num(), ref.nan_to_num()), (dtype, chunk)
 
 
+def test_block_scales_are_the_definitions_for_every_global_scale():
+    """nvfp4_block_scales (zero scales set to 1.0 by integer passes when weight_scale_2 is one finite positive
+    value) against the definition (abs().amax(-1), divide, where(scale == 0, 1), clamp, cast): a zero block, a
+    block whose scale underflows to 0 after the division, NaN and inf blocks, and global scales that are
+    0, NaN, inf or negative (the definition's path)."""
+    def definition(w, ws2):
+        scale = fm._blocks(w, 16).abs().amax(-1).float() / (6.0 * ws2.float())
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale.clamp(fm.E4M3_MIN_SCALE, fm.E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+
+    w = _weights(torch.float32)
+    w[9, :16] = 1e-44                               # / (6 * 1e30): underflows to 0 -> scale 1.0
+    w[10, :16] = math.nan
+    w[11, 16:32] = -math.inf
+    for ws2 in (0.02, 1e30, 1e-30, 0.0, math.nan, math.inf, -0.5):
+        ws2 = torch.tensor(ws2)
+        for x in (w, w.to(torch.bfloat16)):
+            assert torch.equal(fm.nvfp4_block_scales(x, ws2).view(torch.uint8), definition(x, ws2)), ws2
+
+
+def test_e4m3_table_is_torchs_conversion():
+    from omniq.quant.formats import nvfp4
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
+    mine, theirs = nvfp4._e4m3_float(codes), codes.float()
+    assert mine.shape == (16, 16) and torch.equal(mine.isnan(), theirs.isnan())
+    assert torch.equal(mine.nan_to_num().view(torch.int32), theirs.nan_to_num().view(torch.int32))   # -0.0 too
+    assert torch.equal(nvfp4._e4m3_float(torch.tensor([1.5, 3.0])), torch.tensor([1.5, 3.0]))
+
+
 def test_export_packs_nvfp4_with_omniq_arithmetic_bit_identically(modelopt, monkeypatch):
     """streamed.omniq_packing: ModelOpt's export step `to_quantized_weight` runs omniq's packing for
     NVFP4 (stacked experts with one global scale each included), with ModelOpt's own result."""
