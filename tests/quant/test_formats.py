@@ -268,6 +268,17 @@ def test_block_scales_are_the_definitions_for_every_global_scale():
             assert torch.equal(fm.nvfp4_block_scales(x, ws2).view(torch.uint8), definition(x, ws2)), ws2
 
 
+def test_e4m3_positive_finite_check_by_codes_is_the_float_check():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    values = codes.float()
+    for c in range(256):
+        one = codes[c:c + 1]
+        assert fm.e4m3_all_positive_finite(one) == bool(values[c].isfinite() and values[c] > 0), c
+    good = torch.tensor([1.0, 448.0, 2.0 ** -9]).to(torch.float8_e4m3fn)
+    assert fm.e4m3_all_positive_finite(good) and fm.e4m3_all_positive_finite(good[:0])
+    assert not fm.e4m3_all_positive_finite(torch.cat([good, codes[0:1]]))
+
+
 def test_e4m3_table_is_torchs_conversion():
     from omniq.quant.formats import nvfp4
 

@@ -87,7 +87,9 @@ def _e2m1_pack_into(q: torch.Tensor, out: torch.Tensor, exponents: torch.Tensor,
         out.copy_(pack_e2m1(_e2m1_magnitudes(q) | (negative.to(torch.uint8) << 3)))
         return
     signs.clamp_(0, 1)
-    exponents.clamp_(127, 129).mul_(_E2M1_M_PER_EXPONENT).add_(_E2M1_M_OFFSET).add_(signs, alpha=8)
+    exponents.clamp_(127, 129)
+    torch.add(_e2m1_m_offset(q.device), exponents, alpha=_E2M1_M_PER_EXPONENT, out=exponents)   # one pass
+    exponents.add_(signs, alpha=8)
     qi.clamp_(max=_FLOAT32_SIX)
     q += exponents.view(torch.float32)                           # the rounding; low byte = the code
     pairs = qi.view(torch.int64)                                 # element 2i in the low half (little-endian)
@@ -96,6 +98,25 @@ def _e2m1_pack_into(q: torch.Tensor, out: torch.Tensor, exponents: torch.Tensor,
     packed ^= pairs
     out.copy_(packed)                                            # int64 -> uint8 keeps the low byte
     out ^= _E2M1_PACK_RESIDUE
+
+
+def e4m3_all_positive_finite(scales: torch.Tensor) -> bool:
+    """Whether every float8_e4m3fn value is finite and > 0: its codes all in 0x01..0x7E (0x00 is zero, 0x7F
+    NaN, the sign bit negative; E4M3FN has no infinity). Two uint8 reductions, against a float32 conversion
+    (per element in torch) and two passes over the values."""
+    codes = scales.view(torch.uint8)
+    return codes.numel() == 0 or (int(codes.min()) >= 0x01 and int(codes.max()) <= 0x7E)
+
+
+_M_OFFSETS: dict = {}
+
+
+def _e2m1_m_offset(device) -> torch.Tensor:
+    """_E2M1_M_OFFSET as a 0-dim int32 tensor, so that `offset + exponents * K` is one pass."""
+    t = _M_OFFSETS.get(device)
+    if t is None:
+        t = _M_OFFSETS[device] = torch.tensor(_E2M1_M_OFFSET, dtype=torch.int32, device=device)
+    return t
 
 
 def _default_chunk(device: torch.device) -> int:
