@@ -71,9 +71,11 @@ _E2M1_PACK_RESIDUE = 4
 def _e2m1_pack_into(q: torch.Tensor, out: torch.Tensor, exponents: torch.Tensor, signs: torch.Tensor) -> None:
     """E2M1 codes of the float32 values `q` (flat, contiguous, even length; overwritten), packed two per
     byte into `out` (uint8, q.numel() / 2) exactly as `pack_e2m1(e2m1_encode(q))`; `exponents` and `signs`
-    are int32 scratch of q's length. Twelve elementwise integer / float passes, all in place, against the
-    definition's twenty-five (seven compares, seven conversions, seven adds, sign, pack) that each allocate
-    their result: on the CPU the callers run them on chunks that stay in the cache. No comparison op: torch's
+    are int32 scratch of q's length. Fourteen elementwise passes and one reduction, all in place, against the
+    definition's twenty-nine (abs, seven compares, seven conversions, seven adds, four for the sign, two to
+    pack), each allocating its result: on the CPU the callers run them on chunks that stay in the cache
+    (ModelOpt's own NVFP4 cast, `NVFP4QTensor.quantize`, works on whole tensors too: 127-158 ms on one
+    1856 x 2688 expert matrix against 9-10 ms here, benchmarks/nvfp4_pack_speed.py). No comparison op: torch's
     CPU compares are 4-10x slower than an integer pass (x < 0 by `torch.lt` was a fifth of the encoder's
     time); the sign code is 8 * clamp(bits ^ 0x80000000, 0, 1), which is 1 for a negative float other than
     -0.0. A chunk with an infinite or NaN value (an exponent of 255) is encoded by the definition instead
@@ -120,9 +122,10 @@ def _e2m1_m_offset(device) -> torch.Tensor:
 
 
 def _default_chunk(device: torch.device) -> int:
-    """Elements per chunk of the arithmetic encoder: on the CPU 256 K (three 1 MiB buffers, in the cache;
-    measured on a real-width expert matrix at one thread, 64 K-1 M were within noise of each other and
-    16 M, one chunk for the matrix, 4x slower); elsewhere 16 M (no cache to fit, fewer launches)."""
+    """Elements per chunk of the arithmetic encoder: on the CPU 256 K (three 1 MiB buffers, in the L2 / L3
+    cache; on a real-width expert matrix at one thread 128 K-1 M were within this machine's noise of each
+    other, 32-64 K slower by the per-op overhead: benchmarks/nvfp4_pack_speed.py --chunks); elsewhere 16 M
+    (no cache to fit, fewer kernel launches and host syncs)."""
     return 1 << 18 if device.type == "cpu" else 1 << 24
 
 
