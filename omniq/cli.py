@@ -330,6 +330,11 @@ def quantize(
         algos = ", ".join(f"{name} ({v['layers']} layers)" for name, v in wc["algorithms"].items())
         typer.echo(f"weight calibration: {algos} in {wc['seconds']:.1f} s; "
                    f"{len(wc['fallback_to_mse'])} experts fell back to mse (listed in omniq.json)")
+        comp = wc.get("compensation")
+        if comp:
+            kept = [r for r in comp["layers"] if r["kept"]]
+            typer.echo(f"compensation: {comp['name']} changed {sum(r['tensors'] for r in kept)} BF16 tensors in "
+                       f"{len(kept)} of {len(comp['layers'])} layers in {comp['seconds']:.1f} s")
     if result.lint:
         typer.echo(f"lint: {result.lint.get('error', 0)} errors, {result.lint.get('warning', 0)} warnings "
                    "(lint.json)")

@@ -94,3 +94,14 @@ def watch_reads(monkeypatch, delete: Path | None = None, when: str = ".layers.0.
 
     monkeypatch.setattr(artifact_mod.ShardReader, "get", get)
     return names
+
+
+def read_tensors(path: Path) -> dict:
+    """Every tensor of a checkpoint directory's safetensors shards."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            out.update({n: sf.get_tensor(n) for n in sf.keys()})
+    return out

@@ -127,7 +127,8 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
                                  device=device, algorithms=algorithms, activation=rec.activation_calibration)
     config = modelopt_config(plan)
     enabled = enabled_quantizers(plan)
-    weight_algos = any(a.name != "max" for a in algorithms.values()) or rec.activation_calibration != "max"
+    weight_algos = (any(a.name != "max" for a in algorithms.values()) or rec.activation_calibration != "max"
+                    or rec.compensation.name != "none")
     if weight_algos and (ckpt.is_omni or device != "cpu"):
         raise OmniqError(f"recipe {rec.name}: weight calibration {', '.join(rec.algorithms)} runs on CPU on text "
                          "checkpoints only for now (not on Omni checkpoints, not with --device cuda)")
@@ -179,7 +180,7 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
             reader = TensorReader(ckpt)
             wcal = LayerByLayer(ckpt.arch, calib_set.rows, plan.formats, algorithms,
                                 reader.get(ckpt.arch.embedding_weight), keep_weights=False,
-                                activation=rec.activation_calibration)
+                                activation=rec.activation_calibration, compensation=rec.compensation)
         try:
             run = streamed.run(ckpt, plan, config, enabled, batches, stage.final, coverage=coverage,
                                counter=counter, device=device, progress=progress, model=skeleton,
@@ -224,7 +225,8 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
             "experts": coverage.manifest(),
         }
         t = time.perf_counter()
-        exported = export.finish_written(stage, plan, ckpt, manifest, modelopt_qc, progress)
+        exported = export.finish_written(stage, plan, ckpt, manifest, modelopt_qc, progress,
+                                         wcal.result.compensated if wcal is not None else None)
         lint_counts = lint_stage(stage, out)
     seconds.update({f"export_{k}": v for k, v in exported.seconds.items()})
     seconds["export"] = seconds["export_layers"] + time.perf_counter() - t   # packing + writing, checks, lint

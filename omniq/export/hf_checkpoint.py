@@ -201,8 +201,11 @@ def _relative_error(deq, ref) -> float:
     return diff / denom if denom > 0 else (0.0 if diff == 0 else float("inf"))
 
 
-def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Progress | None = None) -> dict:
-    """Check the written tensors against the plan and the source; returns per-format counts."""
+def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Progress | None = None,
+                   compensated: dict | None = None) -> dict:
+    """Check the written tensors against the plan and the source; returns per-format counts. `compensated`
+    (name -> tensor): high-precision tensors the recipe's compensation refitted, compared with those values
+    instead of the source's."""
     import torch
     from safetensors import safe_open
 
@@ -243,10 +246,12 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
             if not ok:
                 problems.append(f"{name} has non-finite or non-positive values")
     # Passthrough tensors: the source's, bit for bit, in the exported dtype (one at a time).
+    compensated = compensated or {}
     for name in (n for n, e in expected.items() if e.kind == "passthrough"):
-        out, src = get(name), source.get(name)
+        out = get(name)
+        src = compensated[name] if name in compensated else source.get(name)
         if not torch.equal(out, src.to(out.dtype)):
-            problems.append(f"{name} differs from the source checkpoint")
+            problems.append(f"{name} differs from the {'compensation' if name in compensated else 'source checkpoint'}")
         del out, src
     if problems:
         _fail(problems)
@@ -341,12 +346,12 @@ class Exported:
 
 
 def finish_written(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,
-                   progress: Progress | None = None) -> Exported:
+                   progress: Progress | None = None, compensated: dict | None = None) -> Exported:
     """Steps 3-5 on a stage whose final directory holds the hub-layout shards (the layer-streamed export
     writes them there directly: `omniq.export.streamed`)."""
     seconds = {}
     t = time.perf_counter()
-    counts = verify_tensors(stage.final, plan, ckpt, progress)
+    counts = verify_tensors(stage.final, plan, ckpt, progress, compensated)
     seconds["verify"] = time.perf_counter() - t
     t = time.perf_counter()
     write_configs(stage.final, plan, ckpt, modelopt_quant_config)

@@ -19,6 +19,9 @@ the output the engine computes from quantized inputs), `four-over-six` (NVFP4 on
 that does not apply to a rule's format (anything but `max` on bf16, `four-over-six` on fp8) is refused.
 `activation_calibration: mse` (top level; default `max`, ModelOpt's) picks each quantized layer's
 input_scale as max's times the factor with the least squared input error on the calibration inputs.
+`compensation: norm-tweak` (top level; or `{name: norm-tweak, steps: 200, lr: 0.002, params: [norm,
+mixer-norm]}`; default none) fits each decoder layer's BF16 norms to the quantized layer's error, layer by
+layer on the calibration rows (`omniq.quant.compensation`); the artifact's format is unchanged.
 
 Selectors name parts of the model, derived from the architecture (never layer indices), so one recipe fits
 every NemotronH layout: a role (`mamba_in`, `mamba_out`, `attn_q`, `attn_k`, `attn_v`, `attn_o`,
@@ -61,7 +64,7 @@ GROUPS = {
 QUALIFIERS = ("mamba_feeding_attention",)
 SELECTORS = tuple(ROLES) + tuple(GROUPS) + QUALIFIERS
 _RECIPE_KEYS = {"name", "description", "kv_cache", "default", "rules", "notes", "reference", "algorithm",
-                "activation_calibration"}
+                "activation_calibration", "compensation"}
 # Activation (input_scale) calibration of every quantized layer: ModelOpt's max, or max x the factor in
 # `weight_calibration.ACT_FACTORS` with the least squared input error over the calibration inputs.
 ACTIVATION_CALIBRATIONS = ("max", "mse")
@@ -71,6 +74,28 @@ ALGORITHMS = {"max": ("bf16", "fp8", "nvfp4"), "mse": ("fp8", "nvfp4"), "local-h
               "gptq": ("fp8", "nvfp4"), "gptaq": ("fp8", "nvfp4"), "four-over-six": ("nvfp4",)}
 GPTQ_LIKE = ("gptq", "gptaq")     # take damping, block_size, min_tokens
 _ALGORITHM_KEYS = {"name", "damping", "block_size", "min_tokens", "target_damping"}
+COMPENSATIONS = ("none", "norm-tweak")
+# compensation params: the kinds of BF16 tensor a layer's fit may change (omniq.quant.compensation.KINDS)
+COMPENSATION_PARAMS = ("norm", "mixer-norm", "D", "dt_bias", "A_log", "conv")
+_COMPENSATION_KEYS = {"name", "steps", "lr", "params"}
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """A recipe's `compensation:`: `none`, or `norm-tweak` with Adam's steps and learning rate (relative to
+    each tensor's mean magnitude) and the kinds of BF16 tensor fitted (`omniq.quant.compensation`)."""
+    name: str = "none"
+    steps: int = 200
+    lr: float = 0.002
+    params: tuple[str, ...] = ("norm", "mixer-norm")
+
+    def as_dict(self) -> dict | str:
+        if self.name == "none":
+            return "none"
+        return {"name": self.name, "steps": self.steps, "lr": self.lr, "params": list(self.params)}
+
+
+NO_COMPENSATION = Compensation()
 
 
 @dataclass(frozen=True)
@@ -126,6 +151,7 @@ class Recipe:
     raw: dict = field(default_factory=dict, compare=False, hash=False)
     algorithm: Algorithm = MAX         # weight calibration of quantized layers no rule's algorithm names
     activation_calibration: str = "max"   # input_scale of every quantized layer: max | mse
+    compensation: Compensation = NO_COMPENSATION
 
     def with_kv_cache(self, kv: str | None) -> "Recipe":
         if kv is None:
@@ -196,6 +222,8 @@ class Recipe:
             d["algorithm"] = self.algorithm.as_dict()
         if self.activation_calibration != "max":
             d["activation_calibration"] = self.activation_calibration
+        if self.compensation.name != "none":
+            d["compensation"] = self.compensation.as_dict()
         return d
 
 
@@ -207,18 +235,24 @@ def _fail(where: str, msg: str):
     raise OmniqError(f"recipe {where}: {msg}")
 
 
-def parse_algorithm(value, where: str) -> Algorithm:
-    """`algorithm:` as a name or a mapping with GPTQ's parameters."""
+def _named(value, where: str, what: str, names, keys) -> dict:
+    """A recipe value given as a name or a mapping with `name` and some of `keys`, the name one of `names`."""
     if isinstance(value, str):
         value = {"name": value}
     if not isinstance(value, dict) or "name" not in value:
-        _fail(where, f"algorithm must be a name ({', '.join(ALGORITHMS)}) or a mapping with name, not {value!r}")
-    unknown = set(value) - _ALGORITHM_KEYS
+        _fail(where, f"{what} must be a name ({', '.join(names)}) or a mapping with name, not {value!r}")
+    unknown = set(value) - keys
     if unknown:
-        _fail(where, f"algorithm has unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(_ALGORITHM_KEYS))}")
+        _fail(where, f"{what} has unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(keys))}")
+    if value["name"] not in names:
+        _fail(where, f"{what} {value['name']!r} is unknown; expected one of {', '.join(names)}")
+    return value
+
+
+def parse_algorithm(value, where: str) -> Algorithm:
+    """`algorithm:` as a name or a mapping with GPTQ's parameters."""
+    value = _named(value, where, "algorithm", ALGORITHMS, _ALGORITHM_KEYS)
     name = value["name"]
-    if name not in ALGORITHMS:
-        _fail(where, f"algorithm {name!r} is unknown; expected one of {', '.join(ALGORITHMS)}")
     params = {k: v for k, v in value.items() if k != "name"}
     allowed = ({"damping", "block_size", "min_tokens"} | ({"target_damping"} if name == "gptaq" else set())
                if name in GPTQ_LIKE else {"min_tokens"} if name == "local-hessian" else set())
@@ -235,6 +269,32 @@ def parse_algorithm(value, where: str) -> Algorithm:
                   (" and a multiple of 16 (the NVFP4 group)" if key == "block_size" else ""))
     return Algorithm(name, float(params.get("damping", 0.01)), int(params.get("block_size", 128)),
                      int(params.get("min_tokens", 64)), float(params.get("target_damping", 0.1)))
+
+
+def parse_compensation(value, where: str) -> Compensation:
+    """`compensation:` as a name or a mapping with steps / lr / params."""
+    if value is None or value is False:
+        return NO_COMPENSATION
+    value = _named(value, where, "compensation", COMPENSATIONS, _COMPENSATION_KEYS)
+    name = value["name"]
+    if name == "none":
+        if len(value) > 1:
+            _fail(where, "compensation none takes no parameters")
+        return NO_COMPENSATION
+    steps = value.get("steps", 200)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 100_000:
+        _fail(where, f"compensation steps {steps!r} must be an integer in 1..100000")
+    lr = value.get("lr", 0.002)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1:
+        _fail(where, f"compensation lr {lr!r} must be a number in (0, 1]")
+    params = value.get("params", ["norm", "mixer-norm"])
+    params = [params] if isinstance(params, str) else params
+    if not isinstance(params, list) or not params:
+        _fail(where, "compensation params must be a non-empty list")
+    for k in params:
+        if k not in COMPENSATION_PARAMS:
+            _fail(where, f"compensation param {k!r} is unknown; expected some of {', '.join(COMPENSATION_PARAMS)}")
+    return Compensation(name, steps, float(lr), tuple(dict.fromkeys(params)))
 
 
 def _check_applies(algo: Algorithm, fmt: str, where: str, what: str) -> None:
@@ -303,9 +363,12 @@ def parse(data, where: str) -> Recipe:
     act = data.get("activation_calibration", "max")
     if act not in ACTIVATION_CALIBRATIONS:
         _fail(where, f"activation_calibration {act!r} is unknown; expected one of {', '.join(ACTIVATION_CALIBRATIONS)}")
+    comp = parse_compensation(data.get("compensation"), where)
+    if comp.name != "none" and default == "bf16" and all(r.format == "bf16" for r in rules):
+        _fail(where, f"compensation {comp.name} needs quantized layers; the recipe keeps every layer in BF16")
     return Recipe(name=str(data["name"]), default=default, kv_cache=kv, rules=tuple(rules),
                   description=str(data.get("description", "")).strip(), source=where, raw=data, algorithm=top,
-                  activation_calibration=act)
+                  activation_calibration=act, compensation=comp)
 
 
 def load(name_or_path: str) -> Recipe:

@@ -51,7 +51,7 @@ from omniq.model import forward
 from omniq.model.arch import Arch
 from omniq.quant import formats, gptq as gptq_mod, weight_search
 from omniq.quant.memory import GPTQ_EXPERT_CHUNK as EXPERT_CHUNK
-from omniq.quant.recipe import GPTQ_LIKE, Algorithm
+from omniq.quant.recipe import GPTQ_LIKE, NO_COMPENSATION, Algorithm, Compensation
 
 STATS = {"local-hessian": "blocks", "gptq": "hessian", "gptaq": "asymmetric"}
 ACT_AWARE = ("gptaq",)            # algorithms whose statistics see the engine's quantized inputs
@@ -93,6 +93,8 @@ class WeightCalibration:
     stats_bytes: int = 0                                      # largest statistics held at once
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)   # activation mse: module -> input_scale
     input_factors: dict[str, float] = field(default_factory=dict)         # ... and its factor on max's
+    compensated: dict[str, torch.Tensor] = field(default_factory=dict)    # norm-tweak: name -> fitted BF16
+    compensation: dict = field(default_factory=dict)                      # ... its omniq.json record
 
     def manifest(self, algorithms: dict[str, Algorithm]) -> dict:
         """omniq.json `weight_calibration`: algorithms with their parameters and layer counts, fallbacks."""
@@ -109,6 +111,8 @@ class WeightCalibration:
         if self.input_factors:
             out["activation_calibration"] = {"algorithm": "mse", "factors_tried": list(ACT_FACTORS),
                                              "input_scale_factor": dict(sorted(self.input_factors.items()))}
+        if self.compensation:
+            out["compensation"] = self.compensation
         return out
 
 
@@ -311,20 +315,27 @@ class LayerByLayer:
 
     def __init__(self, arch: Arch, rows: torch.Tensor | None, formats_of: dict[str, str],
                  algorithms: dict[str, Algorithm], embedding: torch.Tensor | None = None, *,
-                 keep_weights: bool = True, activation: str = "max"):
+                 keep_weights: bool = True, activation: str = "max", compensation: Compensation = NO_COMPENSATION):
         """`embedding`: the embedding matrix (read once, for the first layer's inputs; needed only when some
         algorithm needs statistics, see `needs_stats`). `keep_weights`: keep every layer's calibrated weights
         in `result.weights` (float32, the whole model's worth: `calibrate_weights`); the stream passes False
         and uses each layer's as it is returned. `activation`: the recipe's activation_calibration (max | mse:
-        each quantized linear's input_scale searched, `search_input_scales`)."""
+        each quantized linear's input_scale searched, `search_input_scales`). `compensation`: the recipe's
+        (norm-tweak: after its weights, each layer's BF16 norms are fitted, `omniq.quant.compensation`; the
+        float reference's hidden states are then kept beside the quantized ones)."""
         self.arch, self.formats_of, self.keep_weights = arch, formats_of, keep_weights
         self.todo = {n: a for n, a in algorithms.items() if a.name != "max" and formats_of.get(n, "bf16") != "bf16"}
         self.result = WeightCalibration()
         self.activation = activation
-        self.needs_stats = any(a.name in STATS for a in self.todo.values()) or activation == "mse"
+        self.compensation = compensation
+        self.compensate = compensation.name != "none"
+        self.needs_stats = (any(a.name in STATS for a in self.todo.values()) or activation == "mse"
+                            or self.compensate)
         self.act_aware = any(a.name in ACT_AWARE for a in self.todo.values())
+        self.engine_inputs = self.act_aware or self.compensate     # the stream quantizes inputs as engines do
         self.next_layer = 0
         self.xs: list[torch.Tensor] = []
+        self.xs_ref: list[torch.Tensor] = []        # compensation: the float reference's hidden states
         if self.needs_stats:
             if rows is None:
                 raise ValueError("local-hessian and gptq need calibration token rows")
@@ -333,6 +344,8 @@ class LayerByLayer:
             t0 = time.perf_counter()
             emb = embedding.float()
             self.xs = [F.embedding(rows[b:b + BATCH_ROWS], emb) for b in range(0, rows.shape[0], BATCH_ROWS)]
+            if self.compensate:
+                self.xs_ref = [x.clone() for x in self.xs]
             self.result.seconds += time.perf_counter() - t0
         self.by_layer: dict[int, list] = {}
         for lin in arch.linears:
@@ -362,7 +375,7 @@ class LayerByLayer:
                 if lin.name in todo and todo[lin.name].name in STATS}
         current = weights
         quantize = {}
-        if self.act_aware or self.activation == "mse":
+        if self.engine_inputs or self.activation == "mse":
             scales = dict(input_scales or {})
             missing = [lin for lin in lins if formats_of.get(lin.name, "bf16") != "bf16" and lin.name not in scales]
             if missing:
@@ -373,7 +386,7 @@ class LayerByLayer:
                 for n, f in factors.items():
                     scales[n] = torch.as_tensor(scales[n], dtype=torch.float32).reshape(()) * f
                     result.input_scales[n], result.input_factors[n] = scales[n], f
-        if self.act_aware:        # the engine's input quantization of every quantized linear of the layer
+        if self.engine_inputs:    # the engine's input quantization of every quantized linear of the layer
             quantize = {lin.name: _input_quantizer(formats_of[lin.name], scales[lin.name]) for lin in lins
                         if formats_of.get(lin.name, "bf16") != "bf16"}
         rec = _Recorder(current, want, quantize)
@@ -414,6 +427,8 @@ class LayerByLayer:
                     made[f"{lin.name}.weight"] = (lambda n=lin.name, f=fmt: fake_quant(
                         weights[f"{n}.weight"], f, global_scales.get(n)))
             current = LayerWeights(weights.__getitem__, weights.keys(), made)
+            if self.compensate:
+                current = self._compensate(i, weights, current, quantize)
             with torch.inference_mode():
                 plain = forward.plain_linear(current)
                 if quantize:
@@ -424,6 +439,34 @@ class LayerByLayer:
                 self.xs = [forward.decoder_layer(self.arch, current, i, x, linear=linear) for x in self.xs]
         result.seconds += time.perf_counter() - t0
         return done
+
+    def _compensate(self, i: int, source, current: "LayerWeights", quantize: dict) -> "LayerWeights":
+        """norm-tweak of layer i: its BF16 tensors of the recipe's kinds fitted so that the layer as the
+        engine runs it (`current`: the calibrated / max weights; `quantize`: its inputs' quantization) on the
+        quantized stream's hidden states gives the source layer's outputs on the reference stream's; moves
+        the reference stream past the layer; returns `current` with the fitted tensors in place."""
+        from omniq.quant import compensation as comp
+
+        c = self.compensation
+        t0 = time.perf_counter()
+        with torch.no_grad():           # (not inference mode: autograd saves these for the fit's backward)
+            targets = [forward.decoder_layer(self.arch, source, i, x.clone()) for x in self.xs_ref]
+            xs = [x.clone() for x in self.xs]
+        names = comp.tweakable(self.arch, i, c.params)
+        view = {n: current[n].clone() for n in current}  # one layer's float32 tensors while it is fitted
+        fitted, rec = comp.fit_layer(self.arch, i, view, xs, targets, quantize, names, c.steps, c.lr)
+        del xs
+        del view
+        self.xs_ref = targets
+        self.result.compensated.update(fitted)
+        record = self.result.compensation or {"name": c.name, "steps": c.steps, "lr": c.lr,
+                                               "params": list(c.params), "seconds": 0.0, "layers": []}
+        record["layers"].append({"layer": i, "tensors": len(fitted), "loss_before": rec.loss_before,
+                                 "loss_after": rec.loss_after, "kept": rec.kept})
+        record["seconds"] = round(record["seconds"] + time.perf_counter() - t0, 3)
+        self.result.compensation = record
+        made = dict(current.made, **{n: (lambda t=t: t.float()) for n, t in fitted.items()})
+        return LayerWeights(current.read, current.names, made)
 
     def exported_layer(self, read) -> "Callable[[int, dict], dict]":
         """The layer-streamed quantize's `layer_tensors_hook`: given layer i's exported tensors (hub names ->
@@ -443,6 +486,12 @@ class LayerByLayer:
                 tensors.update(cw.tensors())
             for n in self.result.input_scales.keys() & inputs.keys():       # activation mse: this layer's
                 tensors[f"{n}{in_suffix}"] = self.result.input_scales[n].reshape(inputs[n].shape).to(inputs[n].dtype)
+            prefix = f"{self.arch.layer_prefix(i)}."
+            for n, t in self.result.compensated.items():                   # norm-tweak: this layer's
+                if n.startswith(prefix):
+                    if n not in tensors:
+                        raise ValueError(f"compensation fitted {n}, which the export does not write")
+                    tensors[n] = t.to(tensors[n].dtype)
             return tensors
         return hook
 

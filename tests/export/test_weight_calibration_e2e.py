@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from checkpoint_dir import read_tensors
 from conftest import run_cli_in_subprocess
 from omniq.model.checkpoint import open_checkpoint
 from omniq.quant import formats, weight_search
@@ -44,14 +44,6 @@ def artifact(tmp_path_factory):
     return dict(run, path=root / "out")
 
 
-def _tensors(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            out.update({n: sf.get_tensor(n) for n in sf.keys()})
-    return out
-
-
 def test_quantize_records_the_algorithms(artifact, tiny_dir):
     assert artifact["rc"] == 0, artifact["stderr"][-2000:]
     assert "weight calibration:" in artifact["stdout"]
@@ -69,7 +61,7 @@ def test_quantize_records_the_algorithms(artifact, tiny_dir):
 
 
 def test_exported_scales_are_the_algorithms(artifact, tiny_dir):
-    got = _tensors(artifact["path"])
+    got = read_tensors(artifact["path"])
     src = open_checkpoint(str(tiny_dir)).read()
     # mse (mamba out_proj) and four-over-six (shared experts): recomputed here from the source weight and the
     # exported global scale, bit for bit
@@ -104,7 +96,7 @@ def test_streamed_statistics_algorithms_are_the_whole_model_arithmetic(artifact,
     from omniq.quant.plan import make_plan
     from omniq.quant.weight_calibration import calibrate_weights
 
-    got = _tensors(artifact["path"])
+    got = read_tensors(artifact["path"])
     ckpt = open_checkpoint(str(tiny_dir))
     rec = recipes.load(str(artifact["path"].parent / "r.yaml"))
     plan = make_plan(ckpt.arch, rec)

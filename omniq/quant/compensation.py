@@ -1,0 +1,204 @@
+"""Compensation of a quantized layer's error in the parameters that stay BF16 ("norm tweaking").
+
+An NVFP4 artifact keeps some of each decoder layer's parameters in high precision: the pre-mixer RMSNorm
+weight, and in a Mamba layer the gated RMSNorm weight before out_proj, D, dt_bias, A_log and the conv1d.
+Weight calibration (gptq, gptaq, ...) can only lower the error of the quantized weights; the W4A4 activation
+quantization (Mamba in_proj / out_proj inputs above all, `benchmarks/nvfp4_error_split.py`) stays. Here,
+layer by layer in calibration order, those BF16 parameters are fitted so that the quantized layer, run as
+the engine runs it (weights as packed, every quantized linear's input fake-quantized with its exported
+input_scale; straight-through estimator for the rounding), fed the *quantized* model's hidden states,
+reproduces the float reference layer's output on the *reference* hidden states (mean squared error over the
+calibration rows, Adam). The artifact's format is unchanged: the fitted values are stored in BF16 where the
+originals were. The idea is Norm Tweaking (Li et al. 2024) / block reconstruction (BRECQ) restricted to
+the parameters the format keeps in BF16; neither ModelOpt nor transformers offers it (ModelOpt's
+calibration never changes unquantized parameters), hence omniq's own.
+
+Only calibration rows are seen (never an evaluation set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from omniq.model import forward
+from omniq.model.arch import MAMBA, Arch
+
+# parameter kinds -> the tensor (relative to `backbone.layers.{i}.`) each names; a kind absent from a layer
+# (a Mamba kind on an attention layer) is skipped
+KINDS = {
+    "norm": ("norm.weight",),                          # the pre-mixer RMSNorm (every layer)
+    "mixer-norm": ("mixer.norm.weight",),              # Mamba's gated RMSNorm before out_proj
+    "D": ("mixer.D",),
+    "dt_bias": ("mixer.dt_bias",),
+    "A_log": ("mixer.A_log",),
+    "conv": ("mixer.conv1d.weight", "mixer.conv1d.bias"),
+}
+BATCH_ROWS = 8
+
+
+@dataclass
+class LayerFit:
+    layer: int
+    names: list[str]
+    loss_before: float
+    loss_after: float
+    kept: bool                               # False: the fit did not lower the loss; the originals stay
+
+
+@dataclass
+class CompensationResult:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)   # name -> new BF16 value
+    fits: list[LayerFit] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def tweakable(arch: Arch, i: int, kinds) -> list[str]:
+    """Layer i's tensors of the parameter `kinds` that exist in it (hub names)."""
+    lp = arch.layer_prefix(i)
+    known = arch.tensor_by_name
+    out = []
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"unknown compensation parameter kind {k!r}")
+        if k not in ("norm",) and arch.kinds[i] != MAMBA:
+            continue
+        out += [f"{lp}.{s}" for s in KINDS[k] if f"{lp}.{s}" in known]
+    return out
+
+
+class STELinear:
+    """A `linear` hook: each input quantized by `quantizers[name]` (the engine's input quantization) with a
+    straight-through gradient, then the GEMM with the layer's weight as given (the dequantized packed one)."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], quantizers: dict[str, Callable]):
+        self.weights, self.quantizers = weights, quantizers
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantizers.get(name)
+        if q is not None:
+            xd = x.detach()
+            x = x + (q(xd) - xd)
+        bias = self.weights.get(f"{name}.bias")
+        return F.linear(x, self.weights[f"{name}.weight"], bias)
+
+
+def _loss(arch, i, weights, params: Callable[[], dict], xs, targets, quantizers, grad: bool) -> float:
+    """Mean squared error of the layer over all batches (`params()`: the fitted tensors, made per batch so
+    each batch's graph is its own); with `grad`, the gradients accumulated."""
+    total, n = 0.0, sum(t.numel() for t in targets)
+    for x, t in zip(xs, targets):
+        with torch.set_grad_enabled(grad):
+            view = _Overlay(weights, params())
+            hook = STELinear(view, quantizers)
+            out = forward.decoder_layer(arch, view, i, x, linear=hook)
+            loss = (out - t).square().sum() / n
+            if grad:
+                loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+class _Overlay(Mapping):
+    """`weights` with some tensors replaced by `params`' (the ones being fitted)."""
+
+    def __init__(self, weights, params):
+        self.weights, self.params = weights, params
+
+    def __getitem__(self, name):
+        return self.params[name] if name in self.params else self.weights[name]
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self):
+        return len(self.weights)
+
+
+def fit_layer(arch: Arch, i: int, weights: Mapping[str, torch.Tensor], xs: list[torch.Tensor],
+              targets: list[torch.Tensor], quantizers: dict[str, Callable], names: list[str],
+              steps: int, lr: float) -> tuple[dict[str, torch.Tensor], LayerFit]:
+    """Fit layer i's tensors `names` (BF16 in the artifact) so that the quantized layer (`weights`: its
+    tensors as the engine will see them, float32; `quantizers`: its linears' input quantization) on the
+    quantized model's inputs `xs` gives the reference outputs `targets`. Returns the fitted tensors rounded
+    to BF16 (empty when the fit did not lower the loss) and the record."""
+    base = {n: weights[n].detach().float() for n in names}
+    scale = {n: base[n].abs().mean().clamp(min=1e-3) for n in names}
+    delta = {n: torch.zeros_like(base[n], requires_grad=True) for n in names}
+
+    def params(rounded: bool = False):
+        out = {n: base[n] + scale[n] * delta[n] for n in names}
+        return {n: v.detach().to(torch.bfloat16).float() for n, v in out.items()} if rounded else out
+
+    before = _loss(arch, i, weights, dict, xs, targets, quantizers, grad=False)
+    fitted = _adam(delta, lambda: _loss(arch, i, weights, params, xs, targets, quantizers, grad=True), params,
+                   steps, lr)
+    after = _loss(arch, i, weights, lambda: fitted, xs, targets, quantizers, grad=False)
+    kept = after < before
+    out = {n: v.to(torch.bfloat16) for n, v in fitted.items()} if kept else {}
+    return out, LayerFit(i, list(names), before, after if kept else before, kept)
+
+
+def _adam(delta: dict, step_loss: Callable[[], float], params: Callable, steps: int, lr: float, log=None) -> dict:
+    """Adam on `delta` with a cosine-decayed learning rate; `step_loss()` accumulates the gradients and
+    returns the loss at the current values. Returns the BF16-rounded values (float32) of the step with the
+    lowest loss seen (the last step's loss is measured once more at the end)."""
+    opt = torch.optim.Adam(list(delta.values()), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    best, best_loss = params(rounded=True), float("inf")
+    for step in range(steps + 1):
+        opt.zero_grad()
+        cur = step_loss()
+        if cur < best_loss:
+            best, best_loss = params(rounded=True), cur
+        if log is not None and (step % 20 == 0 or step == steps):
+            log(f"  step {step}: loss {cur:.4e}")
+        if step < steps:
+            opt.step()
+            sched.step()
+    return best
+
+
+def kl_loss(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Summed KL(ref || cand) over the tokens of one batch (`ref_logp`: the reference's log-softmax)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum()
+
+
+def fit_model(arch: Arch, weights: Mapping[str, torch.Tensor], rows: list[torch.Tensor],
+              ref_logp: list[torch.Tensor], quantizers: dict[str, Callable], names: list[str],
+              steps: int, lr: float, log=None) -> tuple[dict[str, torch.Tensor], LayerFit]:
+    """End-to-end: fit `names` (BF16 tensors of any layers, the final norm too) jointly so that the whole
+    quantized model (`weights` as the engine sees them, inputs fake-quantized with a straight-through
+    gradient) on the calibration `rows` gives the reference's next-token distributions (`ref_logp`, mean KL
+    per token). Returns the fitted tensors in BF16 (empty when the KL did not drop) and the record."""
+    base = {n: weights[n].detach().float() for n in names}
+    scale = {n: base[n].abs().mean().clamp(min=1e-3) for n in names}
+    delta = {n: torch.zeros_like(base[n], requires_grad=True) for n in names}
+    tokens = sum(r.numel() for r in rows)
+
+    def params(rounded: bool = False):
+        out = {n: base[n] + scale[n] * delta[n] for n in names}
+        return {n: v.detach().to(torch.bfloat16).float() for n, v in out.items()} if rounded else out
+
+    def loss(make, grad: bool) -> float:
+        total = 0.0
+        for x, lp in zip(rows, ref_logp):
+            with torch.set_grad_enabled(grad):
+                view = _Overlay(weights, make())
+                kl = kl_loss(lp, forward.logits(arch, view, x, linear=STELinear(view, quantizers))) / tokens
+                if grad:
+                    kl.backward()
+            total += float(kl.detach())
+        return total
+
+    before = loss(dict, False)
+    fitted = _adam(delta, lambda: loss(params, True), params, steps, lr, log)
+    after = loss(lambda: fitted, False)
+    kept = after < before
+    out = {n: v.to(torch.bfloat16) for n, v in fitted.items()} if kept else {}
+    return out, LayerFit(-1, list(names), before, after if kept else before, kept)
