@@ -75,7 +75,7 @@ def _e2m1_pack_into(q: torch.Tensor, out: torch.Tensor, exponents: torch.Tensor,
     definition's twenty-nine (abs, seven compares, seven conversions, seven adds, four for the sign, two to
     pack), each allocating its result: on the CPU the callers run them on chunks that stay in the cache
     (ModelOpt's own NVFP4 cast, `NVFP4QTensor.quantize`, works on whole tensors too: 127-158 ms on one
-    1856 x 2688 expert matrix against 9-10 ms here, benchmarks/nvfp4_pack_speed.py). No comparison op: torch's
+    1856 x 2688 expert matrix against 9-17 ms here, benchmarks/nvfp4_pack_speed.py). No comparison op: torch's
     CPU compares are 4-10x slower than an integer pass (x < 0 by `torch.lt` was a fifth of the encoder's
     time); the sign code is 8 * clamp(bits ^ 0x80000000, 0, 1), which is 1 for a negative float other than
     -0.0. A chunk with an infinite or NaN value (an exponent of 255) is encoded by the definition instead
