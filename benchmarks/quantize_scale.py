@@ -31,7 +31,12 @@ Before each run the benchmark waits (up to 10 min) for the 1-minute load average
 `--plain NAME` also runs a plain
 ModelOpt script (from_pretrained, mtq.quantize, export_hf_checkpoint: benchmarks/quantize_bench.py's) on that
 checkpoint, outside the cgroup, with the whole-model estimate (`omniq.quant.memory.estimate`) beside it.
-The disk's sequential write speed is measured in the same run (1 GiB written + fsync in --work).
+The disk's sequential write speed is measured in the same run (1 GiB written + fsync in --work), at the start,
+before every run and at the end: single samples varied 2-4x (320-1480 MB/s) on this shared machine, so
+`disk_write_bytes_per_s` is their median, each run records the sample taken right before it, and the export's
+ratio is given against both (`write_vs_disk_median`, `write_vs_disk_before`). `--repeat N` runs each
+checkpoint and recipe N times; `--baseline DIR` runs another checkout's omniq (e.g. `git archive` of an
+earlier commit) before each run, interleaved, as tool `omniq-baseline`.
 
 Prints a table and writes benchmarks/results/quantize_scale.json (runs of earlier invocations with other
 checkpoints or recipes are kept; the machine figures are this invocation's). Timing on a shared 2-core machine is noisy
@@ -328,15 +333,16 @@ def _anon_sampler(pid: int, peak: list) -> None:
         time.sleep(0.2)
 
 
-def run_child(cmd: list[str], log: Path, cgroup: Cgroup | None = None) -> dict:
+def run_child(cmd: list[str], log: Path, cgroup: Cgroup | None = None, root: Path = ROOT) -> dict:
+    """`cmd` niced, in `root` with `root` on PYTHONPATH (`--baseline`: another checkout's omniq)."""
     import threading
 
     t = time.perf_counter()
     peak = [0]
     with open(log, "w") as f:
-        p = subprocess.Popen(["nice", "-n", "10", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+        p = subprocess.Popen(["nice", "-n", "10", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=root,
                              preexec_fn=cgroup.enter if cgroup else None,
-                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                             env=dict(os.environ, PYTHONPATH=str(root)))
         threading.Thread(target=_anon_sampler, args=(p.pid, peak), daemon=True).start()
         _, status, usage = os.wait4(p.pid, 0)
     return {"rc": os.waitstatus_to_exitcode(status), "wall_s": time.perf_counter() - t,
@@ -358,6 +364,10 @@ def main() -> int:
                     "matmul measurement); OMP_NUM_THREADS / MKL_NUM_THREADS are set to it too")
     ap.add_argument("--max-load", type=float, default=2.5, help="before each run, wait (up to 10 min) until the "
                     "1-minute load average is at most this")
+    ap.add_argument("--repeat", type=int, default=1, help="run each checkpoint and recipe this many times")
+    ap.add_argument("--baseline", default=None, help="another checkout (a directory with omniq/ and benchmarks/): "
+                    "each run is preceded by the same run of that tree's omniq (tool 'omniq-baseline'), so the "
+                    "two are compared interleaved under the same load")
     a = ap.parse_args()
     os.environ.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     ckpts = dict(c.split("=", 1) for c in a.checkpoints)
@@ -365,11 +375,13 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     doc = {"samples": a.samples, "seq_len": a.seq_len, "cpus": os.cpu_count(), "cgroup_gib": a.cgroup_gib,
            "threads": a.threads, "runs": []}
-    doc["disk_write_bytes_per_s"] = disk_write_speed(work)
+    disk = [disk_write_speed(work)]       # and again before every run: one sample varied 2-4x on this machine
+    doc["disk_write_bytes_per_s"] = disk[0]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    print(f"disk sequential write {doc['disk_write_bytes_per_s'] / 1e6:.0f} MB/s (matmul rates: measured inside "
-          "each quantize child, before and after it)", flush=True)
+    print(f"disk sequential write {disk[0] / 1e6:.0f} MB/s (measured again before each run; matmul rates: "
+          "measured inside each quantize child, before and after it)", flush=True)
+    trees = ([("omniq-baseline", Path(a.baseline).resolve())] if a.baseline else []) + [("omniq", ROOT)]
     doc["predicted"] = predictions([r for r in a.recipes.split(",") if r] or ["fp8"], a.samples, a.seq_len)
     tokens = a.samples * a.seq_len
     for name, path in ckpts.items():
@@ -377,23 +389,25 @@ def main() -> int:
 
         ck = open_checkpoint(path)
         flops = calibration_flops(path, tokens)
-        for recipe in [r for r in a.recipes.split(",") if r]:
+        for recipe, _, (tool, root) in ((r, k, t) for r in a.recipes.split(",") if r for k in range(a.repeat)
+                                        for t in trees):
             load_before = wait_idle(a.max_load)
+            disk.append(disk_write_speed(work))
             tag = f"{name}-{Path(recipe).stem}"          # a recipe may be a YAML path
             out = work / tag
             dest = work / f"{tag}.json"
             cg = Cgroup(int(a.cgroup_gib * 2**30)) if a.cgroup_gib else None
             try:
                 r = run_child([sys.executable, "-c", CHILD, path, str(out), recipe, str(a.samples), str(a.seq_len),
-                               str(dest), str(a.threads)], work / f"{tag}.log", cg)
+                               str(dest), str(a.threads)], work / f"{tag}.log", cg, root)
                 if cg:
                     r.update(cgroup_max_usage_bytes=cg.max_usage(), cgroup_failcnt=cg.failcnt())
             finally:
                 if cg:
                     cg.close()
-            r.update(tool="omniq", model=name, recipe=recipe, layers=ck.arch.num_layers, params=ck.arch.num_params,
+            r.update(tool=tool, model=name, recipe=recipe, layers=ck.arch.num_layers, params=ck.arch.num_params,
                      source_bytes=ck.total_bytes, calib_flops=flops, load_average_before=load_before,
-                     commit=commit)
+                     commit=commit if root == ROOT else str(root), disk_write_before_bytes_per_s=disk[-1])
             if r["rc"] == 0:
                 r.update(json.loads(dest.read_text()))
                 r.update(calibration_rates(r, ck.arch))
@@ -429,6 +443,17 @@ def main() -> int:
                 doc["runs"].append(r)
                 _print(r)
                 shutil.rmtree(out, ignore_errors=True)
+    disk.append(disk_write_speed(work))
+    doc["disk_write_samples_bytes_per_s"] = disk
+    doc["disk_write_bytes_per_s"] = sorted(disk)[len(disk) // 2]       # the median of this invocation's samples
+    for r in doc["runs"]:
+        if r.get("write_bytes_per_s"):
+            r["write_vs_disk_median"] = r["write_bytes_per_s"] / doc["disk_write_bytes_per_s"]
+            r["write_vs_disk_before"] = r["write_bytes_per_s"] / r["disk_write_before_bytes_per_s"]
+    print("disk sequential write samples " + ", ".join(f"{d / 1e6:.0f}" for d in disk) +
+          f" MB/s, median {doc['disk_write_bytes_per_s'] / 1e6:.0f}; export over the whole stage / median: " +
+          ", ".join(f"{r['tool']} {r['recipe']} {r['write_vs_disk_median']:.2f}" for r in doc["runs"]
+                    if r.get("write_vs_disk_median")))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     if Path(a.out).is_file():      # runs of earlier invocations (other checkpoints or recipes) are kept
         old = json.loads(Path(a.out).read_text())
@@ -463,7 +488,9 @@ def _print(r: dict) -> None:
                                                                                     "export_layers", "export"))
     if r.get("write_bytes_per_s"):
         line += (f"  export writes {r['write_bytes_per_s'] / 1e6:.0f} MB/s (packing + writing alone "
-                 f"{r['write_layers_bytes_per_s'] / 1e6:.0f})  layers read {r['read_bytes_per_s'] / 1e6:.0f} MB/s")
+                 f"{r['write_layers_bytes_per_s'] / 1e6:.0f}; disk just before "
+                 f"{r.get('disk_write_before_bytes_per_s', 0) / 1e6:.0f})  layers read "
+                 f"{r['read_bytes_per_s'] / 1e6:.0f} MB/s")
     print(line, flush=True)
     steps = (r.get("stage_clock") or {}).get("peak_anon_bytes")
     if steps:

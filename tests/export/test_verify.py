@@ -84,6 +84,31 @@ def test_tampered_artifacts_are_refused(fp8, tmp_path, edit, message):
     assert message in str(e.value) and e.value.exit_code == 1
 
 
+@pytest.fixture(scope="module")
+def nvfp4(quantized, tiny_dir):
+    art = quantized["nvfp4"]
+    ckpt = open_checkpoint(str(tiny_dir))
+    return art["path"], make_plan(ckpt.arch, recipes.load("nvfp4")), ckpt
+
+
+def _code(code):
+    def edit(s):
+        s = s.clone()
+        s.view(torch.uint8).view(-1)[3] = code
+        return s
+    return edit
+
+
+@pytest.mark.parametrize("code", [0x00, 0x7F, 0xB8])            # zero, NaN, -1.0
+def test_nvfp4_block_scales_that_are_zero_nan_or_negative_are_refused(nvfp4, tmp_path, code):
+    """The self-check reads E4M3 block scales by their codes (formats.e4m3_all_positive_finite)."""
+    assert verify_tensors(*nvfp4)
+    path, plan, ckpt = _tampered(nvfp4, tmp_path, _set(f"{E}.2.up_proj.weight_scale", _code(code)))
+    with pytest.raises(GateFailed) as e:
+        verify_tensors(path, plan, ckpt)
+    assert "up_proj.weight_scale has non-finite or non-positive values" in str(e.value)
+
+
 def test_self_check_reads_rows_of_quantized_weights_and_opens_each_shard_once(fp8, monkeypatch):
     """Work not done twice: no quantized weight is read whole (neither the packed one nor its source), and each
     output and source shard is opened once."""

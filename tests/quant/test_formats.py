@@ -161,6 +161,134 @@ def test_fast_e2m1_rounding_is_exact_next_to_every_tie_and_far_out():
     assert torch.equal(fm.e2m1_round(half).float(), fm.e2m1_round(half.float()))
 
 
+def _e2m1_edge_values():
+    """Every tie and step boundary of the E2M1 grid and the floats either side of it, values past the
+    saturation up to float32's range, tiny and subnormal ones, both zeros, both infinities, NaN of both signs."""
+    edges = torch.tensor([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0,
+                          2.0 ** 21, 2.0 ** 22, 2.0 ** 23, 1.5 * 2 ** 22, 1.5 * 2 ** 24, 2.0 ** 25, 3.0e38,
+                          1e-30, 1e-38, 1e-45])
+    near = torch.cat([torch.nextafter(edges, torch.zeros_like(edges)), edges,
+                      torch.nextafter(edges, torch.full_like(edges, math.inf))])
+    grid = torch.arange(-8.0, 8.0, 1 / 64)
+    return torch.cat([near, -near, grid, torch.tensor([0.0, -0.0, math.inf, -math.inf]),
+                      torch.tensor([math.nan, -math.nan])])
+
+
+def _reference_packed(x):
+    return fm.pack_e2m1(fm.e2m1_encode(x))
+
+
+def test_arithmetic_e2m1_encoder_gives_the_threshold_codes():
+    """e2m1_encode_pack (one float32 addition per value, `nvfp4._e2m1_pack_into`) writes the bytes of
+    pack_e2m1(e2m1_encode(x)) on every tie and its neighbours, far out, subnormal, -0.0 (code 0), infinities,
+    and NaN (code 0), in whole chunks and in chunks that split the special values."""
+    special = _e2m1_edge_values()
+    finite = special[torch.isfinite(special)]
+    noise = torch.randn(40000, generator=torch.Generator().manual_seed(6)) * 3
+    for x in (finite, special, noise, noise * 1e-3, noise * 1e3):
+        x = x[: x.numel() // 2 * 2]
+        ref = _reference_packed(x)
+        for chunk in (None, 2, 64, 1 << 12):
+            assert torch.equal(fm.e2m1_encode_pack(x, chunk), ref), chunk
+    # the chunk with a non-finite value falls back to the definition; its neighbours stay arithmetic
+    mixed = noise.clone()
+    mixed[5000] = math.nan
+    mixed[20001] = -math.inf
+    assert torch.equal(fm.e2m1_encode_pack(mixed, 4096), _reference_packed(mixed))
+    assert fm.e2m1_encode_pack(torch.tensor([math.nan, -0.0, -1e-30, 7.0])).tolist() == [0x00, 0x78]
+    # other dtypes are encoded from their float32 value
+    half = noise[:1000].to(torch.bfloat16)
+    assert torch.equal(fm.e2m1_encode_pack(half), _reference_packed(half.float()))
+    with pytest.raises(ValueError):
+        fm.e2m1_encode_pack(torch.zeros(3))
+
+
+def test_nvfp4_pack_of_edge_values_and_zero_scales_is_the_definitions():
+    """nvfp4_pack's fused division and arithmetic encoding against the definition (divide, then encode by
+    thresholds) where values land on ties after the division, where a block's scale is zero or NaN (an all-zero
+    tensor's global scale is 0: 0 / 0 gives NaN, code 0), and with a last block padded."""
+    special = _e2m1_edge_values()
+    w = special[torch.randperm(special.numel(), generator=torch.Generator().manual_seed(7))][:32 * 16]
+    w = torch.cat([w, torch.zeros(32 * 16 - w.numel())]).reshape(16, 32) * 0.5
+    ws = torch.full((16, 2), 2.0).to(torch.float8_e4m3fn)          # divisor 2 * 0.25: every value doubled
+    ws2 = torch.tensor(0.25)
+    for chunk in (None, 1, 64, 200):
+        assert torch.equal(fm.nvfp4_pack(w, ws, ws2, chunk_elements=chunk), nvfp4_pack_at_once(w, ws, ws2))
+    zero = torch.zeros(4, 48, dtype=torch.bfloat16)
+    zero[1, 3] = 1.0                                                # x / 0 = inf beside 0 / 0 = NaN
+    for ws2 in (torch.tensor(0.0), torch.tensor(math.nan)):
+        scales = fm.nvfp4_block_scales(zero, ws2)
+        assert torch.equal(fm.nvfp4_pack(zero, scales, ws2), nvfp4_pack_at_once(zero, scales, ws2))
+    padded = _weights(torch.bfloat16)[:, :200]                      # 200 = 12.5 blocks
+    q = fm.nvfp4_quantize(padded)
+    blocks = fm._blocks(padded.float(), 16) / (q.weight_scale.float() * q.weight_scale_2).unsqueeze(-1)
+    assert q.weight.shape == (48, 104)
+    assert torch.equal(q.weight, _reference_packed(blocks.flatten(-2)))
+    assert torch.equal(fm.nvfp4_pack(padded, q.weight_scale, q.weight_scale_2, chunk_elements=300), q.weight)
+
+
+def test_block_amax_on_bit_patterns_is_abs_amax():
+    """nvfp4._block_amax (max over the sign-cleared bit patterns, rows in chunks) against abs().amax(-1):
+    signed zeros, subnormals, infinities and NaN of both signs (a NaN block stays NaN), stacked experts, a
+    padded last block, every float dtype it takes the integer path for, and one it does not."""
+    from omniq.quant.formats import nvfp4
+
+    special = _e2m1_edge_values()
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(3, 10, 64, generator=g)
+    base.view(-1)[torch.randperm(base.numel(), generator=g)[:special.numel()]] = special
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        w = base.to(dtype)
+        for x in (w, w[..., :56], w[0]):
+            ref = fm._blocks(x, 16).abs().amax(-1)
+            for chunk in (1, 100, 1 << 20):
+                mine = nvfp4._block_amax(x, 16, chunk)
+                assert mine.dtype == dtype and mine.shape == ref.shape
+                assert torch.equal(mine.isnan(), ref.isnan()), (dtype, chunk)
+                assert torch.equal(mine.nan_to_num(), ref.nan_to_num()), (dtype, chunk)
+
+
+def test_block_scales_are_the_definitions_for_every_global_scale():
+    """nvfp4_block_scales (zero scales set to 1.0 by integer passes when weight_scale_2 is one finite positive
+    value) against the definition (abs().amax(-1), divide, where(scale == 0, 1), clamp, cast): a zero block, a
+    block whose scale underflows to 0 after the division, NaN and inf blocks, and global scales that are
+    0, NaN, inf or negative (the definition's path)."""
+    def definition(w, ws2):
+        scale = fm._blocks(w, 16).abs().amax(-1).float() / (6.0 * ws2.float())
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale.clamp(fm.E4M3_MIN_SCALE, fm.E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+
+    w = _weights(torch.float32)
+    w[9, :16] = 1e-44                               # / (6 * 1e30): underflows to 0 -> scale 1.0
+    w[10, :16] = math.nan
+    w[11, 16:32] = -math.inf
+    for ws2 in (0.02, 1e30, 1e-30, 0.0, math.nan, math.inf, -0.5):
+        ws2 = torch.tensor(ws2)
+        for x in (w, w.to(torch.bfloat16)):
+            assert torch.equal(fm.nvfp4_block_scales(x, ws2).view(torch.uint8), definition(x, ws2)), ws2
+
+
+def test_e4m3_positive_finite_check_by_codes_is_the_float_check():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    values = codes.float()
+    for c in range(256):
+        one = codes[c:c + 1]
+        assert fm.e4m3_all_positive_finite(one) == bool(values[c].isfinite() and values[c] > 0), c
+    good = torch.tensor([1.0, 448.0, 2.0 ** -9]).to(torch.float8_e4m3fn)
+    assert fm.e4m3_all_positive_finite(good) and fm.e4m3_all_positive_finite(good[:0])
+    assert not fm.e4m3_all_positive_finite(torch.cat([good, codes[0:1]]))
+
+
+def test_e4m3_table_is_torchs_conversion():
+    from omniq.quant.formats import nvfp4
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
+    mine, theirs = nvfp4._e4m3_float(codes), codes.float()
+    assert mine.shape == (16, 16) and torch.equal(mine.isnan(), theirs.isnan())
+    assert torch.equal(mine.nan_to_num().view(torch.int32), theirs.nan_to_num().view(torch.int32))   # -0.0 too
+    assert torch.equal(nvfp4._e4m3_float(torch.tensor([1.5, 3.0])), torch.tensor([1.5, 3.0]))
+
+
 def test_export_packs_nvfp4_with_omniq_arithmetic_bit_identically(modelopt, monkeypatch):
     """streamed.omniq_packing: ModelOpt's export step `to_quantized_weight` runs omniq's packing for
     NVFP4 (stacked experts with one global scale each included), with ModelOpt's own result."""
@@ -201,7 +329,8 @@ def test_nvfp4_pack_in_row_chunks_is_the_same_as_at_once():
 def nvfp4_pack_at_once(w, ws, ws2):
     from omniq.quant.formats.nvfp4 import _blocks, e2m1_encode, pack_e2m1
 
-    scaled = _blocks(w.float(), 16) / (ws.float() * ws2.reshape(-1, 1, 1)).unsqueeze(-1)
+    scaled = _blocks(w.float(), 16) / (ws.float() * ws2.reshape(-1, 1, 1) if ws2.dim() else ws.float() * ws2
+                                       ).unsqueeze(-1)
     return pack_e2m1(e2m1_encode(scaled.flatten(-2)))
 
 

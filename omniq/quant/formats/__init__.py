@@ -13,7 +13,9 @@ from omniq.quant.formats.mixed import (BY_QUANT_ALGO, BY_WEIGHT_DTYPE, COMPANION
                                        companion_of, layer_declaration, quant_algo_of)
 from omniq.quant.formats.nvfp4 import (E2M1_MAGNITUDES, E2M1_MAX, E4M3_MIN_SCALE, NVFP4, NVFP4_BLOCK,  # noqa: F401
                                        NVFP4Format, NVFP4Weight, _blocks, _byte_table, _e2m1_table, e2m1_decode,
-                                       e2m1_encode, e2m1_round, e2m1_unpack_values, nvfp4_block_scales,
+                                       e2m1_encode, e2m1_encode_pack, e2m1_round, e2m1_unpack_values,
+                                       e4m3_all_positive_finite,
+                                       nvfp4_block_scales,
                                        nvfp4_dequantize, nvfp4_fake_quant, nvfp4_fake_quant_weight,
                                        nvfp4_global_scale, nvfp4_pack, nvfp4_quantize, pack_e2m1, unpack_e2m1)
 from omniq.quant.formats.nvfp4 import _E2M1_STEPS  # noqa: F401
