@@ -12,7 +12,8 @@ text, disjoint from both evaluation sets), then quantized over the same seeds. T
 run as a BF16 engine runs them, against the float32 reference, `artifact.bf16_compute_hooks`) is measured on
 the same evaluation rows. A budget named after a recipe (`omni-nvfp4`) means that recipe's bits per weight.
 An `--algorithms` entry `NAME+act-mse` also sets `activation_calibration: mse` (input_scale searched),
-`NAME+norm-tweak` also `compensation: norm-tweak` (BF16 norms fitted layer by layer, omniq.quant.compensation).
+`NAME+norm-tweak` also `compensation: norm-tweak` (BF16 norms fitted layer by layer, omniq.quant.compensation);
+`NAME:OPTION` sets that boolean parameter of the algorithm (`gptq:act_order`: `{name: gptq, act_order: true}`).
 `--fp8-algorithms`: the same algorithms on all-layer `fp8` (`fp8 ALGO` points; the `fp8` recipe is fp8 max),
 over `--fp8-seeds` (default: --seeds; fewer seeds: no spread, so no claim rests on them).
 With `--resume`, a seed whose record in --work has the same recipe text and sizes is reused, not rerun; its
@@ -221,11 +222,15 @@ def main(argv=None) -> dict:
         name, *mods = algo.split("+")                     # e.g. gptaq+act-mse, gptaq+norm-tweak
         act = next((m[len("act-"):] for m in mods if m.startswith("act-")), None)
         comp = next((m for m in mods if not m.startswith("act-")), None)
-        path = work / f"nvfp4-{algo}.yaml"
-        path.write_text(f"name: nvfp4-{algo}\ndefault: nvfp4\nalgorithm: {name}\n"
+        name, _, option = name.partition(":")            # e.g. gptq:act_order
+        spec = f"{{name: {name}, {option}: true}}" if option else name
+        stem = algo.replace(":", "-")
+        path = work / f"nvfp4-{stem}.yaml"
+        path.write_text(f"name: nvfp4-{stem}\ndefault: nvfp4\nalgorithm: {spec}\n"
                         + (f"activation_calibration: {act}\n" if act else "")
                         + (f"compensation: {comp}\n" if comp else ""))
-        label = f"nvfp4 {name}" + (f" + act {act}" if act else "") + (f" + {comp}" if comp else "")
+        label = (f"nvfp4 {name}" + (f" {option.replace('_', '-')}" if option else "")
+                 + (f" + act {act}" if act else "") + (f" + {comp}" if comp else ""))
         points.append(point(label, "algorithm", str(path), seeds, work, a))
         partial(a, floor, points)
     for algo in [x for x in a.fp8_algorithms.split(",") if x]:

@@ -53,6 +53,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -123,38 +124,64 @@ def matmul_rates(sizes: dict = MATMUL_SIZES, windows: int = 5, min_s: float = 0.
 class StageClock:
     """Wall and CPU seconds of the streamed quantize's per-layer steps, by wrapping them in the child process:
     `omniq.export.streamed.materialize` (a layer read from the shards, checked) and `calibrate_layer`
-    (ModelOpt's max calibration of the layer over every row: the forward work the FLOPs are counted for)."""
+    (ModelOpt's max calibration of the layer over every row: the forward work the FLOPs are counted for);
+    and the peak anonymous RSS (RssAnon, sampled every 0.05 s by a thread) during each of those, ModelOpt's
+    `export_layer`, omniq's weight calibration of a layer (`LayerByLayer.layer`) and the rest (`other`)."""
+
+    STEPS = ("materialize", "calibrate_layer", "export_layer")
 
     def __init__(self):
-        self.wall = {"materialize": 0.0, "calibrate_layer": 0.0}
+        self.wall = {n: 0.0 for n in self.STEPS + ("weight_calibration",)}
         self.cpu = dict(self.wall)
+        self.peak_anon = {n: 0 for n in self.wall} | {"other": 0}
+        self.current = "other"
+
+    def _sample(self, stop: threading.Event) -> None:
+        status = Path("/proc/self/status")
+        while not stop.is_set():
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    cur = self.current
+                    self.peak_anon[cur] = max(self.peak_anon[cur], int(line.split()[1]) * 1024)
+            stop.wait(0.05)
 
     @contextlib.contextmanager
     def installed(self):
         from omniq.export import streamed
+        from omniq.quant import weight_calibration
 
-        saved = {n: getattr(streamed, n) for n in self.wall}
+        saved = {n: getattr(streamed, n) for n in self.STEPS}
+        saved_layer = weight_calibration.LayerByLayer.layer
 
         def timed(name, fn):
             def wrapper(*args, **kwargs):
-                t, c = time.perf_counter(), time.process_time()
+                t, c, outer = time.perf_counter(), time.process_time(), self.current
+                self.current = name
                 try:
                     return fn(*args, **kwargs)
                 finally:
+                    self.current = outer
                     self.wall[name] += time.perf_counter() - t
                     self.cpu[name] += time.process_time() - c
             return wrapper
 
         for n, fn in saved.items():
             setattr(streamed, n, timed(n, fn))
+        weight_calibration.LayerByLayer.layer = timed("weight_calibration", saved_layer)
+        stop = threading.Event()
+        sampler = threading.Thread(target=self._sample, args=(stop,), daemon=True)
+        sampler.start()
         try:
             yield self
         finally:
+            stop.set()
+            sampler.join()
             for n, fn in saved.items():
                 setattr(streamed, n, fn)
+            weight_calibration.LayerByLayer.layer = saved_layer
 
     def as_dict(self) -> dict:
-        return {"wall_s": dict(self.wall), "cpu_s": dict(self.cpu)}
+        return {"wall_s": dict(self.wall), "cpu_s": dict(self.cpu), "peak_anon_bytes": dict(self.peak_anon)}
 
 
 def wait_idle(max_load: float = 2.5, max_wait_s: float = 600.0) -> float:
@@ -265,8 +292,9 @@ REAL_PATTERNS = {"rw5": "MEM*E", "rw12": "MEM*EMEM*EME", "real52": None}
 
 
 def predictions(recipes_: list[str], samples: int, seq_len: int) -> list[dict]:
-    """The streamed quantize's predicted peak (`omniq.quant.memory.streamed_estimate`) on the real widths at 5,
-    12 and 52 layers, and the whole model's BF16 size beside it."""
+    """The streamed quantize's predicted peak (`omniq.quant.memory.streamed_estimate`, with the recipe's weight
+    calibration as the preflight counts it) on the real widths at 5, 12 and 52 layers, and the whole model's
+    BF16 size beside it."""
     from omniq.model.arch import from_config
     from omniq.quant import memory, recipe as recipes
     from omniq.quant.plan import make_plan
@@ -277,7 +305,11 @@ def predictions(recipes_: list[str], samples: int, seq_len: int) -> list[dict]:
         pattern = pattern or real["hybrid_override_pattern"]
         arch = from_config(dict(real, hybrid_override_pattern=pattern, num_hidden_layers=len(pattern)))
         for r in recipes_:
-            est = memory.streamed_estimate(make_plan(arch, recipes.load(r)), samples=samples, seq_len=seq_len)
+            rec = recipes.load(r)
+            plan = make_plan(arch, rec)
+            algos = {lin.name: rec.algorithm_of(lin, arch) for lin in plan.quantized}   # as quantize's preflight
+            est = memory.streamed_estimate(plan, samples=samples, seq_len=seq_len, algorithms=algos,
+                                           activation=rec.activation_calibration)
             out.append({"model": name, "layers": len(pattern), "recipe": r, "predicted_peak_bytes": est.total,
                         "bf16_bytes": memory.weight_bytes(arch), **est.as_dict()})
             print(f"predicted  {name:6} {len(pattern):3} layers {r:10} peak {est.total / 2**30:5.2f} GiB "
@@ -460,6 +492,10 @@ def _print(r: dict) -> None:
                  f"{r.get('disk_write_before_bytes_per_s', 0) / 1e6:.0f})  layers read "
                  f"{r['read_bytes_per_s'] / 1e6:.0f} MB/s")
     print(line, flush=True)
+    steps = (r.get("stage_clock") or {}).get("peak_anon_bytes")
+    if steps:
+        print("      peak anonymous RSS by step: " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in steps.items())
+              + "; seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_clock"]["wall_s"].items()), flush=True)
     if r.get("calib_flops_per_s"):
         w, c = r["machine_bf16_wall"], r["machine_bf16_cpu"]
         print(f"      calibration {r['calib_flops_done'] / 1e12:.2f} TFLOP ({r.get('forced_expert_tokens', 0)} "

@@ -724,12 +724,12 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
                 configs.append(layer.quant_config)
                 tensors = {k: v.cpu() for k, v in layer.tensors.items()}
                 del layer, shell
+                release(block)                  # before the hook: weight calibration reads the source itself
+                give_back(collect=True)
                 if layer_tensors_hook is not None:
                     tensors = layer_tensors_hook(i, tensors)
                 writer.add(tensors)
                 del tensors
-                release(block)
-                give_back(collect=True)
                 export_s += time.perf_counter() - t
                 if progress:
                     progress("calibrate", i + 1, arch.num_layers)

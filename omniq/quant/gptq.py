@@ -57,7 +57,15 @@ def _with_dead_channels(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, batched over leading dims."""
+    """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, float32, batched over leading dims one
+    matrix at a time: the float64 work (about 5 x 8 x in^2 bytes) is one matrix's (0.29 GB at 2,688 inputs,
+    where 16 routed experts at once took 4.6 GB), and a matrix that needs more damping gets it alone."""
+    if hessian.dim() > 2:
+        flat = hessian.reshape(-1, *hessian.shape[-2:])
+        out = torch.empty(flat.shape, dtype=torch.float32)
+        for k in range(flat.shape[0]):
+            out[k] = _inverse_cholesky(flat[k], damping)
+        return out.reshape(hessian.shape)
     h, mean, eye = _with_dead_channels(hessian)
     for extra in (0.0, 0.1, 1.0, 10.0):          # more damping only if the factorisation fails
         hd = h + ((damping + extra) * mean).unsqueeze(-1) * eye
@@ -101,12 +109,56 @@ def _group_codes(g: torch.Tensor, ws2: torch.Tensor, scales: str) -> torch.Tenso
     return weight_search._best_codes(g.unsqueeze(-2), cands, ws2, None)
 
 
+def act_order_permutation(hessian: torch.Tensor, fmt: str) -> torch.Tensor:
+    """GPTQ's act-order: the input columns by descending diag(H) (the channels with the largest input energy
+    rounded first, while the most columns are left to absorb their error), [..., in] indices, a stable sort
+    (equal diagonals keep their order). NVFP4: whole 16-column groups, by their summed diagonal, and the
+    columns inside each group by theirs, so every block scale still belongs to one original 16-column group
+    of the exported layout (engines load one E4M3 scale per 16 consecutive input columns and have no column
+    permutation (no `g_idx`) for NVFP4, so per-column act-order across groups would not be loadable)."""
+    diag = torch.diagonal(hessian, dim1=-2, dim2=-1).float()
+    if fmt != "nvfp4":
+        return torch.sort(diag, dim=-1, descending=True, stable=True).indices
+    group = formats.NVFP4_BLOCK
+    if diag.shape[-1] % group:
+        raise ValueError(f"NVFP4 GPTQ needs in_features divisible by {group}, not {diag.shape[-1]}")
+    g = diag.reshape(*diag.shape[:-1], -1, group)
+    order = torch.sort(g.sum(-1), dim=-1, descending=True, stable=True).indices            # [..., in/16]
+    inner = torch.sort(g, dim=-1, descending=True, stable=True).indices                    # [..., in/16, 16]
+    inner = inner.gather(-2, order.unsqueeze(-1).expand(*order.shape, group))
+    return (order.unsqueeze(-1) * group + inner).flatten(-2)
+
+
 def gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: str, *, weight_scale_2: torch.Tensor | None = None,
-         damping: float = DAMPING, block_size: int = BLOCK_SIZE, scales: str = "mse") -> GPTQResult:
+         damping: float = DAMPING, block_size: int = BLOCK_SIZE, scales: str = "mse",
+         act_order: bool = False) -> GPTQResult:
     """GPTQ-quantize `w` [out, in] (or a stack [B, out, in] of same-shaped weights, e.g. one projection of
     every routed expert of a layer, with hessians [B, in, in] and weight_scale_2 [B]) for `fmt` (nvfp4 |
     fp8). `scales`: how an NVFP4 group's block scales (or FP8's tensor scale) are chosen from the
-    compensated weights: `mse` (the `weight_search` sweep) or `max`."""
+    compensated weights: `mse` (the `weight_search` sweep) or `max`. `act_order`: columns rounded in
+    `act_order_permutation`'s order (each weight its own), the results permuted back to the layout's."""
+    if act_order:
+        perm = act_order_permutation(hessian, fmt)
+        single = w.dim() == 2
+        p = perm.unsqueeze(0) if single else perm
+        W = w.detach().float().unsqueeze(0) if single else w.detach().float()
+        H = hessian.unsqueeze(0) if single else hessian
+        rows = p.unsqueeze(-1).expand(*p.shape, H.shape[-1])
+        Hp = H.gather(-2, rows).gather(-1, p.unsqueeze(-2).expand(*p.shape[:-1], p.shape[-1], p.shape[-1]))
+        Wp = W.gather(-1, p.unsqueeze(-2).expand_as(W))
+        r = gptq(Wp, Hp, fmt, weight_scale_2=weight_scale_2, damping=damping, block_size=block_size,
+                 scales=scales)
+        del Wp, Hp
+        values = torch.empty_like(r.values).scatter_(-1, p.unsqueeze(-2).expand_as(r.values), r.values)
+        ws = r.weight_scale
+        if fmt == "nvfp4":           # block codes: permuted group k is original group p[..., 16 k] / 16
+            gp = p[..., ::formats.NVFP4_BLOCK] // formats.NVFP4_BLOCK
+            ws = torch.empty_like(ws.view(torch.uint8)).scatter_(
+                -1, gp.unsqueeze(-2).expand(ws.shape), ws.view(torch.uint8)).view(torch.float8_e4m3fn)
+        res = GPTQResult(values, ws, r.weight_scale_2)
+        if single:
+            res = GPTQResult(values[0], ws[0], None if r.weight_scale_2 is None else r.weight_scale_2[0])
+        return res
     single = w.dim() == 2
     W = w.detach().float().clone()
     H = hessian

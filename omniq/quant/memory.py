@@ -249,6 +249,59 @@ def layer_bytes(arch: Arch, dtype: str = "bf16") -> dict[int, int]:
     return out
 
 
+# omniq.quant.weight_calibration calibrates the routed experts under gptq / gptaq chunk by chunk of experts of
+# one projection: a chunk's statistics are gathered by its own forward over the layer's calibration inputs,
+# GPTQ runs on the chunk as one batched call, its results are packed and its statistics freed before the next
+# chunk. A chunk has at most GPTQ_EXPERT_CHUNK experts and about GPTQ_CHUNK_BYTES of working memory
+# (`gptq_chunk_bytes`), so a real-width MoE layer (128 experts x 2 projections, 2,688 / 1,856 inputs) holds
+# 6 / 8 experts' statistics at a time (gptaq 5 / 7) instead of all 256 (5.5 GB; gptaq 11).
+GPTQ_EXPERT_CHUNK = 16
+GPTQ_CHUNK_BYTES = GiB
+_STAT_FLOATS = {"gptq": 1, "gptaq": 2}      # in^2 float32 statistics per linear: X^T X (gptaq: Xq^T Xq and X^T Xq)
+
+
+def gptq_chunk_bytes(in_features: int, out_features: int, algorithm: str, act_order: bool = False) -> int:
+    """Working bytes per weight of a batched GPTQ call (`weight_calibration._gptq_stack`, `gptq.gptq`): its
+    float32 statistics (gptaq's two) and, stacked, the Hessian and the inverse's Cholesky factor (4 x in^2
+    each), plus the weight's float32 copies: stacked source, GPTQ's working copy, its values and the lazy
+    update's temporary (4 x 4 x in x out); act-order adds the permuted Hessian and weight and the values
+    permuted back (4 x in^2 + 8 x in x out)."""
+    extra = 4 * in_features ** 2 + 8 * in_features * out_features if act_order else 0
+    return 4 * (_STAT_FLOATS[algorithm] + 2) * in_features ** 2 + 16 * in_features * out_features + extra
+
+
+def gptq_float64_bytes(in_features: int, out_features: int, algorithm: str) -> int:
+    """The float64 work of one weight, done one matrix at a time: the damped Hessian, its Cholesky factor, the
+    inverse and its factor (5 x 8 x in^2); gptaq's target solve: the Hessian, the cross term, the ridge, the
+    identity, the shifted matrix and its LU factors (6 x 8 x in^2) and three in x out float64 matrices."""
+    if algorithm == "gptaq":
+        return 48 * in_features ** 2 + 24 * in_features * out_features
+    return 40 * in_features ** 2
+
+
+def gptq_expert_chunk(in_features: int, out_features: int, algorithm: str, act_order: bool = False) -> int:
+    """Experts per chunk for routed experts of this shape under `algorithm` (gptq | gptaq)."""
+    per = gptq_chunk_bytes(in_features, out_features, algorithm, act_order)
+    return max(1, min(GPTQ_EXPERT_CHUNK, GPTQ_CHUNK_BYTES // per))
+
+
+@dataclass(frozen=True)
+class WeightCalibrationBytes:
+    """omniq's weight calibration in the stream: `hidden` (float32 hidden states of every calibration row, the
+    set entering the layer and the set it makes, held throughout) and, while layer `layer` is calibrated
+    (after ModelOpt has exported it and released its BF16 weights), `working` beside that layer's packed
+    tensors (`packed_layer`)."""
+    hidden: int = 0
+    working: int = 0
+    packed_layer: int = 0
+    layer: int | None = None
+
+    @property
+    def peak(self) -> int:
+        """The layer step's own peak (without the hidden states)."""
+        return self.packed_layer + self.working
+
+
 @dataclass(frozen=True)
 class StreamedEstimate:
     """Predicted peak of the layer-streamed quantize; `total` is what the preflight compares with the limit."""
@@ -262,12 +315,19 @@ class StreamedEstimate:
     overhead: int
     samples: int = 0
     seq_len: int = 0
-    weight_calibration: int = 0  # omniq's weight calibration in the stream (`weight_calibration_bytes`)
+    weight_calibration: int = 0  # omniq's weight calibration in the stream: its hidden states + its layer step
+    weight_calibration_parts: WeightCalibrationBytes = field(default_factory=WeightCalibrationBytes)
 
     @property
     def total(self) -> int:
-        body = max(int(self.layer * self.layer_copies) + self.activations + self.quantizer_state, self.embedding)
-        return body + self.hidden_states + self.weight_calibration + self.overhead
+        """The largest of ModelOpt's step (the BF16 layer, its packed copy, a batch's activations), the embedding
+        before the first layer, and weight calibration's step (after ModelOpt's export of the layer and the
+        release of its BF16 weights: the packed layer and the calibration's working memory), plus what is held
+        throughout (hidden states, weight calibration's float32 hidden states, the runtime)."""
+        wc = self.weight_calibration_parts
+        body = max(int(self.layer * self.layer_copies) + self.activations + self.quantizer_state, self.embedding,
+                   wc.peak)
+        return body + self.hidden_states + wc.hidden + self.overhead
 
     def as_dict(self) -> dict:
         return {"layer_bytes": self.layer, "layer_copies": round(self.layer_copies, 3),
@@ -275,55 +335,97 @@ class StreamedEstimate:
                 "activations_bytes": self.activations, "quantizer_state_bytes": self.quantizer_state,
                 "overhead_bytes": self.overhead, "peak_bytes": self.total, "peak_gib": round(self.total / GiB, 3),
                 "samples": self.samples, "seq_len": self.seq_len,
-                "weight_calibration_bytes": self.weight_calibration}
+                "weight_calibration_bytes": self.weight_calibration,
+                "weight_calibration_parts_bytes": {
+                    "hidden_states": self.weight_calibration_parts.hidden,
+                    "working": self.weight_calibration_parts.working,
+                    "packed_layer": self.weight_calibration_parts.packed_layer,
+                    "layer": self.weight_calibration_parts.layer}}
 
 
-# omniq.quant.weight_calibration runs routed experts' GPTQ as batched calls of at most this many (the
-# factorisation's float64 work is about 3 x 8 bytes x in^2 per expert: 2.6 GiB for 16 experts at Nemotron 3
-# Nano's 2,688 inputs, 21 GiB for all 128 at once).
-GPTQ_EXPERT_CHUNK = 16
+def _packed_layer_bytes(plan: LayerPlan) -> dict[int, int]:
+    """Decoder layer -> bytes of its exported tensors (the plan's stored bytes of its linears and the rest)."""
+    from omniq.quant.plan import tensor_bytes, weight_bytes
+
+    arch = plan.arch
+    out: dict[int, int] = {}
+    weights = set()
+    for lin in arch.linears:
+        if lin.layer is not None:
+            out[lin.layer] = out.get(lin.layer, 0) + weight_bytes(plan.formats[lin.name], lin.out_features,
+                                                                  lin.in_features)
+            weights.add(f"{lin.name}.weight")
+    for t in arch.tensors:
+        i = arch.layer_index(t.name)
+        if i is not None and t.name not in weights:
+            out[i] = out.get(i, 0) + tensor_bytes(t.dtype, t.numel)
+    return out
 
 
 def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int, seq_len: int,
-                             activation: str = "max") -> int:
-    """Extra peak of omniq's weight calibration inside the stream (`omniq.quant.weight_calibration.LayerByLayer`),
-    for `algorithms` (linear name -> recipe Algorithm): when gptq or local-hessian is used, the float32
-    hidden states of every calibration row (kept between layers, plus one layer's output) and, for the layer
-    that needs most, the float32 values of its calibrated (non-max) linears, one linear's float32 copies at
-    a time (the layer's weights are read and fake-quantized on access, `weight_calibration.LayerWeights`),
-    and its statistics: gptq in^2 floats per linear and per routed expert, summed (gptaq twice that), plus
-    one batched call's stacked float32 weights and float64 factorisation work (3 x 8 bytes x in^2 per
-    expert, `GPTQ_EXPERT_CHUNK` experts at most); local-hessian in x 16 floats per linear. 0 when no
-    algorithm needs statistics (mse, four-over-six and max add only a float32 copy of one weight)."""
+                             activation: str = "max") -> WeightCalibrationBytes:
+    """Memory of omniq's weight calibration inside the stream (`omniq.quant.weight_calibration.LayerByLayer`)
+    for `algorithms` (linear name -> recipe Algorithm), when some algorithm needs statistics (gptq, gptaq,
+    local-hessian) or activation mse runs: the float32 hidden states of every calibration row (kept between
+    layers, plus one layer's output) and, for the layer that needs most, beside its packed tensors (the
+    calibrated weights are packed as they are made, in place of ModelOpt's):
+    - the first forward's statistics, held together: gptq in^2 floats per linear (gptaq twice that),
+      local-hessian in x 16, for every linear but the routed experts under gptq / gptaq, plus one such
+      linear's GPTQ work (`gptq_chunk_bytes` and `gptq_float64_bytes` of one weight);
+    - or, later, one chunk of routed experts (`gptq_expert_chunk` of them, their statistics and batched GPTQ
+      work, plus one expert's float64 work), whichever is more;
+    - one linear's float32 copies (its weight is read and fake-quantized on access,
+      `weight_calibration.LayerWeights`) and one batch's float32 activations inside the layer
+      (`weight_calibration.BATCH_ROWS` rows; an MoE layer also gathers every routed token's input row).
+    Empty when no algorithm needs statistics (mse, four-over-six and max add only a float32 copy of one weight)."""
     arch = plan.arch
     kinds = {n: a.name for n, a in algorithms.items() if a.name in ("gptq", "gptaq", "local-hessian")}
     if not kinds and activation == "max":          # activation mse runs the same stream (no statistics)
-        return 0
-    per_layer: dict[int, int] = {}
+        return WeightCalibrationBytes()
+    from omniq.quant.weight_calibration import BATCH_ROWS
+
+    first: dict[int, int] = {}
+    one: dict[int, int] = {}
     transient: dict[int, int] = {}
-    stack: dict[tuple, int] = {}
+    groups: dict[tuple, list] = {}
     for lin in arch.linears:
         if lin.layer is None:
             continue
-        stat = {"gptq": 4 * lin.in_features ** 2, "gptaq": 8 * lin.in_features ** 2,      # gptaq: + cross term
-                "local-hessian": 4 * lin.in_features * 16}.get(kinds.get(lin.name), 0)
-        algo = algorithms.get(lin.name)
-        calibrated = 4 * lin.params if algo is not None and algo.name != "max" else 0
-        per_layer[lin.layer] = per_layer.get(lin.layer, 0) + stat + calibrated
-        transient[lin.layer] = max(transient.get(lin.layer, 0), 2 * 4 * lin.params)
-        if kinds.get(lin.name) in ("gptq", "gptaq"):
-            key = (lin.layer, lin.role if lin.expert is not None else lin.name)
-            stack[key] = stack.get(key, 0) + 24 * lin.in_features ** 2 + 4 * lin.params
-    count: dict[tuple, int] = {}
-    for lin in arch.linears:
-        if lin.layer is not None and kinds.get(lin.name) in ("gptq", "gptaq"):
-            key = (lin.layer, lin.role if lin.expert is not None else lin.name)
-            count[key] = count.get(key, 0) + 1
-    work = {}
-    for key, b in stack.items():          # one batched call of at most GPTQ_EXPERT_CHUNK experts at a time
-        work[key[0]] = max(work.get(key[0], 0), b * min(count[key], GPTQ_EXPERT_CHUNK) // count[key])
-    layer = max(per_layer[i] + transient[i] + work.get(i, 0) for i in per_layer)
-    return 2 * samples * seq_len * arch.hidden_size * 4 + layer
+        i, kind = lin.layer, kinds.get(lin.name)
+        transient[i] = max(transient.get(i, 0), 2 * 4 * lin.params)
+        if kind in _STAT_FLOATS:
+            order = algorithms[lin.name].act_order
+            if lin.expert is not None:
+                groups.setdefault((i, lin.role, kind, order), []).append(lin)
+                continue
+            first[i] = first.get(i, 0) + 4 * _STAT_FLOATS[kind] * lin.in_features ** 2
+            work = (gptq_chunk_bytes(lin.in_features, lin.out_features, kind, order)
+                    - 4 * _STAT_FLOATS[kind] * lin.in_features ** 2
+                    + gptq_float64_bytes(lin.in_features, lin.out_features, kind))
+            one[i] = max(one.get(i, 0), work)
+        elif kind == "local-hessian":
+            first[i] = first.get(i, 0) + 4 * lin.in_features * 16
+    chunk: dict[int, int] = {}
+    for (i, _, kind, order), lins in groups.items():
+        lin = lins[0]
+        n = min(len(lins), gptq_expert_chunk(lin.in_features, lin.out_features, kind, order))
+        b = n * gptq_chunk_bytes(lin.in_features, lin.out_features, kind, order) + gptq_float64_bytes(
+            lin.in_features, lin.out_features, kind)
+        chunk[i] = max(chunk.get(i, 0), b)
+    parts = activation_parts(arch, min(BATCH_ROWS, samples), seq_len, "fp32", logits_positions=1)
+    layer_act = parts["hidden_states"] + max((v for k, v in parts.items() if k not in ("hidden_states", "logits")),
+                                             default=0)
+    gathered = min(BATCH_ROWS, samples) * seq_len * arch.num_experts_per_tok * arch.hidden_size * 4 \
+        if MOE in arch.kinds else 0
+    packed = _packed_layer_bytes(plan)
+    best = WeightCalibrationBytes()
+    for i in transient:
+        act = layer_act + (gathered if arch.kinds[i] == MOE else 0)
+        working = max(first.get(i, 0) + one.get(i, 0), chunk.get(i, 0)) + transient[i] + act
+        if best.layer is None or packed[i] + working > best.peak:
+            best = WeightCalibrationBytes(0, working, packed[i], i)
+    hidden = 2 * samples * seq_len * arch.hidden_size * 4
+    return WeightCalibrationBytes(hidden, best.working, best.packed_layer, best.layer)
 
 
 def streamed_estimate(plan: LayerPlan, *, samples: int, seq_len: int, batch: int = 4, device: str = "cpu",
@@ -347,13 +449,13 @@ def streamed_estimate(plan: LayerPlan, *, samples: int, seq_len: int, batch: int
     emb = arch.vocab_size * arch.hidden_size * a
     hidden = (samples + min(batch, samples)) * seq_len * arch.hidden_size * a
     packed = plan.total_bytes / plan.original_bytes if plan.original_bytes else 1.0
+    wc = weight_calibration_bytes(plan, algorithms or {}, activation=activation, samples=samples, seq_len=seq_len)
     return StreamedEstimate(layer=largest, layer_copies=1 + packed, embedding=emb, hidden_states=hidden,
                             activations=parts["hidden_states"] + layer_peak,
                             quantizer_state=quantizer_state_bytes(plan, dtype),
                             overhead=STREAMED_OVERHEAD["cpu" if device == "cpu" else "gpu"], samples=samples,
                             seq_len=seq_len,
-                            weight_calibration=weight_calibration_bytes(plan, algorithms or {}, activation=activation, samples=samples,
-                                                                        seq_len=seq_len))
+                            weight_calibration=wc.hidden + wc.working, weight_calibration_parts=wc)
 
 
 def preflight(plan: LayerPlan, *, samples: int, seq_len: int, batch: int = 4, device: str = "cpu",

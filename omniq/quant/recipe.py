@@ -15,7 +15,8 @@
 Weight calibration (`algorithm:`, top level and per rule; `omniq.quant.weight_calibration`): `max` (default:
 ModelOpt's max calibration, the artifacts of before), `mse`, `local-hessian`, `gptq`, `gptaq` (GPTQ aiming at
 the output the engine computes from quantized inputs), `four-over-six` (NVFP4 only), as a name or a mapping
-`{name: gptq, damping: 0.01, block_size: 128, min_tokens: 64}`. An algorithm
+`{name: gptq, damping: 0.01, block_size: 128, min_tokens: 64, act_order: false}` (`act_order`: gptq / gptaq
+only, true or false; GPTQ's descending-diag(H) column order, NVFP4 in whole 16-column groups). An algorithm
 that does not apply to a rule's format (anything but `max` on bf16, `four-over-six` on fp8) is refused.
 `activation_calibration: mse` (top level; default `max`, ModelOpt's) picks each quantized layer's
 input_scale as max's times the factor with the least squared input error on the calibration inputs.
@@ -73,7 +74,7 @@ _RULE_KEYS = {"select", "modules", "format", "algorithm"}
 ALGORITHMS = {"max": ("bf16", "fp8", "nvfp4"), "mse": ("fp8", "nvfp4"), "local-hessian": ("fp8", "nvfp4"),
               "gptq": ("fp8", "nvfp4"), "gptaq": ("fp8", "nvfp4"), "four-over-six": ("nvfp4",)}
 GPTQ_LIKE = ("gptq", "gptaq")     # take damping, block_size, min_tokens
-_ALGORITHM_KEYS = {"name", "damping", "block_size", "min_tokens", "target_damping"}
+_ALGORITHM_KEYS = {"name", "damping", "block_size", "min_tokens", "target_damping", "act_order"}
 COMPENSATIONS = ("none", "norm-tweak")
 # compensation params: the kinds of BF16 tensor a layer's fit may change (omniq.quant.compensation.KINDS)
 COMPENSATION_PARAMS = ("norm", "mixer-norm", "D", "dt_bias", "A_log", "conv")
@@ -108,12 +109,14 @@ class Algorithm:
     block_size: int = 128
     min_tokens: int = 64
     target_damping: float = 0.1     # gptaq only: ridge of its target towards the source weight
+    act_order: bool = False         # gptq / gptaq: columns by descending diag(H) (NVFP4: whole 16-column groups)
 
     def as_dict(self) -> dict | str:
         if self.name in GPTQ_LIKE:
             return {"name": self.name, "damping": self.damping, "block_size": self.block_size,
                     "min_tokens": self.min_tokens,
-                    **({"target_damping": self.target_damping} if self.name == "gptaq" else {})}
+                    **({"target_damping": self.target_damping} if self.name == "gptaq" else {}),
+                    **({"act_order": True} if self.act_order else {})}
         if self.name == "local-hessian" and self.min_tokens != 64:
             return {"name": self.name, "min_tokens": self.min_tokens}
         return self.name
@@ -254,7 +257,7 @@ def parse_algorithm(value, where: str) -> Algorithm:
     value = _named(value, where, "algorithm", ALGORITHMS, _ALGORITHM_KEYS)
     name = value["name"]
     params = {k: v for k, v in value.items() if k != "name"}
-    allowed = ({"damping", "block_size", "min_tokens"} | ({"target_damping"} if name == "gptaq" else set())
+    allowed = ({"damping", "block_size", "min_tokens", "act_order"} | ({"target_damping"} if name == "gptaq" else set())
                if name in GPTQ_LIKE else {"min_tokens"} if name == "local-hessian" else set())
     if set(params) - allowed:
         _fail(where, f"algorithm {name} takes no {sorted(set(params) - allowed)[0]} parameter")
@@ -267,8 +270,11 @@ def parse_algorithm(value, where: str) -> Algorithm:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (key == "block_size" and v % 16):
             _fail(where, f"algorithm {key} {v!r} must be a positive integer" +
                   (" and a multiple of 16 (the NVFP4 group)" if key == "block_size" else ""))
+    act_order = params.get("act_order", False)
+    if not isinstance(act_order, bool):
+        _fail(where, f"algorithm act_order {act_order!r} must be true or false")
     return Algorithm(name, float(params.get("damping", 0.01)), int(params.get("block_size", 128)),
-                     int(params.get("min_tokens", 64)), float(params.get("target_damping", 0.1)))
+                     int(params.get("min_tokens", 64)), float(params.get("target_damping", 0.1)), act_order)
 
 
 def parse_compensation(value, where: str) -> Compensation:

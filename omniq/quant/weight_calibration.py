@@ -9,7 +9,8 @@ sees only the tokens routed to it), the token count and the input statistics its
                     (their diagonals are the per-channel second moments that FP8's local-hessian weights by)
     gptq            the full input Hessian, sum of x^T x [in, in]: in_features^2 floats per linear and per
                     expert while its layer is calibrated (tiny: 256 KiB; Nemotron 3 Nano's 2,688-wide
-                    inputs: 29 MiB per linear, 128 experts x 2 projections of one MoE layer 5.5 GB at once)
+                    inputs: 29 MiB per linear; 128 experts x 2 projections of one MoE layer would be 5.5 GB
+                    at once, so the routed experts' are gathered a chunk of experts at a time, below)
     gptaq           with xq = Q(x) the input as the engine quantizes it (the linear's format and its exported
                     input_scale), sum of xq^T xq and the cross term sum of x^T xq: twice gptq's statistics;
                     the weight aimed at is `gptq.asymmetric_target` (the least-squares weight mapping the
@@ -26,6 +27,14 @@ exports them) is measured from the stream's inputs first. `mse` and `four-over-s
 any, no forward runs. A routed expert with fewer than `min_tokens` routed tokens falls back to `mse` and is
 listed in `fallbacks`. Activation (input) scales stay ModelOpt's max calibration.
 
+Routed experts under gptq / gptaq are calibrated in chunks of experts (`_expert_chunks`,
+`memory.gptq_expert_chunk`): the layer's first forward records every other linear and counts the routed
+tokens (skipping the experts' matmuls); then per chunk a forward over the same kept inputs runs only that
+chunk's experts (`_Recorder`'s `skip`), GPTQ runs on the chunk as one batched call, and the results are
+packed (`CalibratedWeight.compact`) and the statistics freed before the next chunk. The statistics are those
+of one pass over every expert (tests/quant/test_gptq_chunks.py); the price is one routing of the layer's
+tokens per chunk.
+
 The result is per-linear packed tensors (`tensors()`, the names and dtypes ModelOpt exports) that replace the
 exported weight and weight scale of those layers; `weight_scale_2` / `input_scale` stay the export's.
 
@@ -33,8 +42,8 @@ exported weight and weight scale of those layers; `weight_scale_2` / `input_scal
 `omniq.export.streamed.run`'s `layer_tensors_hook`): right after ModelOpt has calibrated and packed layer i,
 the layer's source tensors are read from the shards, its statistics gathered, its weights calibrated and put
 in place of ModelOpt's before the layer is written; between layers only the float32 hidden states of the
-calibration rows are kept, so memory stays about one layer (plus those hidden states and one layer's
-statistics). `calibrate_weights` runs the same steps over a model held whole (`omniq search`).
+calibration rows are kept, so memory stays about one packed layer (plus those hidden states and one layer's
+statistics, or one chunk of its experts'). `calibrate_weights` runs the same steps over a model held whole (`omniq search`).
 """
 
 from __future__ import annotations
@@ -47,10 +56,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from omniq.heap import give_back
 from omniq.model import forward
 from omniq.model.arch import Arch
-from omniq.quant import formats, gptq as gptq_mod, weight_search
-from omniq.quant.memory import GPTQ_EXPERT_CHUNK as EXPERT_CHUNK
+from omniq.quant import formats, gptq as gptq_mod, memory, weight_search
 from omniq.quant.recipe import GPTQ_LIKE, NO_COMPENSATION, Algorithm, Compensation
 
 STATS = {"local-hessian": "blocks", "gptq": "hessian", "gptaq": "asymmetric"}
@@ -69,11 +78,24 @@ class CalibratedWeight:
     weight_scale: torch.Tensor      # nvfp4: float8_e4m3fn [out, in/16]; fp8: fp32 scalar
     weight_scale_2: torch.Tensor | None = None
     tokens: int | None = None       # calibration tokens that reached it (None: no statistics needed)
+    _packed: object = field(default=None, repr=False, compare=False)   # `compact`: the packed weight ...
+    in_features: int | None = None                                      # ... and its width (values dropped)
 
     def packed(self):
+        if self._packed is not None:
+            return self._packed
         if self.fmt == "nvfp4":
             return weight_search.nvfp4_pack(self.values, self.weight_scale, self.weight_scale_2)
         return formats.fp8_quantize(self.values, self.weight_scale)
+
+    def compact(self) -> "CalibratedWeight":
+        """Pack now and drop the float32 `values` (the stream keeps a layer's calibrated weights packed: a
+        real-width MoE layer's routed experts are 0.7 GB as NVFP4, 5.1 GB as float32); `tensors()` and
+        `dequantized()` are the same bytes as before."""
+        if self._packed is None:
+            self._packed, self.in_features = self.packed(), self.values.shape[-1]
+            self.values = None
+        return self
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The exported tensors this replaces: X.weight and X.weight_scale."""
@@ -82,7 +104,9 @@ class CalibratedWeight:
 
     def dequantized(self) -> torch.Tensor:
         p = self.packed()
-        return p.dequantize(self.values.shape[-1]) if self.fmt == "nvfp4" else p.dequantize()
+        if self.fmt != "nvfp4":
+            return p.dequantize()
+        return p.dequantize(self.values.shape[-1] if self.values is not None else self.in_features)
 
 
 @dataclass
@@ -123,31 +147,44 @@ def _accumulate(into: dict, name: str, add: torch.Tensor) -> None:
 class _Recorder:
     """A `linear` hook that accumulates input statistics for the layers in `want` (name -> kind); `quantize`
     (name -> the engine's input quantization) for the `asymmetric` kind, whose linears then compute from the
-    quantized input as the engine will."""
+    quantized input as the engine will. `record`: the names of `want` whose statistics are accumulated (default
+    all; the others only transform their input as their kind does, so what they feed sees what it would);
+    `skip`: name -> out_features of linears whose output nothing recorded depends on: zeros, without reading
+    the weight or multiplying (the routed experts outside a chunk, `LayerByLayer.layer`)."""
 
-    def __init__(self, weights, want: dict[str, str], quantize: dict | None = None):
+    def __init__(self, weights, want: dict[str, str], quantize: dict | None = None, *,
+                 record=None, skip: dict[str, int] | None = None):
         self.plain = forward.plain_linear(weights)
         self.want, self.quantize = want, quantize or {}
+        self.record = set(want if record is None else record)
+        self.skip = skip or {}
         self.stats: dict[str, torch.Tensor] = {}
         self.cross: dict[str, torch.Tensor] = {}
-        self.tokens: dict[str, int] = {name: 0 for name in want}
+        self.tokens: dict[str, int] = {name: 0 for name in self.record}
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name in self.skip:
+            return x.new_zeros(*x.shape[:-1], self.skip[name])
         kind = self.want.get(name)
         if kind is not None:
             flat = x.reshape(-1, x.shape[-1]).float()
-            self.tokens[name] += flat.shape[0]
+            keep = name in self.record
+            add = None
+            if keep:
+                self.tokens[name] += flat.shape[0]
             if kind == "hessian":
-                add = flat.T @ flat
+                add = flat.T @ flat if keep else None
             elif kind == "asymmetric":
                 xq = self.quantize[name](flat)
-                add = xq.T @ xq
-                _accumulate(self.cross, name, flat.T @ xq)
+                if keep:
+                    add = xq.T @ xq
+                    _accumulate(self.cross, name, flat.T @ xq)
                 x = xq.reshape(x.shape)
-            else:
+            elif keep:
                 xb = weight_search._blocks(flat)                          # [n, nb, 16]
                 add = torch.einsum("nbi,nbj->bij", xb, xb)
-            _accumulate(self.stats, name, add)
+            if add is not None:
+                _accumulate(self.stats, name, add)
         return self.plain(name, x)
 
     def nbytes(self) -> int:
@@ -234,13 +271,14 @@ def quantize_one(name: str, w: torch.Tensor, fmt: str, algo: Algorithm, ws2: tor
         ws2 = formats.nvfp4_global_scale(w.detach().float().abs().amax()) if ws2 is None else ws2
         if name_used in GPTQ_LIKE:
             r = gptq_mod.gptq(wf, stat / tokens, "nvfp4", weight_scale_2=ws2, damping=algo.damping,
-                              block_size=algo.block_size)
+                              block_size=algo.block_size, act_order=algo.act_order)
             return CalibratedWeight(name, fmt, name_used, r.values, r.weight_scale, ws2, tokens)
         hb = stat / tokens if name_used == "local-hessian" else None
         codes = weight_search.nvfp4_search_scales(wf, ws2, name_used, hb)
         return CalibratedWeight(name, fmt, name_used, wf, codes, ws2, tokens)
     if name_used in GPTQ_LIKE:
-        r = gptq_mod.gptq(wf, stat / tokens, "fp8", damping=algo.damping, block_size=algo.block_size)
+        r = gptq_mod.gptq(wf, stat / tokens, "fp8", damping=algo.damping, block_size=algo.block_size,
+                          act_order=algo.act_order)
         return CalibratedWeight(name, fmt, name_used, r.values, r.weight_scale, None, tokens)
     if name_used == "four-over-six":
         raise ValueError("four-over-six applies to NVFP4 only")
@@ -249,20 +287,45 @@ def quantize_one(name: str, w: torch.Tensor, fmt: str, algo: Algorithm, ws2: tor
                             None, tokens)
 
 
+def _unneeded(lins, recorded: set[str], *, experts_only: bool = False) -> dict[str, int]:
+    """The linears of one layer whose outputs no statistic in `recorded` depends on (name -> out_features,
+    `_Recorder`'s `skip`): the layer's output is not used while statistics are gathered, and a routed expert's
+    up projection feeds only its own down projection. `experts_only` (the forward that records the other
+    linears): only routed experts are left out; else (a chunk's forward, its experts' inputs come from the
+    layer's norm and router alone) every linear that is neither recorded nor an up feeding a recorded down."""
+    ups = {lin.expert: lin.name for lin in lins if lin.role == "expert_up"}
+    needed = set(recorded) | {ups[lin.expert] for lin in lins if lin.role == "expert_down" and lin.name in recorded}
+    return {lin.name: lin.out_features for lin in lins
+            if lin.name not in needed and (lin.expert is not None or not experts_only)}
+
+
+def _expert_chunks(group: list, algo: Algorithm) -> list[list]:
+    """The routed experts of one projection (same shape, format and algorithm) in chunks of
+    `memory.gptq_expert_chunk` experts: each chunk's statistics are gathered by its own forward over the
+    layer's calibration inputs, GPTQ runs on it as one batched call, and its statistics are freed before the
+    next, so one chunk's are held at a time rather than the layer's (5.5 GB for gptq's 256 expert Hessians of
+    a real-width MoE layer)."""
+    n = memory.gptq_expert_chunk(group[0].in_features, group[0].out_features, algo.name, algo.act_order)
+    return [group[k:k + n] for k in range(0, len(group), n)]
+
+
 def _gptq_stack(lins, fmt: str, algo: Algorithm, source, rec: "_Recorder", global_scales) -> dict:
-    """GPTQ (or gptaq) of same-shaped weights (the routed experts of one projection) in one batched call."""
+    """GPTQ (or gptaq) of same-shaped weights (a chunk of the routed experts of one projection) in one batched
+    call; the statistics are taken out of `rec` as they are stacked, gptaq's float64 target solved one
+    expert at a time."""
     W = torch.stack([source[f"{lin.name}.weight"].float() for lin in lins])
-    H = torch.stack([rec.stats[lin.name] / rec.tokens[lin.name] for lin in lins])
+    H = torch.stack([rec.stats.pop(lin.name) / rec.tokens[lin.name] for lin in lins])
     ws2 = None
     if fmt == "nvfp4":
         ws2 = torch.stack([torch.as_tensor(global_scales[lin.name], dtype=torch.float32).reshape(())
                            if lin.name in global_scales else formats.nvfp4_global_scale(W[k].abs().amax())
                            for k, lin in enumerate(lins)])
     if algo.name == "gptaq":
-        C = torch.stack([rec.cross[lin.name] / rec.tokens[lin.name] for lin in lins])
-        W = gptq_mod.asymmetric_target(W, H, C, algo.target_damping)
-        del C
-    r = gptq_mod.gptq(W, H, fmt, weight_scale_2=ws2, damping=algo.damping, block_size=algo.block_size)
+        for k, lin in enumerate(lins):
+            W[k] = gptq_mod.asymmetric_target(W[k], H[k], rec.cross.pop(lin.name) / rec.tokens[lin.name],
+                                              algo.target_damping)
+    r = gptq_mod.gptq(W, H, fmt, weight_scale_2=ws2, damping=algo.damping, block_size=algo.block_size,
+                      act_order=algo.act_order)
     return {lin.name: CalibratedWeight(lin.name, fmt, algo.name, r.values[k], r.weight_scale[k],
                                        None if ws2 is None else r.weight_scale_2[k], rec.tokens[lin.name])
             for k, lin in enumerate(lins)}
@@ -389,32 +452,48 @@ class LayerByLayer:
         if self.engine_inputs:    # the engine's input quantization of every quantized linear of the layer
             quantize = {lin.name: _input_quantizer(formats_of[lin.name], scales[lin.name]) for lin in lins
                         if formats_of.get(lin.name, "bf16") != "bf16"}
-        rec = _Recorder(current, want, quantize)
+        # Routed experts under gptq / gptaq: statistics chunk by chunk of experts (`_expert_chunks`); the first
+        # forward gathers every other linear's and counts the routed tokens.
+        chunked = {lin.name for lin in lins if lin.expert is not None and lin.name in want
+                   and todo[lin.name].name in GPTQ_LIKE}
+        first = set(want) - chunked
+        rec = _Recorder(current, want, quantize, record=first, skip=_unneeded(lins, first, experts_only=True))
+        routes: dict = {}
         if want:
             with torch.inference_mode():
                 for x in self.xs:
-                    forward.decoder_layer(self.arch, current, i, x, linear=rec)
+                    forward.decoder_layer(self.arch, current, i, x, linear=rec, route_stats=routes)
             result.stats_bytes = max(result.stats_bytes, rec.nbytes())
+        routed = routes[i].tolist() if i in routes else []
         done: dict[str, CalibratedWeight] = {}
-        stacks: dict[tuple, list] = {}          # routed experts under gptq: one batched call per projection
+        stacks: dict[tuple, list] = {}          # routed experts under gptq: batched calls per projection
         for lin in lins:
             if lin.name not in todo:
                 continue
             algo = todo[lin.name]
-            tokens = rec.tokens.get(lin.name)
+            tokens = routed[lin.expert] if lin.name in chunked else rec.tokens.get(lin.name)
             if algo.name in STATS and lin.expert is not None and (tokens or 0) < algo.min_tokens:
                 result.fallbacks.append(lin.name)
                 algo = Algorithm("mse")
             if algo.name in GPTQ_LIKE and lin.expert is not None:
                 stacks.setdefault((lin.role, formats_of[lin.name], algo), []).append(lin)
                 continue
-            done[lin.name] = quantize_one(lin.name, weights[f"{lin.name}.weight"], formats_of[lin.name], algo,
-                                          global_scales.get(lin.name), rec.stats.get(lin.name), tokens,
-                                          rec.cross.get(lin.name))
-        for (_, fmt, algo), group in stacks.items():
-            for k in range(0, len(group), EXPERT_CHUNK):
-                done.update(_gptq_stack(group[k:k + EXPERT_CHUNK], fmt, algo, weights, rec, global_scales))
+            done[lin.name] = self._kept(quantize_one(
+                lin.name, weights[f"{lin.name}.weight"], formats_of[lin.name], algo, global_scales.get(lin.name),
+                rec.stats.pop(lin.name, None), tokens, rec.cross.pop(lin.name, None)))
         del rec
+        for (_, fmt, algo), group in stacks.items():
+            for chunk in _expert_chunks(group, algo):
+                names = {lin.name for lin in chunk}
+                crec = _Recorder(current, want, quantize, record=names, skip=_unneeded(lins, names))
+                with torch.inference_mode():
+                    for x in self.xs:
+                        forward.decoder_layer(self.arch, current, i, x, linear=crec)
+                result.stats_bytes = max(result.stats_bytes, crec.nbytes())
+                for name, cw in _gptq_stack(chunk, fmt, algo, weights, crec, global_scales).items():
+                    done[name] = self._kept(cw)
+                del crec
+                give_back()      # the chunk's freed temporaries: glibc keeps them between the packed results
         if self.keep_weights:
             result.weights.update(done)
         if self.needs_stats:
@@ -439,6 +518,10 @@ class LayerByLayer:
                 self.xs = [forward.decoder_layer(self.arch, current, i, x, linear=linear) for x in self.xs]
         result.seconds += time.perf_counter() - t0
         return done
+
+    def _kept(self, cw: CalibratedWeight) -> CalibratedWeight:
+        """A calibrated weight as this run keeps it: float32 values with `keep_weights`, else packed."""
+        return cw if self.keep_weights else cw.compact()
 
     def _compensate(self, i: int, source, current: "LayerWeights", quantize: dict) -> "LayerWeights":
         """norm-tweak of layer i: its BF16 tensors of the recipe's kinds fitted so that the layer as the
@@ -482,6 +565,10 @@ class LayerByLayer:
             weights = LayerWeights(read, self.layer_tensor_names(i))
             scales = {n[: -len(suffix)]: t for n, t in tensors.items() if n.endswith(suffix)}
             inputs = {n[: -len(in_suffix)]: t for n, t in tensors.items() if n.endswith(in_suffix)}
+            for lin in self.by_layer.get(i, []):          # ModelOpt's weights of what is calibrated: replaced
+                if lin.name in self.todo:                 # below, freed now (the writer places tensors by name)
+                    tensors.pop(f"{lin.name}.weight", None)
+                    tensors.pop(f"{lin.name}.weight_scale", None)
             for cw in self.layer(i, weights, scales, inputs).values():
                 tensors.update(cw.tensors())
             for n in self.result.input_scales.keys() & inputs.keys():       # activation mse: this layer's

@@ -94,9 +94,7 @@ def test_quantize_with_gptaq_through_the_cli(tmp_path, tiny_dir):
     """`omniq quantize` runs gptaq streamed: omniq.json records it with its parameters; the exported NVFP4
     and FP8 tensors are bit for bit `calibrate_weights` over the whole model with the exported global and
     input scales; and they differ from what gptq exports."""
-    from omniq.calib import data as calib_data
-    from omniq.model.checkpoint import open_checkpoint
-    from omniq.quant.plan import make_plan
+    from calibration_reference import check_against_whole_model
     from omniq.quant.weight_calibration import calibrate_weights
 
     (tmp_path / "r.yaml").write_text(RECIPE)
@@ -107,22 +105,10 @@ def test_quantize_with_gptaq_through_the_cli(tmp_path, tiny_dir):
     wc = json.loads((tmp_path / "out" / "omniq.json").read_text())["weight_calibration"]
     assert set(wc["algorithms"]) == {"gptaq", "gptq"}
     assert {p.get("target_damping") for p in wc["algorithms"]["gptaq"]["parameters"]} == {0.2, 0.1}
-    got = open_checkpoint(str(tmp_path / "out")).read()           # every tensor as stored
-    ckpt = open_checkpoint(str(tiny_dir))
-    rec = recipes.load(str(tmp_path / "r.yaml"))
-    plan = make_plan(ckpt.arch, rec)
-    algos = {lin.name: rec.algorithm_of(lin, ckpt.arch) for lin in plan.quantized}
-    rows = calib_data.load(calib_data.default_for(ckpt.path), ckpt.tokenizer, samples=8, seq_len=64, seed=2).rows
-    scales = {n[: -len(".weight_scale_2")]: t for n, t in got.items() if n.endswith(".weight_scale_2")}
-    inputs = {n[: -len(".input_scale")]: t for n, t in got.items() if n.endswith(".input_scale")}
-    source = ckpt.read()
-    whole = calibrate_weights(ckpt.arch, source, rows, plan.formats, algos, scales, input_scales=inputs)
-    seen = set()
-    for name, cw in whole.weights.items():
-        for tname, t in cw.tensors().items():
-            assert torch.equal(got[tname].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), tname
-        seen.add((cw.algorithm, cw.fmt))
-    assert {("gptaq", "nvfp4"), ("gptaq", "fp8"), ("gptq", "nvfp4")} <= seen
+    ref = check_against_whole_model(tmp_path / "out", tiny_dir, tmp_path / "r.yaml", samples=8, seq_len=64, seed=2)
+    assert {("gptaq", "nvfp4"), ("gptaq", "fp8"), ("gptq", "nvfp4")} <= ref.seen
+    ckpt, plan, algos, rows, scales, inputs, source, got = (ref.ckpt, ref.plan, ref.algos, ref.rows, ref.scales,
+                                                            ref.inputs, ref.source, ref.got)
     as_gptq = {n: recipes.Algorithm("gptq") if a.name == "gptaq" else a for n, a in algos.items()}
     other = calibrate_weights(ckpt.arch, source, rows, plan.formats, as_gptq, scales)
     name = "backbone.layers.0.mixer.in_proj"

@@ -68,22 +68,38 @@ def test_cli_refuses_before_loading_anything(tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_weight_calibration_adds_its_statistics_to_the_estimate(real_config):
-    """gptq keeps in^2 floats per linear and expert of one layer (plus float32 hidden states of every row):
-    at Nemotron 3 Nano's width one MoE layer's experts are GBs; mse needs no statistics and adds nothing."""
+def test_weight_calibration_adds_its_statistics_to_the_estimate(real_config, monkeypatch):
+    """gptq keeps in^2 floats per linear (plus float32 hidden states of every row); the routed experts' (5.5 GB
+    for one real-width MoE layer's 256) are gathered a chunk of experts at a time, so all-layer gptq at
+    Nemotron 3 Nano's width fits where ModelOpt's own step does; mse needs no statistics and adds nothing."""
     plan = _plan(real_config, "MEM*E", "nvfp4")
     base = memory.streamed_estimate(plan, samples=16, seq_len=128)
     mse = memory.streamed_estimate(plan, samples=16, seq_len=128,
                                    algorithms={lin.name: recipes.Algorithm("mse") for lin in plan.quantized})
-    gptq = memory.streamed_estimate(plan, samples=16, seq_len=128,
-                                    algorithms={lin.name: recipes.Algorithm("gptq") for lin in plan.quantized})
+    algos = {lin.name: recipes.Algorithm("gptq") for lin in plan.quantized}
+    gptq = memory.streamed_estimate(plan, samples=16, seq_len=128, algorithms=algos)
     assert mse.total == base.total and base.weight_calibration == 0
     experts = [lin for lin in plan.arch.linears if lin.layer == 1 and lin.expert is not None]
     stats = sum(4 * lin.in_features ** 2 for lin in experts)
     assert 5.4e9 < stats < 5.5e9                             # the docs' 5.5 GB for one MoE layer's experts
-    assert gptq.weight_calibration > stats + 2 * 16 * 128 * plan.arch.hidden_size * 4
-    assert gptq.total == base.total + gptq.weight_calibration
-    assert gptq.as_dict()["weight_calibration_bytes"] == gptq.weight_calibration
+    wc = gptq.weight_calibration_parts
+    assert wc.hidden == 2 * 16 * 128 * plan.arch.hidden_size * 4 and wc.layer == 1
+    up = next(lin for lin in experts if lin.role == "expert_up")
+    down = next(lin for lin in experts if lin.role == "expert_down")
+    assert [memory.gptq_expert_chunk(lin.in_features, lin.out_features, a)
+            for a in ("gptq", "gptaq") for lin in (up, down)] == [6, 8, 5, 7]
+    chunk = 6 * memory.gptq_chunk_bytes(up.in_features, up.out_features, "gptq")
+    assert chunk < wc.working < stats / 2
+    # the BF16 layer and ModelOpt's packed copy stay the peak; weight calibration's step comes after it
+    assert wc.peak < base.layer * base.layer_copies
+    assert gptq.total == base.total + wc.hidden < 6 * memory.GiB
+    assert gptq.as_dict()["weight_calibration_bytes"] == gptq.weight_calibration == wc.hidden + wc.working
+    # every expert at once (a chunk as large as the layer's 128): the layer's statistics come back
+    monkeypatch.setattr(memory, "GPTQ_CHUNK_BYTES", 1 << 50)
+    monkeypatch.setattr(memory, "GPTQ_EXPERT_CHUNK", 128)
+    whole = memory.streamed_estimate(plan, samples=16, seq_len=128, algorithms=algos)
+    assert whole.weight_calibration_parts.working > stats
+    assert whole.total == whole.weight_calibration_parts.peak + base.hidden_states + wc.hidden + base.overhead
 
 
 def test_a_model_that_does_not_fit_even_streamed_is_refused_through_the_cli(tmp_path):
