@@ -124,7 +124,8 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
     # Refuse before anything is loaded when the streamed peak cannot fit this process's memory limit.
     algorithms = {lin.name: rec.algorithm_of(lin, ckpt.arch) for lin in plan.quantized}
     predicted = memory.preflight(plan, samples=calib_samples, seq_len=calib_seq_len, batch=cal.BATCH_SIZE,
-                                 device=device, algorithms=algorithms, activation=rec.activation_calibration)
+                                 device=device, algorithms=algorithms, activation=rec.activation_calibration,
+                                 compensation=rec.compensation.name != "none")
     config = modelopt_config(plan)
     enabled = enabled_quantizers(plan)
     weight_algos = (any(a.name != "max" for a in algorithms.values()) or rec.activation_calibration != "max"

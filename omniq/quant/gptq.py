@@ -53,7 +53,7 @@ def _with_dead_channels(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     h = hessian.double().clone()
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     diag[diag == 0] = 1.0                        # dead input channels
-    return h, diag.mean(-1, keepdim=True), torch.eye(h.shape[-1], dtype=h.dtype)
+    return h, diag.mean(-1, keepdim=True), torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -62,7 +62,7 @@ def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     where 16 routed experts at once took 4.6 GB), and a matrix that needs more damping gets it alone."""
     if hessian.dim() > 2:
         flat = hessian.reshape(-1, *hessian.shape[-2:])
-        out = torch.empty(flat.shape, dtype=torch.float32)
+        out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
         for k in range(flat.shape[0]):
             out[k] = _inverse_cholesky(flat[k], damping)
         return out.reshape(hessian.shape)
@@ -174,7 +174,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: str, *, weight_scale_2: to
         if weight_scale_2 is None:
             weight_scale_2 = formats.nvfp4_global_scale(1.0) * W.abs().amax(dim=(-2, -1))
         ws2 = torch.as_tensor(weight_scale_2, dtype=torch.float32).reshape(B, 1, 1)
-        block_codes = torch.empty(B, out_f, in_f // group, dtype=torch.float8_e4m3fn)
+        block_codes = torch.empty(B, out_f, in_f // group, dtype=torch.float8_e4m3fn, device=W.device)
     elif fmt == "fp8":
         fp8 = torch.stack([weight_search.fp8_search_scale(W[b], scales) for b in range(B)]).reshape(B, 1)
     else:

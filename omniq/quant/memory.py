@@ -363,7 +363,7 @@ def _packed_layer_bytes(plan: LayerPlan) -> dict[int, int]:
 
 
 def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int, seq_len: int,
-                             activation: str = "max") -> WeightCalibrationBytes:
+                             activation: str = "max", compensation: bool = False) -> WeightCalibrationBytes:
     """Memory of omniq's weight calibration inside the stream (`omniq.quant.weight_calibration.LayerByLayer`)
     for `algorithms` (linear name -> recipe Algorithm), when some algorithm needs statistics (gptq, gptaq,
     local-hessian) or activation mse runs: the float32 hidden states of every calibration row (kept between
@@ -377,10 +377,16 @@ def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int,
     - one linear's float32 copies (its weight is read and fake-quantized on access,
       `weight_calibration.LayerWeights`) and one batch's float32 activations inside the layer
       (`weight_calibration.BATCH_ROWS` rows; an MoE layer also gathers every routed token's input row).
+    With `compensation` (the recipe's norm-tweak, `LayerByLayer._compensate`): the reference stream's float32
+    hidden states beside the quantized one's, and while a layer is fitted its targets and the fit's copy of
+    its inputs (four row sets in all), the float32 view of the whole layer (`fit_layer` runs the layer as the
+    engine does, every weight fake-quantized) and the fit's autograd activations (taken as four batches'
+    worth of the layer's float32 activations; untested at the real width, where a MoE layer's float32 view
+    alone is about 5 GB, so the preflight refuses it inside 6 GiB rather than letting it be killed).
     Empty when no algorithm needs statistics (mse, four-over-six and max add only a float32 copy of one weight)."""
     arch = plan.arch
     kinds = {n: a.name for n, a in algorithms.items() if a.name in ("gptq", "gptaq", "local-hessian")}
-    if not kinds and activation == "max":          # activation mse runs the same stream (no statistics)
+    if not kinds and activation == "max" and not compensation:   # activation mse runs the same stream
         return WeightCalibrationBytes()
     from omniq.quant.weight_calibration import BATCH_ROWS
 
@@ -418,19 +424,22 @@ def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int,
     gathered = min(BATCH_ROWS, samples) * seq_len * arch.num_experts_per_tok * arch.hidden_size * 4 \
         if MOE in arch.kinds else 0
     packed = _packed_layer_bytes(plan)
+    fp32_layers = layer_bytes(arch, "fp32")
     best = WeightCalibrationBytes()
     for i in transient:
         act = layer_act + (gathered if arch.kinds[i] == MOE else 0)
         working = max(first.get(i, 0) + one.get(i, 0), chunk.get(i, 0)) + transient[i] + act
+        if compensation:
+            working = max(working, fp32_layers[i] + 4 * act)
         if best.layer is None or packed[i] + working > best.peak:
             best = WeightCalibrationBytes(0, working, packed[i], i)
-    hidden = 2 * samples * seq_len * arch.hidden_size * 4
+    hidden = (4 if compensation else 2) * samples * seq_len * arch.hidden_size * 4
     return WeightCalibrationBytes(hidden, best.working, best.packed_layer, best.layer)
 
 
 def streamed_estimate(plan: LayerPlan, *, samples: int, seq_len: int, batch: int = 4, device: str = "cpu",
                       dtype: str = "bf16", algorithms: dict | None = None,
-                      activation: str = "max") -> StreamedEstimate:
+                      activation: str = "max", compensation: bool = False) -> StreamedEstimate:
     """Peak memory of `omniq quantize` (layer-streamed) with `samples x seq_len` calibration tokens.
 
     One decoder layer is resident at a time (its routed experts materialized in place into the fused tensor);
@@ -449,7 +458,8 @@ def streamed_estimate(plan: LayerPlan, *, samples: int, seq_len: int, batch: int
     emb = arch.vocab_size * arch.hidden_size * a
     hidden = (samples + min(batch, samples)) * seq_len * arch.hidden_size * a
     packed = plan.total_bytes / plan.original_bytes if plan.original_bytes else 1.0
-    wc = weight_calibration_bytes(plan, algorithms or {}, activation=activation, samples=samples, seq_len=seq_len)
+    wc = weight_calibration_bytes(plan, algorithms or {}, activation=activation, samples=samples, seq_len=seq_len,
+                                  compensation=compensation)
     return StreamedEstimate(layer=largest, layer_copies=1 + packed, embedding=emb, hidden_states=hidden,
                             activations=parts["hidden_states"] + layer_peak,
                             quantizer_state=quantizer_state_bytes(plan, dtype),
@@ -459,23 +469,26 @@ def streamed_estimate(plan: LayerPlan, *, samples: int, seq_len: int, batch: int
 
 
 def preflight(plan: LayerPlan, *, samples: int, seq_len: int, batch: int = 4, device: str = "cpu",
-              algorithms: dict | None = None, activation: str = "max") -> StreamedEstimate:
+              algorithms: dict | None = None, activation: str = "max",
+              compensation: bool = False) -> StreamedEstimate:
     """Refuse (exit 2, one line) before anything is loaded when the streamed quantize's predicted peak does not
     fit the memory limit that applies to this process (`omniq.memory_limit`: cgroup v1/v2, MemAvailable, or
     the CUDA device's free memory)."""
     from omniq import memory_limit
 
     est = streamed_estimate(plan, samples=samples, seq_len=seq_len, batch=batch, device=device,
-                            algorithms=algorithms, activation=activation)
+                            algorithms=algorithms, activation=activation,
+                            compensation=compensation)
     limit = memory_limit.available_bytes(device)
     if est.total > limit:
-        one = streamed_estimate(plan, samples=1, seq_len=seq_len, batch=batch, device=device, algorithms=algorithms, activation=activation)
+        one = streamed_estimate(plan, samples=1, seq_len=seq_len, batch=batch, device=device, algorithms=algorithms, activation=activation,
+                                compensation=compensation)
         if one.total <= limit:
             per_row = seq_len * plan.arch.hidden_size * (DTYPE_BYTES["bf16"] + (8 if one.weight_calibration else 0))
             rows = max(1, int((limit - one.total) // per_row))
             hint = f"pass --calib-samples {rows} or fewer, a shorter --calib-seq-len, or another --device"
         elif streamed_estimate(plan, samples=1, seq_len=1, batch=batch, device=device,
-                               algorithms=algorithms, activation=activation).total <= limit:
+                               algorithms=algorithms, activation=activation, compensation=compensation).total <= limit:
             hint = "pass a shorter --calib-seq-len (and fewer --calib-samples), or another --device"
         else:
             hint = "the largest layer alone does not fit; use a machine or --device with more memory"

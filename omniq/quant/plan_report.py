@@ -269,7 +269,8 @@ def summarize(source: ModelSource, plan: LayerPlan, *, batch: int = 4, seq_len: 
         # what `omniq quantize` (layer-streamed) peaks at, with its default calibration set of this seq_len
         "memory_streamed": mem.streamed_estimate(
             plan, samples=QUANTIZE_SAMPLES, seq_len=seq_len, batch=batch, device=device,
-            algorithms={lin.name: recipe.algorithm_of(lin, arch) for lin in plan.quantized}).as_dict(),
+            algorithms={lin.name: recipe.algorithm_of(lin, arch) for lin in plan.quantized},
+            activation=recipe.activation_calibration, compensation=recipe.compensation.name != "none").as_dict(),
         "hf_quant_config": plan.hf_quant_config(producer),
         "formats": dict(plan.formats),
         "warnings": warnings,

@@ -120,3 +120,24 @@ def test_a_model_that_does_not_fit_even_streamed_is_refused_through_the_cli(tmp_
     assert len(lines) == 1 and "quantize needs about" in lines[0], lines
     assert "0.06 GiB is available (cgroup v2 /fake/memory.max)" in lines[0] and "more memory" in lines[0]
     assert not (tmp_path / "outs").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_compensation_counts_its_float32_layer_and_streams(real_config, monkeypatch):
+    """norm-tweak holds the fitted layer as float32 (every weight fake-quantized) and a reference stream beside
+    the quantized one: at Nemotron 3 Nano's width the MoE layer's float32 view alone is about 5 GB, so the
+    preflight refuses it inside 6 GiB (one line) instead of letting the kernel kill it mid-run."""
+    from omniq.errors import OmniqError
+
+    plan = _plan(real_config, "MEM*E", "nvfp4")
+    base = memory.streamed_estimate(plan, samples=16, seq_len=128)
+    comp = memory.streamed_estimate(plan, samples=16, seq_len=128, compensation=True)
+    wc = comp.weight_calibration_parts
+    moe_fp32 = memory.layer_bytes(plan.arch, "fp32")[1]
+    assert moe_fp32 > 4.5 * memory.GiB and wc.layer == 1
+    assert wc.hidden == 4 * 16 * 128 * plan.arch.hidden_size * 4
+    assert wc.working > moe_fp32 and comp.total >= wc.peak + wc.hidden > 6 * memory.GiB > base.total
+    monkeypatch.setattr("omniq.memory_limit.available_bytes", lambda device: 6 * memory.GiB)
+    monkeypatch.setattr("omniq.memory_limit.limit_source", lambda device: "test limit")
+    memory.preflight(plan, samples=16, seq_len=128)                      # max alone fits
+    with pytest.raises(OmniqError, match=r"weight calibration \d+\.\d+ GiB.*only 6.00 GiB"):
+        memory.preflight(plan, samples=16, seq_len=128, compensation=True)
