@@ -256,6 +256,7 @@ def layer_bytes(arch: Arch, dtype: str = "bf16") -> dict[int, int]:
 # (`gptq_chunk_bytes`), so a real-width MoE layer (128 experts x 2 projections, 2,688 / 1,856 inputs) holds
 # 6 / 8 experts' statistics at a time (gptaq 5 / 7) instead of all 256 (5.5 GB; gptaq 11).
 GPTQ_EXPERT_CHUNK = 16
+WEIGHT_CALIBRATION_BATCH_ROWS = 8   # rows per forward of omniq's weight calibration (weight_calibration.BATCH_ROWS)
 GPTQ_CHUNK_BYTES = GiB
 _STAT_FLOATS = {"gptq": 1, "gptaq": 2}      # in^2 float32 statistics per linear: X^T X (gptaq: Xq^T Xq and X^T Xq)
 
@@ -388,7 +389,7 @@ def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int,
     kinds = {n: a.name for n, a in algorithms.items() if a.name in ("gptq", "gptaq", "local-hessian")}
     if not kinds and activation == "max" and not compensation:   # activation mse runs the same stream
         return WeightCalibrationBytes()
-    from omniq.quant.weight_calibration import BATCH_ROWS
+    BATCH_ROWS = WEIGHT_CALIBRATION_BATCH_ROWS
 
     first: dict[int, int] = {}
     one: dict[int, int] = {}

@@ -66,7 +66,7 @@ STATS = {"local-hessian": "blocks", "gptq": "hessian", "gptaq": "asymmetric"}
 ACT_AWARE = ("gptaq",)            # algorithms whose statistics see the engine's quantized inputs
 # activation_calibration: mse tries input_scale = max's x these (1.0 first: a tie keeps max's)
 ACT_FACTORS = (1.0, 0.8, 0.85, 0.9, 0.95, 1.05, 1.1, 1.15, 1.2, 1.25)
-BATCH_ROWS = 8
+BATCH_ROWS = memory.WEIGHT_CALIBRATION_BATCH_ROWS   # calibration rows per forward of a layer
 
 
 @dataclass
