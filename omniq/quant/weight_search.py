@@ -66,8 +66,7 @@ def nvfp4_pack(w: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torc
     ws2 = torch.as_tensor(weight_scale_2, dtype=torch.float32).reshape(())
     weight_scale = weight_scale.to(torch.float8_e4m3fn)
     scaled = _blocks(w.detach().float()) / (weight_scale.float() * ws2).unsqueeze(-1)
-    codes = formats.e2m1_encode(scaled.flatten(-2))
-    return formats.NVFP4Weight(formats.pack_e2m1(codes), weight_scale, ws2)
+    return formats.NVFP4Weight(formats.e2m1_encode_pack(scaled.flatten(-2)), weight_scale, ws2)
 
 
 def _code_offsets(base: torch.Tensor, offset: int) -> torch.Tensor:

@@ -154,3 +154,19 @@ def test_self_check_reads_rows_of_quantized_weights_and_opens_each_shard_once(fp
     assert not weights & set(whole)
     assert len(opened) == len(set(opened))
     assert {str(f) for f in ckpt.weight_files} <= set(opened)        # the source was read, each shard opened once
+
+
+def test_passthrough_comparison_is_bit_for_bit():
+    """The self-check compares passthrough tensors by their bits: the sign of zero and a changed NaN payload
+    differ, equal bits match whatever their alignment (odd byte counts and offsets included)."""
+    import torch
+
+    from omniq.export.hf_checkpoint import _same_bits
+
+    a = torch.randn(7, 5, dtype=torch.bfloat16)
+    assert _same_bits(a, a.clone()) and _same_bits(a[:, 1:], a[:, 1:].clone())
+    assert not _same_bits(a, a.clone().mul_(1.01)) and not _same_bits(a, a.float())
+    assert not _same_bits(torch.tensor([0.0]), torch.tensor([-0.0]))
+    nan = torch.tensor([float("nan")])
+    assert _same_bits(nan, nan.clone())
+    assert not _same_bits(nan, (nan.view(torch.int32) | 1).view(torch.float32))
