@@ -79,7 +79,11 @@ def _e2m1_pack_into(q: torch.Tensor, out: torch.Tensor, exponents: torch.Tensor,
     CPU compares are 4-10x slower than an integer pass (x < 0 by `torch.lt` was a fifth of the encoder's
     time); the sign code is 8 * clamp(bits ^ 0x80000000, 0, 1), which is 1 for a negative float other than
     -0.0. A chunk with an infinite or NaN value (an exponent of 255) is encoded by the definition instead
-    (NaN: code 0, as there)."""
+    (NaN: code 0, as there). Off the CPU the definition runs instead (the same bytes; no host sync for the
+    non-finite check, no cache to fit)."""
+    if q.device.type != "cpu":
+        out.copy_(pack_e2m1(e2m1_encode(q)))
+        return
     qi = q.view(torch.int32)
     torch.bitwise_xor(qi, _INT32_SIGN_BIT, out=signs)         # > 0 exactly for x < 0 (and for -NaN)
     qi &= _FLOAT32_MAGNITUDE                                     # |x|
@@ -243,7 +247,8 @@ def nvfp4_block_scales(w: torch.Tensor, weight_scale_2: torch.Tensor, block: int
     """Per-block weight scales (float8_e4m3fn [..., n/block]) as ModelOpt's export computes them."""
     block_amax = _block_amax(w.detach(), block).float()
     scale = block_amax / (E2M1_MAX * weight_scale_2.float())
-    if weight_scale_2.numel() == 1 and 0 < float(weight_scale_2) < math.inf:
+    if scale.device.type == "cpu" and weight_scale_2.numel() == 1 and 0 < float(weight_scale_2) < math.inf:
+        # (on the CPU only: reading the global scale is free there, a host sync elsewhere)
         # every scale is +0, positive, +inf or NaN, so its bits are >= 0 and bits - 1 < 0 only for +0: that one
         # becomes 1.0 by integer passes (`torch.where(scale == 0, ...)` took 3x as long, its compare most of it)
         bits = scale.view(torch.int32)
