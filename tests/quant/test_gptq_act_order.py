@@ -115,7 +115,7 @@ def test_quantize_with_act_order_through_the_cli(tmp_path, tiny_dir):
     import json
 
     from calibration_reference import check_against_whole_model
-    from conftest import run_cli_in_subprocess
+    from cli_subprocess import run_cli_in_subprocess
 
     (tmp_path / "r.yaml").write_text(RECIPE)
     out = tmp_path / "out"
@@ -129,7 +129,7 @@ def test_quantize_with_act_order_through_the_cli(tmp_path, tiny_dir):
 
 
 def test_act_order_on_an_algorithm_it_does_not_apply_to_exits_2_and_writes_nothing(tmp_path):
-    from conftest import run_cli_in_subprocess
+    from cli_subprocess import run_cli_in_subprocess
 
     (tmp_path / "r.yaml").write_text("name: x\ndefault: nvfp4\nalgorithm: {name: mse, act_order: true}\n")
     run = run_cli_in_subprocess(["quantize", "tiny", "--recipe", str(tmp_path / "r.yaml"), "--out",
