@@ -65,8 +65,7 @@ def nvfp4_pack(w: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torc
     packs them (`formats.nvfp4_quantize` is this with the max block scales)."""
     ws2 = torch.as_tensor(weight_scale_2, dtype=torch.float32).reshape(())
     weight_scale = weight_scale.to(torch.float8_e4m3fn)
-    scaled = _blocks(w.detach().float()) / (weight_scale.float() * ws2).unsqueeze(-1)
-    return formats.NVFP4Weight(formats.e2m1_encode_pack(scaled.flatten(-2)), weight_scale, ws2)
+    return formats.NVFP4Weight(formats.nvfp4_pack(w, weight_scale, ws2), weight_scale, ws2)
 
 
 def _code_offsets(base: torch.Tensor, offset: int) -> torch.Tensor:
