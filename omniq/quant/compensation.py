@@ -119,13 +119,10 @@ class _Overlay(Mapping):
         return len(self.weights)
 
 
-def fit_layer(arch: Arch, i: int, weights: Mapping[str, torch.Tensor], xs: list[torch.Tensor],
-              targets: list[torch.Tensor], quantizers: dict[str, Callable], names: list[str],
-              steps: int, lr: float) -> tuple[dict[str, torch.Tensor], LayerFit]:
-    """Fit layer i's tensors `names` (BF16 in the artifact) so that the quantized layer (`weights`: its
-    tensors as the engine will see them, float32; `quantizers`: its linears' input quantization) on the
-    quantized model's inputs `xs` gives the reference outputs `targets`. Returns the fitted tensors rounded
-    to BF16 (empty when the fit did not lower the loss) and the record."""
+def _offsets(weights: Mapping[str, torch.Tensor], names: list[str]):
+    """The fitted parametrisation of `names`: each tensor as base + scale * delta, delta the Adam variable
+    (scale: the tensor's mean magnitude, so one learning rate suits norms and biases alike). Returns
+    (delta, params); `params(rounded=True)` gives the values rounded to BF16 (as float32), detached."""
     base = {n: weights[n].detach().float() for n in names}
     scale = {n: base[n].abs().mean().clamp(min=1e-3) for n in names}
     delta = {n: torch.zeros_like(base[n], requires_grad=True) for n in names}
@@ -134,13 +131,32 @@ def fit_layer(arch: Arch, i: int, weights: Mapping[str, torch.Tensor], xs: list[
         out = {n: base[n] + scale[n] * delta[n] for n in names}
         return {n: v.detach().to(torch.bfloat16).float() for n, v in out.items()} if rounded else out
 
-    before = _loss(arch, i, weights, dict, xs, targets, quantizers, grad=False)
-    fitted = _adam(delta, lambda: _loss(arch, i, weights, params, xs, targets, quantizers, grad=True), params,
-                   steps, lr)
-    after = _loss(arch, i, weights, lambda: fitted, xs, targets, quantizers, grad=False)
+    return delta, params
+
+
+def _fit(weights, names: list[str], loss: Callable[[Callable, bool], float], steps: int, lr: float, log=None):
+    """Adam on `names` against `loss(make_params, grad)`; returns the fitted tensors in BF16 (empty when the
+    loss did not drop), the loss before and the loss kept."""
+    delta, params = _offsets(weights, names)
+    before = loss(dict, False)
+    fitted = _adam(delta, lambda: loss(params, True), params, steps, lr, log)
+    after = loss(lambda: fitted, False)
     kept = after < before
     out = {n: v.to(torch.bfloat16) for n, v in fitted.items()} if kept else {}
-    return out, LayerFit(i, list(names), before, after if kept else before, kept)
+    return out, before, after if kept else before, kept
+
+
+def fit_layer(arch: Arch, i: int, weights: Mapping[str, torch.Tensor], xs: list[torch.Tensor],
+              targets: list[torch.Tensor], quantizers: dict[str, Callable], names: list[str],
+              steps: int, lr: float) -> tuple[dict[str, torch.Tensor], LayerFit]:
+    """Fit layer i's tensors `names` (BF16 in the artifact) so that the quantized layer (`weights`: its
+    tensors as the engine will see them, float32; `quantizers`: its linears' input quantization) on the
+    quantized model's inputs `xs` gives the reference outputs `targets`. Returns the fitted tensors rounded
+    to BF16 (empty when the fit did not lower the loss) and the record."""
+    out, before, after, kept = _fit(
+        weights, names, lambda make, grad: _loss(arch, i, weights, make, xs, targets, quantizers, grad),
+        steps, lr)
+    return out, LayerFit(i, list(names), before, after, kept)
 
 
 def _adam(delta: dict, step_loss: Callable[[], float], params: Callable, steps: int, lr: float, log=None) -> dict:
@@ -176,14 +192,7 @@ def fit_model(arch: Arch, weights: Mapping[str, torch.Tensor], rows: list[torch.
     quantized model (`weights` as the engine sees them, inputs fake-quantized with a straight-through
     gradient) on the calibration `rows` gives the reference's next-token distributions (`ref_logp`, mean KL
     per token). Returns the fitted tensors in BF16 (empty when the KL did not drop) and the record."""
-    base = {n: weights[n].detach().float() for n in names}
-    scale = {n: base[n].abs().mean().clamp(min=1e-3) for n in names}
-    delta = {n: torch.zeros_like(base[n], requires_grad=True) for n in names}
     tokens = sum(r.numel() for r in rows)
-
-    def params(rounded: bool = False):
-        out = {n: base[n] + scale[n] * delta[n] for n in names}
-        return {n: v.detach().to(torch.bfloat16).float() for n, v in out.items()} if rounded else out
 
     def loss(make, grad: bool) -> float:
         total = 0.0
@@ -196,9 +205,5 @@ def fit_model(arch: Arch, weights: Mapping[str, torch.Tensor], rows: list[torch.
             total += float(kl.detach())
         return total
 
-    before = loss(dict, False)
-    fitted = _adam(delta, lambda: loss(params, True), params, steps, lr, log)
-    after = loss(lambda: fitted, False)
-    kept = after < before
-    out = {n: v.to(torch.bfloat16) for n, v in fitted.items()} if kept else {}
-    return out, LayerFit(-1, list(names), before, after if kept else before, kept)
+    out, before, after, kept = _fit(weights, names, loss, steps, lr, log)
+    return out, LayerFit(-1, list(names), before, after, kept)
