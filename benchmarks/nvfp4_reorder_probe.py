@@ -1,16 +1,19 @@
 """Probe: NVFP4 of the channel-reordered `tiny` (omniq.quant.reorder) against NVFP4 of `tiny` itself.
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/nvfp4_reorder_probe.py --work DIR [--seeds 0]
-        [--recipes nvfp4,R.yaml] [--points hidden,hidden+inner,hidden+inner+intermediate] [--orders sort,search]
-        [--samples 8 --seq-len 256] [--search-tokens 512] [--json PATH]
+        [--recipes nvfp4,R.yaml] [--points hidden,hidden+inner,hidden+inner+intermediate]
+        [--orders sort,random0,search] [--samples 8 --seq-len 256] [--search-tokens 512] [--baseline J]
+        [--json PATH]
 
 For each calibration seed S the float32 forward of `tiny` runs over the quantize's own calibration rows
 (`tiny-calib`, 16 x 256, seed S) and keeps every NVFP4 input the orders act on: each layer's normed input
 (what its residual readers quantize), each Mamba out_proj's input, each routed / shared expert's
-down-projection input. From them, two ways to choose the orders (omniq.quant.reorder's `hidden`, `inner`,
+down-projection input. From them, three ways to choose the orders (omniq.quant.reorder's `hidden`, `inner`,
 `intermediate`):
 - `sort`: channels sorted by calibration RMS, so each 16-block holds channels of similar magnitude (the
   hidden order by the mean over layers of log RMS; Mamba's within each head);
+- `randomN` (the control): a random order (within each head for Mamba), torch seed N: how far the KL of
+  an artifact moves for an order chosen by nothing;
 - `search`: pairwise swaps between 16-blocks (within a head for Mamba), each kept when it lowers the NVFP4
   error of the kept inputs (dynamic per-block scales under the max input_scale), the error of a channel
   weighted by its readers' squared column norms; half the calibration rows choose, the other half report.
@@ -20,7 +23,8 @@ folded in: same names, shapes, dtypes), validated in BF16 against `tiny` (the sa
 summation noise), quantized with each recipe (`omniq quantize --calib tiny-calib --calib-seed S`) and
 validated against the unpermuted `tiny` on eval and eval2 with the per-layer SQNR gate off (a permuted
 weight compared with the unpermuted one says nothing), each in its own process. The unpermuted `tiny` is
-quantized and validated the same way beside them (`baseline`).
+quantized and validated the same way beside them (`baseline`; `--baseline J` takes them from an
+earlier run's json J where it has them).
 """
 
 from __future__ import annotations
@@ -163,9 +167,20 @@ def search_order(inputs, segment: int, rounds: int = 2, steps: int = 4):
     return order
 
 
+def random_order(n: int, segment: int, generator):
+    """A random order within each segment: the control (what any order does to the KL by chance)."""
+    import torch
+
+    return torch.cat([torch.randperm(segment, generator=generator) + s for s in range(0, n, segment)])
+
+
 def choose(strategy: str, groups, arch, search_tokens: int):
-    """Orders for every key of `groups` ({key: [Input]}) by `strategy` (sort | search), from the first half
-    of the calibration rows (the search from its first `search_tokens` tokens of each input)."""
+    """Orders for every key of `groups` ({key: [Input]}) by `strategy` (sort | search | randomN: random with
+    seed N), from the first half of the calibration rows (the search from its first `search_tokens` tokens of
+    each input)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(int(strategy[6:] or 0)) if strategy.startswith("random") else None
     out = {}
     for key, inputs in groups.items():
         n = inputs[0].x.shape[1]
@@ -173,6 +188,8 @@ def choose(strategy: str, groups, arch, search_tokens: int):
         part = halves(inputs, 0)
         if strategy == "sort":
             out[key] = sort_order(part, segment)
+        elif strategy.startswith("random"):
+            out[key] = random_order(n, segment, generator)
         else:
             for inp in part:
                 inp.x = inp.x[:search_tokens]
@@ -213,6 +230,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--search-tokens", type=int, default=512)
+    ap.add_argument("--baseline", type=Path, help="an earlier run's json: its unpermuted figures, same seeds")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     import torch
@@ -244,8 +262,10 @@ def main(argv=None) -> dict:
                 print(f"seed {seed} {strategy:<6} {g:<12}: NVFP4 input error (report half) {mine:.4e} "
                       f"against {ident:.4e} in the checkpoint's order ({mine / ident:.3f}x)", flush=True)
             res["input_error"].setdefault("seconds", {})[strategy] = took
+        earlier = json.loads(a.baseline.read_text())["seeds"].get(str(seed), {}) if a.baseline else {}
         for recipe in recipes:
-            r = quantize_and_validate("tiny", "tiny", recipe, seed, a)
+            r = earlier.get("baseline", {}).get(Path(recipe).stem) or quantize_and_validate("tiny", "tiny", recipe,
+                                                                                          seed, a)
             res["baseline"][Path(recipe).stem] = r
             print(f"seed {seed} unpermuted {Path(recipe).stem}: KL eval {r['eval']['kl_mean']:.4e} "
                   f"eval2 {r['eval2']['kl_mean']:.4e}", flush=True)
