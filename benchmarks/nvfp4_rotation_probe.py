@@ -16,62 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SETS = ("eval", "eval2")
-
-
-def omniq(*args) -> str:
-    p = subprocess.run([sys.executable, "-m", "omniq.cli", *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT)
-    if p.returncode != 0:
-        raise SystemExit(f"omniq {' '.join(map(str, args))} failed (rc {p.returncode}): {p.stderr.strip()[-1500:]}")
-    return p.stdout
+from benchmarks.transformed_tiny import SETS, kl, omniq, write_transformed  # noqa: E402
 
 
 def make_rotated(out: Path, seed: int) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from omniq.model.checkpoint import BUNDLED_DIR, open_checkpoint
+    from omniq.model.checkpoint import open_checkpoint
     from omniq.quant import rotation
 
-    src = BUNDLED_DIR / "tiny"
     arch = open_checkpoint("tiny").arch
     rotation.check(arch)
     q = rotation.orthogonal(arch.hidden_size, seed)
     roles = rotation.roles(arch)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    for shard in sorted(tmp.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        new = {k: rotation.rotate_tensor(k, t, q, roles.get(k), tensors.__getitem__).contiguous()
-               for k, t in tensors.items()}
-        save_file(new, str(shard), metadata=meta)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
-def kl(art: Path, s: str, a, report: Path) -> dict:
-    """KL against the unrotated `tiny`; the per-layer weight SQNR gate is off (a rotated weight is compared
-    with the unrotated one there, so its SQNR says nothing)."""
-    gates = a.work / "no-sqnr-gates.yaml"
-    gates.write_text("nvfp4: {min_layer_sqnr_db: -100}\nfp8: {min_layer_sqnr_db: -100}\n")
-    omniq("validate", "tiny", art, "--eval", s, "--samples", a.samples, "--seq-len", a.seq_len, "--report", report,
-          "--max-kl", "10", "--min-top1", "0", "--max-ppl-ratio", "100", "--no-noise-floor", "--force",
-          "--gates", gates)
-    v = json.loads(report.read_text())
-    return {k: v[k] for k in ("kl_mean", "top1_agreement")}
+    write_transformed(out, lambda k, t, read: rotation.rotate_tensor(k, t, q, roles.get(k), read))
 
 
 def main(argv=None) -> dict:
