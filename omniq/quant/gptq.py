@@ -8,12 +8,16 @@ usual arithmetic (`weight_search.nvfp4_pack`, `formats.fp8_quantize`) reproduces
 chose; `dequantized` is what the engines will compute with.
 
 Algorithm (Frantar et al. 2022, the reference implementation's lazy batch updates): H += damping * mean(diag H)
-* I (dead input channels get diag 1), U = upper Cholesky factor of H^-1; columns are rounded in order and
-each column's error, divided by U[i, i], is pushed onto the columns not yet rounded through U[i, i:];
-within a block of `block_size` columns directly, onto later blocks once per block. NVFP4 block scales are
-chosen when a 16-column group is reached, from the compensated weights of that group (max: amax/6 code, or
-the `mse` search of `weight_search`), so the scales see the updates; FP8 uses one per-tensor scale chosen
-before the loop. `block_size` must be a multiple of 16 for NVFP4.
+* I (dead input channels get diag 1), U = upper Cholesky factor of H^-1 (`_inverse_cholesky`); columns are
+rounded in order and each column's error, divided by U[i, i], is pushed onto the columns not yet rounded
+through U[i, i:]: within a 16-column group directly, column by column; onto the rest of its block of
+`block_size` columns once per group, and onto later blocks once per block, each as one matrix product (the
+same sums in another order: the per-column updates across the whole block were most of the loop's time at
+the real width). The loop works on the weight transposed, [in, out], so a column and a group are contiguous
+rows. NVFP4 block scales are chosen when a 16-column group is reached, from the compensated weights of that
+group (max: amax/6 code, or the `mse` search of `weight_search`), so the scales see the updates; FP8 uses
+one per-tensor scale chosen before the loop. `block_size` must be a multiple of 16 for NVFP4. Where the time
+goes at the real width, before and after: benchmarks/gptq_expert_profile.py.
 
 ModelOpt has its own GPTQ (`mtq` algorithm `gptq`, `GPTQCalibConfig`: perc_damp 0.01, block_size 128, the same
 defaults as here), run through its quantizer-wrapped model and, fused, as a CUDA Triton kernel; omniq's runs
@@ -56,23 +60,53 @@ def _with_dead_channels(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return h, diag.mean(-1, keepdim=True), torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
 
 
+def _lower_inverse(lower: torch.Tensor, leaf: int = 128) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by halves: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]],
+    the corner as two matrix products (the n^3 / 3 multiply-adds of a triangular inverse at the matmul's rate,
+    where a triangular solve against the identity does n^3), `leaf`-sized diagonal blocks by a triangular solve."""
+    n = lower.shape[-1]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    k = -(-n // 2 // leaf) * leaf if n > 2 * leaf else leaf
+    out = lower.new_zeros(lower.shape)
+    a_inv = _lower_inverse(lower[:k, :k], leaf)
+    d_inv = _lower_inverse(lower[k:, k:], leaf)
+    out[k:, :k] = d_inv @ (lower[k:, :k] @ a_inv)
+    out[k:, :k].neg_()
+    out[:k, :k], out[k:, k:] = a_inv, d_inv
+    return out
+
+
 def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, float32, batched over leading dims one
     matrix at a time: the float64 work (about 5 x 8 x in^2 bytes) is one matrix's (0.29 GB at 2,688 inputs,
-    where 16 routed experts at once took 4.6 GB), and a matrix that needs more damping gets it alone."""
+    where 16 routed experts at once took 4.6 GB), and a matrix that needs more damping gets it alone.
+
+    With J the reversal of the index order (J^2 = I) and J H J = L L^T (lower Cholesky), H^-1 = J L^-T L^-1 J
+    = U^T U with U = J L^-1 J, which is upper triangular with a positive diagonal: the factor itself (a
+    Cholesky factor is unique), from one Cholesky and one triangular inverse (`_lower_inverse`) instead of a
+    Cholesky, the inverse from it and a second Cholesky of that inverse. The Cholesky is float64, the
+    triangular inverse float32 (of the float64 factor rounded to float32): at 2,688 inputs and 100 tokens it
+    moves U by 1.5e-6 of its largest entry, where the float32 statistics themselves (X^T X summed in another
+    order) move it by 2.6e-5, and changes 7e-5 of the GPTQ weights against their 3e-3; a float32 Cholesky
+    would move U by 1.9e-4 (benchmarks/gptq_precision.py)."""
     if hessian.dim() > 2:
         flat = hessian.reshape(-1, *hessian.shape[-2:])
         out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
         for k in range(flat.shape[0]):
             out[k] = _inverse_cholesky(flat[k], damping)
         return out.reshape(hessian.shape)
-    h, mean, eye = _with_dead_channels(hessian)
+    h, mean, _ = _with_dead_channels(hessian)
+    h = h.flip(-2, -1)                           # J H J (its diagonal is H's, reversed)
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    base = diag.clone()
     for extra in (0.0, 0.1, 1.0, 10.0):          # more damping only if the factorisation fails
-        hd = h + ((damping + extra) * mean).unsqueeze(-1) * eye
-        lower, info = torch.linalg.cholesky_ex(hd)
+        diag.copy_(base + (damping + extra) * mean)
+        lower, info = torch.linalg.cholesky_ex(h)
         if bool((info == 0).all()):
-            hinv = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(hinv, upper=True).float()
+            del h
+            return _lower_inverse(lower.float()).flip(-2, -1)
     raise RuntimeError("GPTQ: the input Hessian is not positive definite even with heavy damping")
 
 
@@ -89,24 +123,44 @@ def asymmetric_target(w: torch.Tensor, hessian_q: torch.Tensor, cross: torch.Ten
     directions the rows barely use get their weights shrunk towards zero (on tiny, 30 % relative change for a
     shared expert from 4,096 tokens), so the target is pulled towards W by a ridge term mu ||W* - W||^2 with
     mu = `damping` x mean(diag Hq): W* = W (C + mu I) (Hq + mu I)^-1, W itself as `damping` grows.
-    Batched over leading dims like `gptq`; float64 inside, float32 out."""
+    Batched over leading dims like `gptq`; float64 inside (float32 products or solves here would move W* by 4e-5
+    to 6e-5 of its largest entry, above the 1e-5 of the float32 statistics' own rounding:
+    benchmarks/gptq_precision.py), float32 out; the solve by Cholesky (half an LU's work, the same W* to 1e-8)."""
     h, mean, eye = _with_dead_channels(hessian_q)
     c = cross.double().clone()
     dead = torch.diagonal(hessian_q, dim1=-2, dim2=-1) == 0
     torch.diagonal(c, dim1=-2, dim2=-1)[dead] = 1.0        # a channel no row uses keeps its weight (W* = W)
     mu = (damping * mean).unsqueeze(-1) * eye
     rhs = (w.double() @ (c + mu)).transpose(-1, -2)        # (W (C + mu))^T [.., in, out]
-    return torch.linalg.solve(h + mu, rhs).transpose(-1, -2).float()   # symmetric: W* = ((Hq + mu)^-1 rhs)^T
+    shifted = h + mu
+    lower, info = torch.linalg.cholesky_ex(shifted)        # Hq + mu is positive definite (mu > 0) ...
+    if bool((info == 0).all()):                            # symmetric: W* = ((Hq + mu)^-1 rhs)^T
+        return torch.cholesky_solve(rhs, lower).transpose(-1, -2).float()
+    return torch.linalg.solve(shifted, rhs).transpose(-1, -2).float()   # ... unless rounding says otherwise
 
 
-def _group_codes(g: torch.Tensor, ws2: torch.Tensor, scales: str) -> torch.Tensor:
-    """E4M3 scale codes [B, out, 1] for one 16-column group g [B, out, 16] (ws2 [B, 1, 1])."""
-    base = formats.nvfp4_block_scales(g, ws2)
+def _group_codes(gt: torch.Tensor, ws2: torch.Tensor, scales: str) -> torch.Tensor:
+    """E4M3 scale codes [B, out] for one 16-column group given transposed, gt [B, 16, out] (ws2 [B, 1, 1]): the
+    max code (`formats.nvfp4_block_scales`) or, for `mse`, the candidates of `weight_search`'s sweep (the
+    `WINDOW` of codes around it, the first of equal errors kept) by the squared error of the dequantized group,
+    as `weight_search._best_codes` chooses them in the [.., 16] layout (the same float32 operations but the
+    sum of the 16 squared errors, taken along rows here)."""
+    base = formats.nvfp4_block_scales(gt.transpose(-1, -2), ws2)[..., 0]         # [B, out]
     if scales == "max":
         return base
     lo, hi = weight_search.WINDOW
-    cands = [base] + [weight_search._code_offsets(base, k) for k in range(lo, hi + 1) if k != 0]
-    return weight_search._best_codes(g.unsqueeze(-2), cands, ws2, None)
+    best, best_err = base.view(torch.uint8), None
+    for k in (0, *(k for k in range(lo, hi + 1) if k != 0)):
+        codes = base if k == 0 else weight_search._code_offsets(base, k)
+        scale = (codes.float() * ws2[..., 0]).unsqueeze(-2)                         # [B, 1, out]
+        err = (gt - formats.e2m1_round(gt / scale) * scale).square_().sum(-2)        # [B, out]
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best = torch.where(better, codes.view(torch.uint8), best)
+        best_err = torch.where(better, err, best_err)
+    return best.view(torch.float8_e4m3fn)
 
 
 def act_order_permutation(hessian: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -160,7 +214,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: str, *, weight_scale_2: to
             res = GPTQResult(values[0], ws[0], None if r.weight_scale_2 is None else r.weight_scale_2[0])
         return res
     single = w.dim() == 2
-    W = w.detach().float().clone()
+    W = w.detach().float()              # read only: the loop works on its own transposed copy
     H = hessian
     if single:
         W, H = W.unsqueeze(0), H.unsqueeze(0)
@@ -180,29 +234,36 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, fmt: str, *, weight_scale_2: to
     else:
         raise ValueError(f"GPTQ for format {fmt!r}: expected nvfp4 or fp8")
     U = _inverse_cholesky(H, damping)
-    values = torch.empty_like(W)
+    # the weight transposed, [B, in, out]: a column is a contiguous row, a group 16 contiguous rows
+    Wt = W.transpose(-1, -2).clone(memory_format=torch.contiguous_format)
+    values = torch.empty_like(Wt)
     scale = None
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        W1 = W[:, :, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[:, i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            w_col = W1[:, :, i]
+    for b1 in range(0, in_f, block_size):
+        b2 = min(b1 + block_size, in_f)
+        E = torch.empty(B, b2 - b1, out_f, dtype=Wt.dtype, device=Wt.device)   # the block's scaled errors
+        for g1 in range(b1, b2, group):
+            g2 = min(g1 + group, b2)
+            if g1 > b1:                   # the errors of the block's earlier groups, at once
+                Wt[:, g1:g2] -= U[:, b1:g1, g1:g2].transpose(-1, -2) @ E[:, :g1 - b1]
             if fmt == "nvfp4":
-                if col % group == 0:
-                    codes = _group_codes(W1[:, :, i:i + group], ws2, scales)
-                    block_codes[:, :, col // group] = codes[..., 0]
-                    scale = codes[..., 0].float() * ws2[..., 0]          # [B, out]
-                q = formats.e2m1_round(w_col / scale) * scale
-            else:
-                q = formats.fp8_dequantize(formats.cast_e4m3(w_col / fp8), fp8)
-            values[:, :, col] = w_col
-            err = (w_col - q) / U1[:, i, i].unsqueeze(-1)
-            W1[:, :, i:] -= err.unsqueeze(-1) * U1[:, i, i:].unsqueeze(1)
-            E1[:, :, i] = err
-        W[:, :, i2:] -= E1 @ U[:, i1:i2, i2:]
+                codes = _group_codes(Wt[:, g1:g2], ws2, scales)
+                block_codes[:, :, g1 // group] = codes
+                scale = codes.float() * ws2[..., 0]                  # [B, out]
+            for col in range(g1, g2):
+                w_col = Wt[:, col]
+                if fmt == "nvfp4":
+                    q = formats.e2m1_round(w_col / scale) * scale
+                else:
+                    q = formats.fp8_dequantize(formats.cast_e4m3(w_col / fp8), fp8)
+                values[:, col] = w_col
+                err = (w_col - q) / U[:, col, col].unsqueeze(-1)
+                E[:, col - b1] = err
+                if col + 1 < g2:          # within the group, column by column
+                    Wt[:, col + 1:g2] -= U[:, col, col + 1:g2].unsqueeze(-1) * err.unsqueeze(1)
+        if b2 < in_f:                     # later blocks: the whole block's errors in one product
+            Wt[:, b2:] -= U[:, b1:b2, b2:].transpose(-1, -2) @ E
+    del Wt, U
+    values = values.transpose(-1, -2).contiguous()
     if fmt == "nvfp4":
         res = GPTQResult(values, block_codes, ws2.reshape(B))
     else:

@@ -272,9 +272,11 @@ def gptq_chunk_bytes(in_features: int, out_features: int, algorithm: str, act_or
 
 
 def gptq_float64_bytes(in_features: int, out_features: int, algorithm: str) -> int:
-    """The float64 work of one weight, done one matrix at a time: the damped Hessian, its Cholesky factor, the
-    inverse and its factor (5 x 8 x in^2); gptaq's target solve: the Hessian, the cross term, the ridge, the
-    identity, the shifted matrix and its LU factors (6 x 8 x in^2) and three in x out float64 matrices."""
+    """The float64 work of one weight, done one matrix at a time, taken as 5 x 8 x in^2: `gptq._inverse_cholesky`
+    holds at most three float64 in x in matrices at once (the Hessian's float64 copies and the identity, then
+    the reversed damped copy and its Cholesky factor; the triangular inverse is float32, half that each), so
+    this is an upper bound; gptaq's target solve: the Hessian, the cross term, the ridge, the identity, the
+    shifted matrix and its Cholesky factor (6 x 8 x in^2) and three in x out float64 matrices."""
     if algorithm == "gptaq":
         return 48 * in_features ** 2 + 24 * in_features * out_features
     return 40 * in_features ** 2

@@ -121,6 +121,42 @@ def test_gptq_batched_equals_one_by_one():
         assert torch.equal(one.dequantized(), batched.dequantized()[k])
 
 
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
+    """U (from J H J's Cholesky and a triangular inverse) is upper triangular with a positive diagonal and
+    U^T U = (H + damping * mean(diag H) * I)^-1, dead input channels given diag 1; 300 inputs: halves that
+    are not whole leaves of `_lower_inverse`."""
+    x = _inputs(inp=300, n=200)
+    x[:, 7] = 0.0
+    h = x.T @ x / x.shape[0]
+    u = gptq._inverse_cholesky(h, 0.01).double()
+    assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
+    hd = h.double()
+    hd[7, 7] = 1.0
+    hd += 0.01 * hd.diagonal().mean() * torch.eye(300, dtype=torch.float64)
+    assert float((u.T @ u @ hd - torch.eye(300, dtype=torch.float64)).abs().max()) < 1e-3
+
+
+def test_lower_inverse_by_halves_inverts():
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(517, 517, generator=g, dtype=torch.float64).tril() + 30 * torch.eye(517, dtype=torch.float64)
+    inv = gptq._lower_inverse(low, leaf=64)
+    assert torch.equal(inv, inv.tril())
+    assert float((inv @ low - torch.eye(517, dtype=torch.float64)).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("scales", ["mse", "max"])
+def test_group_codes_are_the_block_scale_search(scales):
+    """GPTQ's per-group choice on the transposed group gives the codes `weight_search` chooses for the same
+    16 columns."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 200, 16, generator=g) * 0.02 * torch.rand(3, 200, 1, generator=g) ** 3
+    ws2 = formats.nvfp4_global_scale(1.0) * w.abs().amax(dim=(-2, -1))
+    codes = gptq._group_codes(w.transpose(-1, -2).contiguous(), ws2.reshape(3, 1, 1), scales)
+    for b in range(3):
+        want = ws.nvfp4_search_scales(w[b], ws2[b], scales)[:, 0]
+        assert torch.equal(codes[b].view(torch.uint8), want.view(torch.uint8))
+
+
 def test_gptq_refuses_bad_block_size():
     with pytest.raises(ValueError, match="multiple"):
         gptq.gptq(_weight(), torch.eye(128), "nvfp4", block_size=24)
