@@ -10,14 +10,22 @@ token rows (memory does not depend on the text), and around each layer's `compen
 this process's anonymous RSS (RssAnon, every 0.02 s): `at_entry` (the fit's view of the layer, its inputs
 and targets already made), `peak` during the fit, so `peak - at_entry` is the fit's own autograd and
 transient memory, printed beside the predicted `autograd` term; `view_measured` is RssAnon at entry minus
-RssAnon before `_compensate` began (the view plus two row sets), beside the predicted `view`. Also each
-layer's fit seconds (wall and CPU) and loss before / after. One thread (`--threads`).
+RssAnon before `_compensate` began, less two row sets (the targets and the fit's copy of the inputs): the
+view as built, beside the predicted `view` (+ `retained`, glibc's freed heap pages kept while it is built:
+run once as is and once with MALLOC_MMAP_THRESHOLD_=1048576, a fixed threshold that maps every block of
+1 MiB or more apart and unmaps it when freed, to see them; the JSON records the MALLOC_ variables). Also
+each layer's fit seconds (wall and CPU) and loss before / after. One thread (`--threads`).
+
+Results: benchmarks/results/compensation_memory_rwME.json (as is) and
+benchmarks/results/compensation_memory_rwME_mmap1m.json (MALLOC_MMAP_THRESHOLD_=1048576; that run predates
+the `malloc_env` field and the `retained` term).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -103,11 +111,12 @@ def main() -> int:
              "peak_bytes": peak.value, "fit_bytes": peak.value - entry,
              "view_measured_bytes": entry - state["before"] - 2 * row_set,
              "predicted_view_bytes": pred["view"], "predicted_autograd_bytes": pred["autograd"],
+             "predicted_retained_bytes": pred.get("retained", 0),
              "fit_wall_s": wall, "fit_cpu_s": cpu, "loss_before": out[1].loss_before, "loss_after": out[1].loss_after}
         layers.append(r)
         g = 2 ** 30
         print(f"layer {i} ({r['kind']}): view {r['view_measured_bytes'] / g:.3f} GiB (predicted "
-              f"{pred['view'] / g:.3f}), fit's own {r['fit_bytes'] / g:.3f} GiB (predicted autograd "
+              f"{pred['view'] / g:.3f} + retained {pred.get('retained', 0) / g:.3f}), fit's own {r['fit_bytes'] / g:.3f} GiB (predicted autograd "
               f"{pred['autograd'] / g:.3f}), peak {r['peak_bytes'] / g:.3f} GiB; fit {wall:.1f} s wall, "
               f"{cpu:.1f} s CPU ({rec.compensation.steps} steps)", flush=True)
         return out
@@ -120,7 +129,8 @@ def main() -> int:
         comp.fit_layer, wc.LayerByLayer._compensate = fit_layer, compensate
         peak.stop()
     est = memory.streamed_estimate(plan, samples=a.samples, seq_len=a.seq_len, compensation=True)
-    doc = {"checkpoint": a.checkpoint, "recipe": a.recipe, "compensation": rec.compensation.as_dict(),
+    doc = {"checkpoint": a.checkpoint, "recipe": a.recipe,
+           "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}, "compensation": rec.compensation.as_dict(),
            "samples": a.samples, "seq_len": a.seq_len, "threads": a.threads, "batch_rows": wc.BATCH_ROWS,
            "layers": layers, "streamed_estimate": est.as_dict()}
     if a.json:
