@@ -11,14 +11,15 @@ this process's anonymous RSS (RssAnon, every 0.02 s): `at_entry` (the fit's view
 and targets already made), `peak` during the fit, so `peak - at_entry` is the fit's own autograd and
 transient memory, printed beside the predicted `autograd` term; `view_measured` is RssAnon at entry minus
 RssAnon before `_compensate` began, less two row sets (the targets and the fit's copy of the inputs): the
-view as built, beside the predicted `view` (+ `retained`, glibc's freed heap pages kept while it is built:
-run once as is and once with MALLOC_MMAP_THRESHOLD_=1048576, a fixed threshold that maps every block of
-1 MiB or more apart and unmaps it when freed, to see them; the JSON records the MALLOC_ variables). Also
-each layer's fit seconds (wall and CPU) and loss before / after. One thread (`--threads`).
+view as built, beside the predicted `view` (glibc's freed heap pages kept while it is built show here:
+compare a run with MALLOC_MMAP_THRESHOLD_=1048576, a fixed threshold that maps every block of 1 MiB or more
+apart and unmaps it when freed; the JSON records the MALLOC_ variables). Also each layer's fit seconds (wall
+and CPU) and loss before / after. One thread (`--threads`).
 
-Results: benchmarks/results/compensation_memory_rwME.json (as is) and
-benchmarks/results/compensation_memory_rwME_mmap1m.json (MALLOC_MMAP_THRESHOLD_=1048576; that run predates
-the `malloc_env` field and the `retained` term).
+Results on rwME (8 x 128, 5 steps): benchmarks/results/compensation_memory_rwME.json and
+compensation_memory_rwME_mmap1m.json (MALLOC_MMAP_THRESHOLD_=1048576) with the view cloned tensor by tensor
+(before `compensation.layer_view`; both predate the `malloc_env` field), compensation_memory_rwME_layer_view.json
+with `layer_view` (its `predicted_retained_bytes` is a term tried and dropped).
 """
 
 from __future__ import annotations
@@ -111,12 +112,11 @@ def main() -> int:
              "peak_bytes": peak.value, "fit_bytes": peak.value - entry,
              "view_measured_bytes": entry - state["before"] - 2 * row_set,
              "predicted_view_bytes": pred["view"], "predicted_autograd_bytes": pred["autograd"],
-             "predicted_retained_bytes": pred.get("retained", 0),
              "fit_wall_s": wall, "fit_cpu_s": cpu, "loss_before": out[1].loss_before, "loss_after": out[1].loss_after}
         layers.append(r)
         g = 2 ** 30
         print(f"layer {i} ({r['kind']}): view {r['view_measured_bytes'] / g:.3f} GiB (predicted "
-              f"{pred['view'] / g:.3f} + retained {pred.get('retained', 0) / g:.3f}), fit's own {r['fit_bytes'] / g:.3f} GiB (predicted autograd "
+              f"{pred['view'] / g:.3f}), fit's own {r['fit_bytes'] / g:.3f} GiB (predicted autograd "
               f"{pred['autograd'] / g:.3f}), peak {r['peak_bytes'] / g:.3f} GiB; fit {wall:.1f} s wall, "
               f"{cpu:.1f} s CPU ({rec.compensation.steps} steps)", flush=True)
         return out

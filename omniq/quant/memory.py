@@ -363,15 +363,6 @@ def _packed_layer_bytes(plan: LayerPlan) -> dict[int, int]:
     return out
 
 
-# glibc's heap keeps freed pages between the view's float32 tensors while `LayerByLayer._compensate` builds it
-# (each weight read, fake-quantized and cloned: its temporaries are freed between the kept clones; past the
-# first frees the dynamic mmap threshold serves these 20 MB blocks from the heap). Measured on a real-width MoE
-# layer (benchmarks/compensation_memory.py on rwME, 8 x 128): the view took 6.69 GiB of anonymous memory for
-# 4.83 GiB of tensors (0.38 x more), and 4.90 GiB with MALLOC_MMAP_THRESHOLD_=1048576 (fixed threshold: every
-# block of 1 MiB or more mapped apart and returned when freed). Counted until the view is built without it.
-COMPENSATION_VIEW_RETAINED = 0.4
-
-
 def compensation_fit_bytes(plan: LayerPlan, i: int, *, rows: int, seq_len: int) -> dict[str, int]:
     """norm-tweak's fit of decoder layer i (`LayerByLayer._compensate`, `compensation.fit_layer`) beside the
     row sets, as the code holds it (`benchmarks/compensation_memory.py` measures it per layer):
@@ -384,8 +375,9 @@ def compensation_fit_bytes(plan: LayerPlan, i: int, *, rows: int, seq_len: int) 
       by the product with the routing weight); per token the shared expert's input, ReLU output and down
       input (hidden + 2 x its intermediate), and six hidden-sized rows (the normalised input, the gathered
       sum, the layer's output and the loss's difference among them). Other kinds: twice the kind's float32
-      forward transient (`activation_parts`: kept for the backward, and its gradients) plus the six rows;
-    - `retained`: the heap pages glibc keeps while the view is built (`COMPENSATION_VIEW_RETAINED` x view)."""
+      forward transient (`activation_parts`: kept for the backward, and its gradients) plus the six rows.
+    The view is built with the heap's free pages given back every few tensors (`compensation.layer_view`;
+    without that glibc kept 1.9 GiB more for a real-width MoE layer's 4.83 GiB view)."""
     from omniq.quant.plan import tensor_bytes
 
     arch = plan.arch
@@ -402,7 +394,7 @@ def compensation_fit_bytes(plan: LayerPlan, i: int, *, rows: int, seq_len: int) 
     else:
         parts = activation_parts(arch, rows, seq_len, "fp32", logits_positions=1)
         autograd = 2 * parts.get({MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}.get(kind, ""), 0) + rows_h
-    return {"view": view, "autograd": autograd, "retained": int(COMPENSATION_VIEW_RETAINED * view)}
+    return {"view": view, "autograd": autograd}
 
 
 def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int, seq_len: int,
