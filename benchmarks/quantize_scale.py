@@ -126,13 +126,16 @@ class StageClock:
     `omniq.export.streamed.materialize` (a layer read from the shards, checked) and `calibrate_layer`
     (ModelOpt's max calibration of the layer over every row: the forward work the FLOPs are counted for);
     and the peak anonymous RSS (RssAnon, sampled every 0.05 s by a thread) during each of those, ModelOpt's
-    `export_layer`, omniq's weight calibration of a layer (`LayerByLayer.layer`) and the rest (`other`)."""
+    `export_layer`, omniq's weight calibration of a layer (`LayerByLayer.layer`; norm-tweak's fit of a layer,
+    `LayerByLayer._compensate`, inside it, apart as `compensation`, with its wall seconds per layer in
+    `layer_wall_s`) and the rest (`other`)."""
 
     STEPS = ("materialize", "calibrate_layer", "export_layer")
 
     def __init__(self):
-        self.wall = {n: 0.0 for n in self.STEPS + ("weight_calibration",)}
+        self.wall = {n: 0.0 for n in self.STEPS + ("weight_calibration", "compensation")}
         self.cpu = dict(self.wall)
+        self.layer_wall = {"compensation": []}
         self.peak_anon = {n: 0 for n in self.wall} | {"other": 0}
         self.current = "other"
 
@@ -152,6 +155,7 @@ class StageClock:
 
         saved = {n: getattr(streamed, n) for n in self.STEPS}
         saved_layer = weight_calibration.LayerByLayer.layer
+        saved_comp = weight_calibration.LayerByLayer._compensate
 
         def timed(name, fn):
             def wrapper(*args, **kwargs):
@@ -163,11 +167,14 @@ class StageClock:
                     self.current = outer
                     self.wall[name] += time.perf_counter() - t
                     self.cpu[name] += time.process_time() - c
+                    if name in self.layer_wall:
+                        self.layer_wall[name].append(time.perf_counter() - t)
             return wrapper
 
         for n, fn in saved.items():
             setattr(streamed, n, timed(n, fn))
         weight_calibration.LayerByLayer.layer = timed("weight_calibration", saved_layer)
+        weight_calibration.LayerByLayer._compensate = timed("compensation", saved_comp)
         stop = threading.Event()
         sampler = threading.Thread(target=self._sample, args=(stop,), daemon=True)
         sampler.start()
@@ -179,9 +186,11 @@ class StageClock:
             for n, fn in saved.items():
                 setattr(streamed, n, fn)
             weight_calibration.LayerByLayer.layer = saved_layer
+            weight_calibration.LayerByLayer._compensate = saved_comp
 
     def as_dict(self) -> dict:
-        return {"wall_s": dict(self.wall), "cpu_s": dict(self.cpu), "peak_anon_bytes": dict(self.peak_anon)}
+        return {"wall_s": dict(self.wall), "cpu_s": dict(self.cpu), "peak_anon_bytes": dict(self.peak_anon),
+                "layer_wall_s": {n: list(v) for n, v in self.layer_wall.items()}}
 
 
 def wait_idle(max_load: float = 2.5, max_wait_s: float = 600.0) -> float:
@@ -309,7 +318,8 @@ def predictions(recipes_: list[str], samples: int, seq_len: int) -> list[dict]:
             plan = make_plan(arch, rec)
             algos = {lin.name: rec.algorithm_of(lin, arch) for lin in plan.quantized}   # as quantize's preflight
             est = memory.streamed_estimate(plan, samples=samples, seq_len=seq_len, algorithms=algos,
-                                           activation=rec.activation_calibration)
+                                           activation=rec.activation_calibration,
+                                           compensation=rec.compensation.name != "none")
             out.append({"model": name, "layers": len(pattern), "recipe": r, "predicted_peak_bytes": est.total,
                         "bf16_bytes": memory.weight_bytes(arch), **est.as_dict()})
             print(f"predicted  {name:6} {len(pattern):3} layers {r:10} peak {est.total / 2**30:5.2f} GiB "

@@ -146,6 +146,26 @@ def _fit(weights, names: list[str], loss: Callable[[Callable, bool], float], ste
     return out, before, after if kept else before, kept
 
 
+def layer_view(weights: Mapping[str, torch.Tensor], trim_every: int = 8) -> dict[str, torch.Tensor]:
+    """Every tensor of `weights` (one layer's, made on access: `weight_calibration.LayerWeights`) made once and
+    kept for the fit. Made tensors are fresh (a shard read, a fake-quantized weight) and kept as they are;
+    only inference tensors are cloned (autograd cannot save them). Every `trim_every` tensors the heap's free
+    pages go back to the OS (`omniq.heap.give_back`): each fake-quantized weight's temporaries are freed
+    between the kept 20 MB tensors and glibc kept them (a real-width MoE layer's 4.83 GiB view took 6.69 GiB,
+    benchmarks/compensation_memory.py)."""
+    from omniq.heap import give_back
+
+    give_back()                          # (the reference layer's temporaries, freed just before)
+    out = {}
+    for k, n in enumerate(weights):
+        t = weights[n]
+        out[n] = t.clone() if t.is_inference() else t
+        if k % trim_every == trim_every - 1:
+            give_back()
+    give_back()
+    return out
+
+
 def fit_layer(arch: Arch, i: int, weights: Mapping[str, torch.Tensor], xs: list[torch.Tensor],
               targets: list[torch.Tensor], quantizers: dict[str, Callable], names: list[str],
               steps: int, lr: float) -> tuple[dict[str, torch.Tensor], LayerFit]:

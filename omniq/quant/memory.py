@@ -365,6 +365,40 @@ def _packed_layer_bytes(plan: LayerPlan) -> dict[int, int]:
     return out
 
 
+def compensation_fit_bytes(plan: LayerPlan, i: int, *, rows: int, seq_len: int) -> dict[str, int]:
+    """norm-tweak's fit of decoder layer i (`LayerByLayer._compensate`, `compensation.fit_layer`) beside the
+    row sets, as the code holds it (`benchmarks/compensation_memory.py` measures it per layer):
+    - `view`: the layer's tensors as the fit holds them (`current[n].clone()`): each quantized linear's weight
+      fake-quantized in float32, every other tensor as stored;
+    - `autograd`: one batch's graph (`rows` rows; the fit runs forward and backward batch by batch), what
+      the backward keeps, float32. A MoE layer (`forward.moe` with `compensation.STELinear`, a plain hook):
+      per routed token-slot the up projection's straight-through input (hidden) and its ReLU output
+      (intermediate), the down projection's straight-through input (intermediate) and output (hidden, kept
+      by the product with the routing weight); per token the shared expert's input, ReLU output and down
+      input (hidden + 2 x its intermediate), and six hidden-sized rows (the normalised input, the gathered
+      sum, the layer's output and the loss's difference among them). Other kinds: twice the kind's float32
+      forward transient (`activation_parts`: kept for the backward, and its gradients) plus the six rows.
+    The view is built with the heap's free pages given back every few tensors (`compensation.layer_view`;
+    without that glibc kept 1.9 GiB more for a real-width MoE layer's 4.83 GiB view)."""
+    from omniq.quant.plan import tensor_bytes
+
+    arch = plan.arch
+    quantized = {f"{lin.name}.weight" for lin in arch.linears
+                 if lin.layer == i and plan.formats.get(lin.name, "bf16") != "bf16"}
+    view = sum(4 * t.numel if t.name in quantized else tensor_bytes(t.dtype, t.numel)
+               for t in arch.tensors if arch.layer_index(t.name) == i)
+    T, h, kind = rows * seq_len, arch.hidden_size, arch.kinds[i]
+    rows_h = 6 * T * h * 4
+    if kind == MOE:
+        routed = T * arch.num_experts_per_tok * (2 * h + 2 * arch.moe_intermediate_size) * 4
+        shared = T * (h + 2 * arch.moe_shared_expert_intermediate_size) * 4 if arch.n_shared_experts else 0
+        autograd = routed + shared + rows_h
+    else:
+        parts = activation_parts(arch, rows, seq_len, "fp32", logits_positions=1)
+        autograd = 2 * parts.get({MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}.get(kind, ""), 0) + rows_h
+    return {"view": view, "autograd": autograd}
+
+
 def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int, seq_len: int,
                              activation: str = "max", compensation: bool = False) -> WeightCalibrationBytes:
     """Memory of omniq's weight calibration inside the stream (`omniq.quant.weight_calibration.LayerByLayer`)
@@ -382,10 +416,9 @@ def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int,
       (`weight_calibration.BATCH_ROWS` rows; an MoE layer also gathers every routed token's input row).
     With `compensation` (the recipe's norm-tweak, `LayerByLayer._compensate`): the reference stream's float32
     hidden states beside the quantized one's, and while a layer is fitted its targets and the fit's copy of
-    its inputs (four row sets in all), the float32 view of the whole layer (`fit_layer` runs the layer as the
-    engine does, every weight fake-quantized) and the fit's autograd activations (taken as four batches'
-    worth of the layer's float32 activations; untested at the real width, where a MoE layer's float32 view
-    alone is about 5 GB, so the preflight refuses it inside 6 GiB rather than letting it be killed).
+    its inputs (four row sets in all), and `compensation_fit_bytes` (the fit's view of the layer and one
+    batch's autograd state): a real-width MoE layer's view alone is about 5 GB, so the preflight refuses
+    norm-tweak inside 6 GiB rather than letting it be killed.
     Empty when no algorithm needs statistics (mse, four-over-six and max add only a float32 copy of one weight)."""
     arch = plan.arch
     kinds = {n: a.name for n, a in algorithms.items() if a.name in ("gptq", "gptaq", "local-hessian")}
@@ -427,13 +460,13 @@ def weight_calibration_bytes(plan: LayerPlan, algorithms: dict, *, samples: int,
     gathered = min(BATCH_ROWS, samples) * seq_len * arch.num_experts_per_tok * arch.hidden_size * 4 \
         if MOE in arch.kinds else 0
     packed = _packed_layer_bytes(plan)
-    fp32_layers = layer_bytes(arch, "fp32")
     best = WeightCalibrationBytes()
     for i in transient:
         act = layer_act + (gathered if arch.kinds[i] == MOE else 0)
         working = max(first.get(i, 0) + one.get(i, 0), chunk.get(i, 0)) + transient[i] + act
         if compensation:
-            working = max(working, fp32_layers[i] + 4 * act)
+            working = max(working, sum(compensation_fit_bytes(plan, i, rows=min(BATCH_ROWS, samples),
+                                                               seq_len=seq_len).values()))
         if best.layer is None or packed[i] + working > best.peak:
             best = WeightCalibrationBytes(0, working, packed[i], i)
     hidden = (4 if compensation else 2) * samples * seq_len * arch.hidden_size * 4

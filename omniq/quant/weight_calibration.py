@@ -536,7 +536,7 @@ class LayerByLayer:
             targets = [forward.decoder_layer(self.arch, source, i, x.clone()) for x in self.xs_ref]
             xs = [x.clone() for x in self.xs]
         names = comp.tweakable(self.arch, i, c.params)
-        view = {n: current[n].clone() for n in current}  # one layer's float32 tensors while it is fitted
+        view = comp.layer_view(current)                  # one layer's float32 tensors while it is fitted
         fitted, rec = comp.fit_layer(self.arch, i, view, xs, targets, quantize, names, c.steps, c.lr)
         del xs
         del view

@@ -122,20 +122,32 @@ def test_a_model_that_does_not_fit_even_streamed_is_refused_through_the_cli(tmp_
     assert not (tmp_path / "outs").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_compensation_counts_its_float32_layer_and_streams(real_config, monkeypatch):
-    """norm-tweak holds the fitted layer as float32 (every weight fake-quantized) and a reference stream beside
-    the quantized one: at Nemotron 3 Nano's width the MoE layer's float32 view alone is about 5 GB, so the
-    preflight refuses it inside 6 GiB (one line) instead of letting the kernel kill it mid-run."""
+def test_compensation_counts_its_view_autograd_and_streams(real_config, monkeypatch):
+    """norm-tweak holds the fitted layer's view (every quantized weight fake-quantized, float32; the rest as
+    stored), one batch's autograd state and a reference stream beside the quantized one. At Nemotron 3 Nano's
+    width the MoE layer's view alone is about 5 GB, so the preflight refuses it inside 6 GiB (one line)
+    instead of letting the kernel kill it mid-run; measured: benchmarks/compensation_memory.py and the
+    quantize in benchmarks/results/quantize_realwidth_norm_tweak.json."""
     from omniq.errors import OmniqError
 
     plan = _plan(real_config, "MEM*E", "nvfp4")
+    arch = plan.arch
+    h, k, inter, shared = (arch.hidden_size, arch.num_experts_per_tok, arch.moe_intermediate_size,
+                           arch.moe_shared_expert_intermediate_size)
+    fit = memory.compensation_fit_bytes(plan, 1, rows=8, seq_len=128)
+    experts = arch.n_routed_experts * 2 * h * inter + 2 * h * shared          # quantized: float32 in the view
+    stored = sum((4 if t.dtype == "F32" else 2) * t.numel for t in arch.tensors if arch.layer_index(t.name) == 1)
+    assert fit["view"] == 4 * experts + (stored - 2 * experts) and fit["view"] > 4.5 * memory.GiB   # router F32
+    T = 8 * 128                             # one batch of the fit: routed slots, the shared expert, six rows
+    assert fit["autograd"] == 4 * T * (k * (2 * h + 2 * inter) + h + 2 * shared + 6 * h)
+    mamba = memory.compensation_fit_bytes(plan, 0, rows=8, seq_len=128)
+    assert mamba["view"] < fit["view"] / 20 and mamba["autograd"] > fit["autograd"]   # the scan's state
     base = memory.streamed_estimate(plan, samples=16, seq_len=128)
     comp = memory.streamed_estimate(plan, samples=16, seq_len=128, compensation=True)
     wc = comp.weight_calibration_parts
-    moe_fp32 = memory.layer_bytes(plan.arch, "fp32")[1]
-    assert moe_fp32 > 4.5 * memory.GiB and wc.layer == 1
-    assert wc.hidden == 4 * 16 * 128 * plan.arch.hidden_size * 4
-    assert wc.working > moe_fp32 and comp.total >= wc.peak + wc.hidden > 6 * memory.GiB > base.total
+    assert wc.layer == 1 and wc.working == fit["view"] + fit["autograd"]
+    assert wc.hidden == 4 * 16 * 128 * h * 4
+    assert comp.total == wc.peak + wc.hidden + comp.hidden_states + comp.overhead > 6 * memory.GiB > base.total
     monkeypatch.setattr("omniq.memory_limit.available_bytes", lambda device: 6 * memory.GiB)
     monkeypatch.setattr("omniq.memory_limit.limit_source", lambda device: "test limit")
     memory.preflight(plan, samples=16, seq_len=128)                      # max alone fits
