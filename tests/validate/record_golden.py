@@ -1,25 +1,36 @@
 """Record the reports of `omniq validate` on the test artifacts, as the golden the streamed validate is held to.
 
-    python tests/validate/record_golden.py WORKDIR [--out tests/validate/data/golden_reports.json]
+    python tests/validate/record_golden.py WORKDIR [--out FILE] [--validate-with TREE] [--cases NAME,...] [--force]
 
 Makes the artifacts exactly as the test fixtures do (tests/validate/conftest.py `artifacts`: make_artifacts.py
 fp8 nvfp4 nvfp4-kv mixed --rows 4 --seq 128; tests/conftest.py `omni_quantized["mm"]`: `omniq quantize
-tiny-omni --recipe omni-nvfp4` with the tests' calibration size) and runs `validate` on them with the cases of
-`CASES`, and the noise floor (`noise_floor`: the reference as a BF16 engine runs it) on the same rows. The golden checked in was recorded with the whole-model, in-memory validate of commit 9fa423e (before
-the layer-streamed one); tests/validate/test_validate_streamed.py compares every report field against it.
+tiny-omni --recipe omni-nvfp4` with the tests' calibration size), always with this tree's code (so the digests
+are those of the artifacts the tests here make), and runs `validate` on them with the cases of `CASES`, and the
+noise floor (`noise_floor`: the reference as a BF16 engine runs it) on the same rows, with the omniq of TREE
+(default: this tree). The goldens checked in were recorded with the whole-model, in-memory validate of commit
+9fa423e (before the layer-streamed one); golden.check holds the streamed reports of test_validate.py and
+test_omni_validate.py to them field for field:
+
+- data/golden_reports.json (a CPU without AMX BF16): this script at 9fa423e (commit 1ce0244), artifacts and
+  reports from one tree;
+- data/golden_reports_amx.json (a CPU with AMX BF16, where the artifacts' NVFP4 / KV bytes differ): artifacts
+  by main's code, reports by 9fa423e's, run from a main checkout as
+      git worktree add --detach OLD 9fa423e
+      OMP_NUM_THREADS=1 python tests/validate/record_golden.py WORKDIR \
+          --out tests/validate/data/golden_reports_amx.json --validate-with OLD
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 # name -> (reference, artifact, validate keyword arguments)
 CASES = {
@@ -35,18 +46,27 @@ VOLATILE = ("seconds", "tokens_per_second", "reference", "candidate")
 
 
 def make_artifacts(work: Path) -> dict[str, Path]:
-    from conftest import QUANTIZE_CALIB, run_cli_in_subprocess  # tests/conftest.py
-
-    from omniq.model.checkpoint import resolve
+    """The test artifacts under `work` (those already there are kept), each made in a child process that imports
+    this tree's omniq whichever tree evaluates them."""
+    from cli_subprocess import run_cli_in_subprocess  # tests/cli_subprocess.py
+    from conftest import QUANTIZE_CALIB  # tests/conftest.py
 
     made = ("fp8", "nvfp4", "nvfp4-kv", "mixed")
-    if not all((work / m).is_dir() for m in made):
-        subprocess.run([sys.executable, str(HERE / "make_artifacts.py"), str(resolve("tiny")), str(work), *made,
-                        "--rows", "4", "--seq", "128"], check=True)
-    if not (work / "omni-mm").is_dir():
-        r = run_cli_in_subprocess(["quantize", "tiny-omni", "--recipe", "omni-nvfp4", "--out", str(work / "omni-mm"),
-                                   *QUANTIZE_CALIB], one_thread=True)
-        assert r["rc"] == 0, r["stderr"][-2000:]
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(ROOT)         # inherited by both children below
+    try:
+        if not all((work / m).is_dir() for m in made):
+            subprocess.run([sys.executable, str(HERE / "make_artifacts.py"), str(ROOT / "omniq" / "bundled" / "tiny"),
+                            str(work), *made, "--rows", "4", "--seq", "128"], check=True)
+        if not (work / "omni-mm").is_dir():
+            r = run_cli_in_subprocess(["quantize", "tiny-omni", "--recipe", "omni-nvfp4", "--out",
+                                       str(work / "omni-mm"), *QUANTIZE_CALIB], one_thread=True)
+            assert r["rc"] == 0, r["stderr"][-2000:]
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
     return {m: work / m for m in (*made, "omni-mm")}
 
 
@@ -123,11 +143,12 @@ def weights_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def record(paths: dict[str, Path]) -> dict:
+def record(paths: dict[str, Path], names=tuple(CASES)) -> dict:
     from omniq.validate.run import validate
 
     out = {"artifacts_sha256": {name: weights_sha256(p) for name, p in paths.items()}}
-    for name, (ref, art, kw) in CASES.items():
+    for name in names:
+        ref, art, kw = CASES[name]
         out[name] = strip(json.loads(json.dumps(validate(ref, paths[art], **kw), default=str)))
         out[name]["noise_floor_by_set"] = noise_floor(ref, kw)
         print(name, out[name]["kl_mean"], out[name]["noise_floor_by_set"], flush=True)
@@ -138,12 +159,32 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work", type=Path)
     ap.add_argument("--out", type=Path, default=HERE / "data" / "golden_reports.json")
+    ap.add_argument("--validate-with", type=Path, default=ROOT, metavar="TREE",
+                    help="the checkout whose omniq computes the reports and noise floors (default: this one)")
+    ap.add_argument("--cases", help="comma-separated names of CASES to record (default: all; a golden file "
+                    "the tests read needs all)")
+    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = ap.parse_args(argv)
+    names = args.cases.split(",") if args.cases else list(CASES)
+    if unknown := [n for n in names if n not in CASES]:
+        ap.error(f"--cases: {', '.join(unknown)}: not in CASES ({', '.join(CASES)})")
+    tree = args.validate_with.resolve()
+    if not (tree / "omniq" / "validate" / "run.py").is_file():
+        ap.error(f"{tree}: not an omniq checkout (no omniq/validate/run.py)")
+    if args.out.exists() and not args.force:
+        ap.error(f"{args.out}: exists; pass --force to re-record it")
+    sys.path[:0] = [str(tree), str(ROOT / "tests")]
     args.work.mkdir(parents=True, exist_ok=True)
-    golden = record(make_artifacts(args.work))
+    paths = make_artifacts(args.work)
+    import omniq
+
+    assert Path(omniq.__file__).resolve().is_relative_to(tree), (omniq.__file__, tree)
+    golden = record(paths, names)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {args.out}")
+    tmp = args.out.with_name(args.out.name + ".part")
+    tmp.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+    tmp.replace(args.out)
+    print(f"wrote {args.out} (reports by {omniq.__file__})")
 
 
 if __name__ == "__main__":
