@@ -1,10 +1,10 @@
 """The golden reports of tests/validate/data/ (recorded by record_golden.py with the whole-model validate of
 commit 9fa423e) and how a streamed report is held to them: every field equal, floats to float32 reassociation
 (relative 1e-6, 1e-5 for the bf16-rounded noise floor; on the CPU they were recorded on the streamed run
-reproduces the text sets bit for bit). oneDNN's BF16 kernels round otherwise on a CPU with AMX BF16 (the same
-fp8 artifact bytes give KL 2.642e-3 against 2.632e-3, and main's NVFP4 / KV artifacts get other bytes there),
-so such a CPU has its own set, golden_reports_amx.json: main's artifacts made on it, 9fa423e's reports of them
-(how it was run: record_golden.py's docstring)."""
+reproduces the text sets bit for bit). oneDNN's BF16 kernels round otherwise on a CPU with AMX BF16: there the
+same artifact bytes (all five test artifacts made on it have golden_reports.json's digests) give 9fa423e's fp8
+KL 2.642e-3 against 2.632e-3, so such a CPU has its own sets (one per thread count, `AMX_FILES`): main's
+artifacts made on it, 9fa423e's reports of them (how they were recorded: record_golden.py's docstring)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ REL = 1e-6
 # The noise-floor stream rounds every GEMM output to bf16, which turns a float32 reassociation (the head run
 # on the scored positions only) into an occasional one-ulp bf16 flip: measured 1.2e-6 on an audio kl_p95.
 REL_FLOOR = 1e-5
+# On a CPU with AMX BF16 a media set's kl_p95 (a quantile of its 76 / 84 caption tokens: about one token's KL, not
+# a mean over the set that averages the reassociation out) sits further from the whole-model golden: measured by
+# golden_deviation.py (data/golden_deviation_amx_{1thread,2threads}.json) audio kl_p95 1.86e-6 / 1.69e-6, image
+# noise-floor kl_p95 1.09e-5 on both, every other field within REL / REL_FLOOR (the text sets exact). There every
+# kl_p95 field is held to this multiple of its tolerance (5e-6, 5e-5); on other CPUs to the tolerance itself.
+P95_FACTOR = 5 if cpu_has_amx_bf16() else 1
 
 
 def _compare(a, b, where: str, rel: float, out: list[dict]) -> None:
@@ -71,6 +77,8 @@ def _compare(a, b, where: str, rel: float, out: list[dict]) -> None:
         elif math.isinf(b) or math.isnan(b):
             row(a == b or (math.isnan(a) and math.isnan(b)), a)
         else:
+            if where.endswith(".kl_p95"):
+                rel *= P95_FACTOR
             dev = abs(a - b) / max(abs(a), abs(b)) if a != b else 0.0
             row(math.isclose(a, b, rel_tol=rel, abs_tol=1e-12), a, dev)
     else:

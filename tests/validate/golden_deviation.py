@@ -63,8 +63,8 @@ def main(argv=None):
                   f"tolerance {r['tol']}", flush=True)
     if args.out:
         where = gold_file.resolve()
-        out = {"golden": str(where.relative_to(ROOT) if where.is_relative_to(ROOT) else where), "amx_bf16": golden.cpu_has_amx_bf16(), "threads": torch.get_num_threads(),
-               "cases": cases}
+        out = {"golden": str(where.relative_to(ROOT) if where.is_relative_to(ROOT) else where),
+               "amx_bf16": golden.cpu_has_amx_bf16(), "threads": torch.get_num_threads(), "cases": cases}
         tmp = args.out.with_name(args.out.name + ".part")
         tmp.write_text(json.dumps(out, indent=1) + "\n")
         tmp.replace(args.out)

@@ -13,11 +13,13 @@ test_omni_validate.py to them field for field:
 
 - data/golden_reports.json (a CPU without AMX BF16): this script at 9fa423e (commit 1ce0244), artifacts and
   reports from one tree;
-- data/golden_reports_amx.json (a CPU with AMX BF16, where the artifacts' NVFP4 / KV bytes differ): artifacts
-  by main's code, reports by 9fa423e's, run from a main checkout as
+- data/golden_reports_amx.json and golden_reports_amx_2threads.json (a CPU with AMX BF16, where 9fa423e's
+  reports differ and its audio set with the thread count): artifacts by main's code (at 93f95af: the same
+  digests as the file above), reports by 9fa423e's, run from a main checkout as
       git worktree add --detach OLD 9fa423e
       OMP_NUM_THREADS=1 python tests/validate/record_golden.py WORKDIR \
           --out tests/validate/data/golden_reports_amx.json --validate-with OLD
+  and the same with OMP_NUM_THREADS=2 --out tests/validate/data/golden_reports_amx_2threads.json.
 """
 
 from __future__ import annotations
