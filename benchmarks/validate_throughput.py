@@ -190,11 +190,11 @@ def main(argv=None) -> dict:
                      ("validate_no_floor_cached", "validate, 2 streams, reference cached")):
         print(f"  {label:<37}{tokens / best[k]:10.1f}   {best['plain'] / best[k]:10.2f}"
               f"        ({cpu['plain'] / cpu[k]:.2f})")
-    shutil.rmtree(cache_dir, ignore_errors=True)
     if args.breakdown:
         result["breakdown_cpu_seconds"] = breakdown({k: v for k, v in runs.items() if k != "plain_one_batch"})
         for run, parts in result["breakdown_cpu_seconds"].items():
             print(f"  {run}: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+    shutil.rmtree(cache_dir, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -19,6 +19,9 @@ matrix, unquantized tensors that differ) are computed from the layer while it is
 the device until the run is over (`Outcome.summary`), so the same code runs on CPU, CUDA and, in the
 tests, PyTorch's `meta` device.
 
+With a reference cache hit (`omniq.validate.reference_cache`, `validate --reference-cache`) the reference and
+noise-floor streams are not run: the reference's head states and the noise floor's scores are read instead.
+
 Why not transformers' model with accelerate offloading: its CPU Mamba path is wrong past chunk_size
 (tests/validate/test_forward.py), and the candidate must run with engine numerics (quantized activations,
 fused q/k/v scales, FP8 KV cache) that no library model applies to an exported checkpoint.
