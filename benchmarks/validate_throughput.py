@@ -11,7 +11,9 @@ figure another process's load disturbs least):
                       in one batch (what layer-major evaluation could gain from larger matmuls);
   validate            the layer-streamed evaluation `omniq validate` runs (`omniq.validate.stream.run`:
                       reading each layer of both checkpoints from the shards, the reference, the noise floor
-                      stream and the candidate, and the metrics), with and without the noise-floor stream.
+                      stream and the candidate, and the metrics), with and without the noise-floor stream;
+                      and the same with `--reference-cache` hit (filled by one untimed run before: only the
+                      candidate's stream runs through the layers, `omniq.validate.reference_cache`).
 Prints tokens/s and the ratio validate / one reference forward (in throughput: 1.0 = as fast as one
 forward; the goal of issue 12 is at least 0.5 with two streams), and the load average before and after.
 `--breakdown`: one more run of the plain forward and of each validate, with the CPU seconds spent in each
@@ -24,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from omniq.model import forward  # noqa: E402
-from omniq.validate import artifact, stream  # noqa: E402
+from omniq.validate import artifact, reference_cache, stream  # noqa: E402
 from omniq.validate.artifact import read_artifact  # noqa: E402
 from omniq.validate.run import BATCH_ROWS, eval_texts, text_items, token_rows  # noqa: E402
 
@@ -118,11 +122,28 @@ def main(argv=None) -> dict:
             for s in range(0, rows.shape[0], batch):
                 forward.logits(ref.arch, weights, rows[s: s + batch, :-1].to(device))
 
-    def streamed(noise_floor):
-        return lambda: stream.run(ref, cand, text_items(rows), device=device, noise_floor=noise_floor).summary()
+    cache_dir = Path(tempfile.mkdtemp(prefix="omniq-reference-cache-"))
+
+    def streamed(noise_floor, cached=False):
+        def one():
+            items = text_items(rows)
+            entry = (reference_cache.open_entry(cache_dir, ref, items, noise_floor=noise_floor, device=device)
+                     if cached else None)
+            if cached and not entry.hit:
+                raise RuntimeError("the reference cache was not hit")
+            return stream.run(ref, cand, items, device=device, noise_floor=noise_floor, cache=entry).summary()
+        return one
+
+    def fill(noise_floor):          # one untimed run that stores the reference streams
+        items = text_items(rows)
+        entry = reference_cache.open_entry(cache_dir, ref, items, noise_floor=noise_floor, device=device)
+        stream.run(ref, cand, items, device=device, noise_floor=noise_floor, cache=entry)
 
     runs = {"plain": plain, "plain_one_batch": lambda: plain(rows.shape[0]), "validate": streamed(True),
-            "validate_no_floor": streamed(False)}
+            "validate_no_floor": streamed(False), "validate_cached": streamed(True, True),
+            "validate_no_floor_cached": streamed(False, True)}
+    fill(True)
+    fill(False)
     load_before = os.getloadavg()
     plain()                                                       # warm-up
     times = {k: [] for k in runs}
@@ -143,6 +164,11 @@ def main(argv=None) -> dict:
         "validate_no_noise_floor_tokens_per_s": round(tokens / best["validate_no_floor"], 1),
         "validate_vs_one_forward": round(best["plain"] / best["validate"], 2),
         "validate_no_noise_floor_vs_one_forward": round(best["plain"] / best["validate_no_floor"], 2),
+        "validate_reference_cached_tokens_per_s": round(tokens / best["validate_cached"], 1),
+        "validate_reference_cached_vs_one_forward": round(best["plain"] / best["validate_cached"], 2),
+        "validate_no_noise_floor_reference_cached_vs_one_forward":
+            round(best["plain"] / best["validate_no_floor_cached"], 2),
+        "cpu_validate_reference_cached_vs_one_forward": round(cpu["plain"] / cpu["validate_cached"], 2),
         "cpu_validate_vs_one_forward": round(cpu["plain"] / cpu["validate"], 2),
         "cpu_validate_no_noise_floor_vs_one_forward": round(cpu["plain"] / cpu["validate_no_floor"], 2),
         "seconds": {k: [round(w, 2) for w, _ in v] for k, v in times.items()},
@@ -160,10 +186,15 @@ def main(argv=None) -> dict:
     print(f"  validate, 2 streams                  {result['validate_no_noise_floor_tokens_per_s']:10.1f}"
           f"   {result['validate_no_noise_floor_vs_one_forward']:10.2f}"
           f"        ({result['cpu_validate_no_noise_floor_vs_one_forward']:.2f})")
+    for k, label in (("validate_cached", "validate, 3 streams, reference cached"),
+                     ("validate_no_floor_cached", "validate, 2 streams, reference cached")):
+        print(f"  {label:<37}{tokens / best[k]:10.1f}   {best['plain'] / best[k]:10.2f}"
+              f"        ({cpu['plain'] / cpu[k]:.2f})")
     if args.breakdown:
         result["breakdown_cpu_seconds"] = breakdown({k: v for k, v in runs.items() if k != "plain_one_batch"})
         for run, parts in result["breakdown_cpu_seconds"].items():
             print(f"  {run}: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+    shutil.rmtree(cache_dir, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -63,6 +63,7 @@ def validate(
     generate: int = typer.Option(0, "--generate", min=0, help="Also continue N held-out prompts greedily with both models: identical first 16 / 64 tokens, EOS rate, mean length ratio (gated). No cache: slow on real-width models."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Budget of generated tokens per prompt for --generate."),
     no_noise_floor: bool = typer.Option(False, "--no-noise-floor", help="Skip measuring this run's noise floor (the third stream, about a third less time); the gates then come from the bundled model's floor."),
+    reference_cache: Optional[Path] = typer.Option(None, "--reference-cache", help="Directory keeping the reference's streams per reference, rows and code: the next candidate of the same reference runs only its own stream (same numbers)."),
 ):
     """Compare a quantized artifact with its BF16 reference from the files; gates from this run's noise floor; exit 1 when a gate fails."""
     from omniq.validate.run import summary_table, terminal_progress, validate as run_validate
@@ -75,7 +76,7 @@ def validate(
                               eval_media=eval_media, bad_media=bad_media, gates_file=gates_file,
                               generate=generate, max_new_tokens=max_new_tokens, eval_format=eval_format,
                               reasoning_share=reasoning_share, eval_column=eval_column, eval_split=eval_split,
-                              force=force)
+                              force=force, reference_cache=reference_cache)
     _verdict("validate", summary_table(result), result, report)
 
 

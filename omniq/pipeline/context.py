@@ -28,6 +28,7 @@ class StageContext:
     publish: PublishTarget | None = None
     ref: str | None = None              # publish, expanded
     progress: Progress | None = None
+    reference_cache: Path | None = None # validate: where the reference's streams are kept across recipes
 
     @property
     def artifact(self) -> Path:

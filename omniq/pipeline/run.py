@@ -21,6 +21,8 @@ A stage's output is stored under its key (`omniq.pipeline.cache`): an unchanged 
 so; editing one recipe changes that column's keys only. A run killed at any point leaves either finished
 outputs (with their completion marker) or temporary ones that the next run removes, and resumes from the
 last finished stage. Stage functions are injected (`Stages`); `omniq.pipeline.stages` has the real ones.
+Every recipe's validate shares `cache/reference-cache/` (`omniq.validate.reference_cache`): the reference's
+two streams run once for the source, not once per recipe; the reports are the same bit for bit.
 
 `--only STAGE` runs that stage alone (its inputs must already be in the cache); `--dry-run` computes the keys
 and shows what would run. The run ends with `summary.json`, `summary.md` (also appended to
@@ -42,6 +44,9 @@ from omniq.pipeline.context import StageContext, Stages  # noqa: F401 (Stages: p
 from omniq.pipeline.spec import Column, PipelineSpec, PublishTarget, load
 
 STAGES = ("quantize", "lint", "validate", "eval", "build", "publish")
+# validate's reference streams, shared by every recipe of the source (omniq.validate.reference_cache): the
+# first recipe's validate computes them, the others run only their candidate's stream
+REFERENCE_CACHE = "reference-cache"
 STAGE_FORMAT = 1                    # bump when what a stage writes changes shape
 
 
@@ -324,7 +329,8 @@ def _run_task(task: Task, tasks: list[Task], spec: PipelineSpec, source_dir: Pat
         return
     tmp = store.begin(task.stage, task.key)
     ctx = StageContext(spec, task.column, tmp, source_dir, inputs, target=task.target, publish=task.publish,
-                       ref=task.ref, progress=display.inner_progress)
+                       ref=task.ref, progress=display.inner_progress,
+                       reference_cache=store.root / REFERENCE_CACHE)
     t0 = time.perf_counter()
     try:
         result = getattr(stages, task.stage)(ctx)

@@ -54,7 +54,7 @@ def validate(ctx: StageContext) -> dict:
                           max_ppl_ratio=g.get("max_ppl_ratio"), report_path=ctx.out / VALIDATION,
                           eval_format=ev.format, reasoning_share=ev.reasoning_share,
                           eval_column=ev.column if ev.format == "chat" else None, eval_split=ev.split,
-                          progress=_progress(ctx, "evaluating"))
+                          progress=_progress(ctx, "evaluating"), reference_cache=ctx.reference_cache)
     return {**{k: report.get(k) for k in DELTAS}, "passed": report["passed"], "failures": report["failures"],
             "gates": report["gates"], "format": report.get("format"), "report": VALIDATION}
 

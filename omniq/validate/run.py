@@ -231,7 +231,7 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
              noise_floor: bool = True, eval_media: str | None = None, bad_media: str = "skip", gates_file=None,
              generate: int = 0, max_new_tokens: int = generate_mod.DEFAULT_MAX_NEW_TOKENS,
              eval_format: str = "text", reasoning_share: float | None = None, eval_column: str | None = None,
-             eval_split: str = "train", force: bool = False) -> dict:
+             eval_split: str = "train", force: bool = False, reference_cache=None) -> dict:
     """Read both checkpoints from their files, layer by layer, compare next-token distributions (and the
     reference's BF16-engine noise floor), apply the gates.
 
@@ -240,7 +240,9 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
     Returns the report (and writes it to `report_path` when given: over an existing file only with `force`,
     refused before anything runs); `report["passed"]` says whether every gate held. Raises OmniqError (exit 2) for input that cannot be compared or a run that cannot fit.
     `eval_format` "chat": the evaluation text is `eval_set`'s conversations rendered through the reference's
-    chat template (`chat_sets`), scored and gated per reasoning split (`report["reasoning"]`) and together."""
+    chat template (`chat_sets`), scored and gated per reasoning split (`report["reasoning"]`) and together.
+    `reference_cache`: a directory where the reference's streams are kept per reference, rows and code
+    (`omniq.validate.reference_cache`): a later run with the same key runs only the candidate's stream."""
     from omniq.calib import chat
     from omniq.validate import multimodal
 
@@ -289,7 +291,13 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
     for m, inputs in media_inputs.items():
         items += multimodal.items(ref, cand, m, inputs, dev)
     kv_amax: dict = {}
-    outcome = stream.run(ref, cand, items, device=dev, noise_floor=noise_floor, progress=progress, kv_amax=kv_amax)
+    cache = None
+    if reference_cache is not None:
+        from omniq.validate import reference_cache as cache_mod
+
+        cache = cache_mod.open_entry(reference_cache, ref, items, noise_floor=noise_floor, device=dev)
+    outcome = stream.run(ref, cand, items, device=dev, noise_floor=noise_floor, progress=progress, kv_amax=kv_amax,
+                         cache=cache)
     if splits:
         outcome.merge("text", list(splits))
     by_set, sqnr, changed = outcome.summary(positions)
@@ -334,7 +342,7 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
                                                               for m in media_inputs},
                                           chat_prompts=chat_prompts, device=dev)
         failures += generation["failures"]
-    warnings = ref.warnings + cand.warnings + mm_warnings
+    warnings = ref.warnings + cand.warnings + mm_warnings + (cache.warnings if cache is not None else [])
     if changed:
         first = max(changed, key=changed.get)
         warnings.append(f"{len(changed)} unquantized tensors differ from the reference (largest: {first}, "
@@ -368,6 +376,8 @@ def validate(reference, candidate, *, eval_set=None, samples: int = DEFAULT_SAMP
         "tokens_per_second": round(metrics["tokens"] / eval_seconds, 1) if eval_seconds > 0 else None,
         binding.KEY: binding.for_validation(cand.path, ref.path),
     }
+    if cache is not None:
+        report["reference_cache"] = cache.record()
     if by_modality:
         text = {k: report[k] for k in METRIC_KEYS}
         report["modalities"] = {"text": {**text, "passed": not text_failures, "gates": gate.as_dict(),

@@ -19,6 +19,9 @@ matrix, unquantized tensors that differ) are computed from the layer while it is
 the device until the run is over (`Outcome.summary`), so the same code runs on CPU, CUDA and, in the
 tests, PyTorch's `meta` device.
 
+With a reference cache hit (`omniq.validate.reference_cache`, `validate --reference-cache`) the reference and
+noise-floor streams are not run: the reference's head states and the noise floor's scores are read instead.
+
 Why not transformers' model with accelerate offloading: its CPU Mamba path is wrong past chunk_size
 (tests/validate/test_forward.py), and the candidate must run with engine numerics (quantized activations,
 fused q/k/v scales, FP8 KV cache) that no library model applies to an exported checkpoint.
@@ -211,11 +214,17 @@ def _recording(kv, kv_amax: dict | None):
 # ----- the run ------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="cpu", noise_floor: bool = True,
-        progress: Progress | None = None, kv_amax: dict | None = None) -> Outcome:
-    """Evaluate `items` through both artifacts layer by layer; see the module docstring."""
+        progress: Progress | None = None, kv_amax: dict | None = None, cache=None) -> Outcome:
+    """Evaluate `items` through both artifacts layer by layer; see the module docstring. `cache`: a
+    `reference_cache.Entry`: when it holds the reference streams' head states (a hit) only the candidate's
+    stream runs through the layers; otherwise they are computed and stored in it."""
     device = torch.device(device)
     arch = reference.arch
     streams = [s for s in STREAMS if noise_floor or s != "noise_floor"]
+    # a cache hit: the reference's head states and the noise floor's per-token scores, read, not run
+    cached = cache.states if cache is not None and cache.hit else {}
+    computed: dict[str, list] = {}
+    running = [s for s in streams if s not in cached]       # the streams run through the layers
     steps = arch.num_layers + 2
     done = 0
     sqnr: dict[str, torch.Tensor] = {}
@@ -238,17 +247,19 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
     diagnose(ref_u, cand_u, names)
     tokens = omni.context_tokens(reference.checkpoint.config, reference.tokenizer) if any(
         it.media for it in items) else None
-    hidden: dict[str, list[torch.Tensor]] = {s: [] for s in streams}
+    hidden: dict[str, list[torch.Tensor]] = {s: [] for s in running}
     for it in items:
         ids = it.input_ids.to(device)
         for s, u in (("reference", ref_u), ("candidate", cand_u)):
+            if s not in hidden:
+                continue
             if it.media:
                 m = it.media[s]
                 x = omni.splice(arch, u, ids, m.get("image"), m.get("audio"), tokens=tokens)
             else:
                 x = forward.embed(arch, u, ids)
             hidden[s].append(x)
-        if noise_floor:
+        if "noise_floor" in hidden:
             hidden["noise_floor"].append(hidden["reference"][-1])
     del ref_u, cand_u
     give_back()
@@ -278,17 +289,36 @@ def run(reference: Artifact, candidate: Artifact, items: list[Item], *, device="
         targets = it.targets.to(device)
         b, S = targets.shape
         flat = {}
-        for s in streams:
+        for s in running:
             u = heads[s][0]
             flat[s] = forward.final_norm(arch, u, hidden[s][k][:, it.select]).reshape(b * S, -1)
             hidden[s][k] = None
+        if "reference" in cached:
+            flat["reference"] = cached["reference"][k]
+        elif cache is not None:
+            computed.setdefault("reference", []).append(flat["reference"])
+        floor = cached.get("noise_floor", [None] * len(items))[k]     # its scores, when cached
+        floor_scores = []
         t = targets.reshape(-1)
         pos = torch.arange(S, device=device).repeat(b)
-        for a in range(0, b * S, chunk):
+        for c, a in enumerate(range(0, b * S, chunk)):
             sl = slice(a, a + chunk)
-            logits = {s: forward.lm_head(arch, heads[s][0], flat[s][sl], heads[s][1]) for s in streams}
+            logits = {s: forward.lm_head(arch, heads[s][0], flat[s][sl], heads[s][1]) for s in flat}
             compare_logits(logits.pop("reference"), logits, t[sl], pos[sl], by)
+            if floor is not None:
+                by["noise_floor"].add_scores(floor["kl"][sl], floor["agree"][sl], pos[sl], floor["nll"][c])
+            elif "noise_floor" in by:
+                nf = by["noise_floor"]
+                floor_scores.append((nf.kl[-1], nf.agree[-1], nf.nll[-1]))
+        if cache is not None and floor_scores:
+            computed.setdefault("noise_floor", []).append(
+                {"kl": torch.cat([f[0] for f in floor_scores]), "agree": torch.cat([f[1] for f in floor_scores]),
+                 "nll": torch.stack([f[2] for f in floor_scores])})
     del ref_u, cand_u, heads
+    if cache is not None and computed:
+        from omniq.validate import reference_cache
+
+        reference_cache.store(cache, computed)
     give_back()
     done += 1
     if progress is not None:

@@ -65,7 +65,9 @@ def test_pipeline_on_tiny_end_to_end(tmp_path, registry, capsys, monkeypatch):
     assert art["builds"][0]["status"] == "ok" and (Path(art["builds"][0]["path"]) / "build.json").is_file()
     pulled = tmp_path / "pulled"
     oci.pull(art["published"][0]["ref"], pulled)
-    assert json.loads((pulled / "validation.json").read_text())["passed"] is True
+    validation = json.loads((pulled / "validation.json").read_text())
+    assert validation["passed"] is True and validation["reference_cache"]["hit"] is False
+    assert len(list((tmp_path / "work" / "cache" / "reference-cache").glob("*.safetensors"))) == 1
     assert json.loads((pulled / "omniq.json").read_text())["source"]["model"] == "tiny"
 
     rc = main(["pipeline", str(file)])

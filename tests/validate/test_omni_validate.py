@@ -110,3 +110,15 @@ def test_the_omni_stream_runs_on_the_meta_device(name):
     assert set(out.comparisons) == {"text", "image", "audio"}
     for by in out.comparisons.values():
         assert all(c.tokens > 0 and all(t.device == meta for t in c.kl + c.agree + c.nll) for c in by.values())
+
+
+def test_a_reference_cache_hit_gives_the_same_omni_report(report, mm, tmp_path):
+    """The image and audio sets' reference streams come from the cache too (their media embeddings are in
+    the key), with every modality's numbers and floors unchanged."""
+    volatile = ("seconds", "tokens_per_second", "memory", "reference_cache")
+    miss = validate("tiny-omni", mm, **SMALL, reference_cache=tmp_path)
+    hit = validate("tiny-omni", mm, **SMALL, reference_cache=tmp_path)
+    assert (miss["reference_cache"]["hit"], hit["reference_cache"]["hit"]) == (False, True)
+    for r in (miss, hit):
+        assert json.dumps({k: v for k, v in r.items() if k not in volatile}, sort_keys=True) == \
+            json.dumps({k: v for k, v in report.items() if k not in volatile}, sort_keys=True)
