@@ -78,30 +78,40 @@ def tweak(artifact: str, kinds, steps: int, lr: float, samples: int, seq_len: in
     return result
 
 
-def distill(artifact: str, kinds, steps: int, lr: float, samples: int, seq_len: int, seed: int, final_norm: bool,
-            log=None):
-    """`--mode e2e`: every layer's `kinds` (and with `final_norm` the final RMSNorm) fitted jointly on the
-    KL at the logits (`compensation.fit_model`)."""
+def e2e_inputs(artifact: str, samples: int, seq_len: int, seed: int):
+    """What an end-to-end fit against tiny needs: (tiny's reader, ARTIFACT's reader, tiny's float32 weights,
+    the calibration rows of `seed` in batches, the reference's log-softmax per batch, ARTIFACT's input
+    quantizers as the engine runs them)."""
     import torch
 
-    log = log or _say
     from omniq.calib import data as calib_data
     from omniq.model import forward
     from omniq.quant import compensation as comp
     from omniq.validate.artifact import EngineLinear, read_artifact
 
     ref, art = read_artifact("tiny"), read_artifact(artifact)
-    arch = ref.arch
     rows = calib_data.load(calib_data.default_for(ref.path), ref.tokenizer, samples=samples, seq_len=seq_len,
                            seed=seed).rows
     batches = [rows[b:b + comp.BATCH_ROWS] for b in range(0, rows.shape[0], comp.BATCH_ROWS)]
     rw = {n: ref.weights[n] for n in ref.base_names}
-    cw = {n: art.weights[n] for n in art.base_names}
     with torch.no_grad():
-        ref_logp = [torch.log_softmax(forward.logits(arch, rw, x), -1) for x in batches]
+        ref_logp = [torch.log_softmax(forward.logits(ref.arch, rw, x), -1) for x in batches]
     eng_all = EngineLinear(art.layers, {})
     quantizers = {n: (lambda x, n=n: eng_all.prepare(n, x)) for n, layer in art.layers.items()
                   if layer.input_scale is not None}
+    return ref, art, rw, batches, ref_logp, quantizers
+
+
+def distill(artifact: str, kinds, steps: int, lr: float, samples: int, seq_len: int, seed: int, final_norm: bool,
+            log=None):
+    """`--mode e2e`: every layer's `kinds` (and with `final_norm` the final RMSNorm) fitted jointly on the
+    KL at the logits (`compensation.fit_model`)."""
+    log = log or _say
+    from omniq.quant import compensation as comp
+
+    ref, art, rw, batches, ref_logp, quantizers = e2e_inputs(artifact, samples, seq_len, seed)
+    arch = ref.arch
+    cw = {n: art.weights[n] for n in art.base_names}
     names = [n for i in range(arch.num_layers) for n in comp.tweakable(arch, i, kinds)]
     if final_norm:
         names.append(arch.norm_f)
@@ -166,14 +176,9 @@ def validate(path: Path, s: str, samples: int, seq_len: int, report: Path) -> di
     return {k: v[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "ppl_ratio", "tokens")}
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("artifact", type=Path)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--params", default="norm,mixer-norm")
-    ap.add_argument("--mode", choices=("layer", "e2e"), default="layer")
-    ap.add_argument("--final-norm", action="store_true", help="e2e: fit the final RMSNorm too")
-    ap.add_argument("--steps", type=int, default=200)
+def add_fit_args(ap: argparse.ArgumentParser, steps: int) -> None:
+    """The options both probes share: Adam's steps and lr, the calibration rows, the evaluation, the output."""
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=256)
@@ -183,6 +188,30 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--force", action="store_true")
+
+
+def validate_both(a: argparse.Namespace, before: str, after: str) -> dict:
+    """`omniq validate` of a.artifact and of a.out on each set of a.validate: {set: {before: report, after:
+    report, ratio: after's KL mean / before's}}, each line printed."""
+    out = {}
+    for s in (x for x in a.validate.split(",") if x):
+        base = validate(a.artifact, s, a.samples, a.seq_len, a.out.parent / f"{a.artifact.name}.{s}.json")
+        new = validate(a.out, s, a.samples, a.seq_len, a.out.parent / f"{a.out.name}.{s}.json")
+        out[s] = {before: base, after: new, "ratio": new["kl_mean"] / base["kl_mean"]}
+        print(f"{s}: KL {before} {base['kl_mean']:.3e} -> {after} {new['kl_mean']:.3e} "
+              f"({new['kl_mean'] / base['kl_mean']:.3f}x); top-1 {base['top1_agreement']:.4f} -> "
+              f"{new['top1_agreement']:.4f}", flush=True)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--params", default="norm,mixer-norm")
+    ap.add_argument("--mode", choices=("layer", "e2e"), default="layer")
+    ap.add_argument("--final-norm", action="store_true", help="e2e: fit the final RMSNorm too")
+    add_fit_args(ap, steps=200)
     a = ap.parse_args(argv)
     kinds = tuple(k for k in a.params.split(",") if k)
     if a.mode == "e2e":
@@ -198,12 +227,7 @@ def main(argv=None) -> dict:
            "layers": [{"layer": f.layer, "loss_before": f.loss_before, "loss_after": f.loss_after, "kept": f.kept}
                       for f in res.fits], "kl": {}}
     print(f"fitted {len(res.tensors)} tensors in {res.seconds:.0f} s; wrote {a.out}", flush=True)
-    for s in (x for x in a.validate.split(",") if x):
-        base = validate(a.artifact, s, a.samples, a.seq_len, a.out.parent / f"{a.artifact.name}.{s}.json")
-        new = validate(a.out, s, a.samples, a.seq_len, a.out.parent / f"{a.out.name}.{s}.json")
-        out["kl"][s] = {"artifact": base, "tweaked": new, "ratio": new["kl_mean"] / base["kl_mean"]}
-        print(f"{s}: KL {base['kl_mean']:.3e} -> {new['kl_mean']:.3e} ({new['kl_mean'] / base['kl_mean']:.3f}x); "
-              f"top-1 {base['top1_agreement']:.4f} -> {new['top1_agreement']:.4f}", flush=True)
+    out["kl"] = validate_both(a, "artifact", "tweaked")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=1) + "\n")

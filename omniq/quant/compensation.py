@@ -205,6 +205,24 @@ def kl_loss(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (ref_logp.exp() * (ref_logp - logp)).sum()
 
 
+def _model_kl(arch: Arch, weights: Mapping[str, torch.Tensor], rows: list[torch.Tensor],
+              ref_logp: list[torch.Tensor], quantizers: dict[str, Callable], make: Callable[[], dict],
+              grad: bool) -> float:
+    """Mean KL per token of the whole quantized model (`weights` overlaid with `make()`, made per batch so
+    each batch's graph is its own; inputs fake-quantized by `quantizers` with a straight-through gradient)
+    against the reference's `ref_logp` over the calibration `rows`; with `grad`, the gradients accumulated."""
+    tokens = sum(r.numel() for r in rows)
+    total = 0.0
+    for x, lp in zip(rows, ref_logp):
+        with torch.set_grad_enabled(grad):
+            view = _Overlay(weights, make())
+            kl = kl_loss(lp, forward.logits(arch, view, x, linear=STELinear(view, quantizers))) / tokens
+            if grad:
+                kl.backward()
+        total += float(kl.detach())
+    return total
+
+
 def fit_model(arch: Arch, weights: Mapping[str, torch.Tensor], rows: list[torch.Tensor],
               ref_logp: list[torch.Tensor], quantizers: dict[str, Callable], names: list[str],
               steps: int, lr: float, log=None) -> tuple[dict[str, torch.Tensor], LayerFit]:
@@ -212,18 +230,96 @@ def fit_model(arch: Arch, weights: Mapping[str, torch.Tensor], rows: list[torch.
     quantized model (`weights` as the engine sees them, inputs fake-quantized with a straight-through
     gradient) on the calibration `rows` gives the reference's next-token distributions (`ref_logp`, mean KL
     per token). Returns the fitted tensors in BF16 (empty when the KL did not drop) and the record."""
-    tokens = sum(r.numel() for r in rows)
-
-    def loss(make, grad: bool) -> float:
-        total = 0.0
-        for x, lp in zip(rows, ref_logp):
-            with torch.set_grad_enabled(grad):
-                view = _Overlay(weights, make())
-                kl = kl_loss(lp, forward.logits(arch, view, x, linear=STELinear(view, quantizers))) / tokens
-                if grad:
-                    kl.backward()
-            total += float(kl.detach())
-        return total
-
-    out, before, after, kept = _fit(weights, names, loss, steps, lr, log)
+    out, before, after, kept = _fit(
+        weights, names, lambda make, grad: _model_kl(arch, weights, rows, ref_logp, quantizers, make, grad),
+        steps, lr, log)
     return out, LayerFit(-1, list(names), before, after, kept)
+
+
+@dataclass
+class DistillResult:
+    latent: dict[str, torch.Tensor]          # `{module}.weight` -> fitted float32 weight, before quantization
+    norms: dict[str, torch.Tensor]           # fitted BF16 tensors (`norm_names`)
+    fit: LayerFit
+    steps_run: int
+    best_step: int
+    seconds_per_step: float
+
+
+def distill_weights(arch: Arch, weights: Mapping[str, torch.Tensor], quantized: Mapping[str, tuple],
+                    rows: list[torch.Tensor], ref_logp: list[torch.Tensor], quantizers: dict[str, Callable],
+                    steps: int, lr: float, norm_names: list[str] = (), log=None) -> DistillResult:
+    """Quantization-aware distillation: the float32 weights of the `quantized` linears (module -> (format,
+    weight_scale_2 as exported or None[, NVFP4 block scales kept fixed])), starting from `weights` (the BF16
+    source's values, or an artifact's dequantized ones with its block scales), and optionally
+    the BF16 tensors `norm_names`, fitted jointly by Adam on the whole model's KL to the reference's
+    next-token distributions (`ref_logp`) over the calibration `rows`. Every step each weight is what max
+    calibration exports from it (`weight_calibration.fake_quant`: amax/6 block scales in FP8, the per-tensor
+    global scale; with fixed block scales, its values rounded under those, `weight_search.nvfp4_pack`) with
+    a straight-through gradient to the float weight, and each linear's input is quantized
+    as the engine does (`quantizers`, `STELinear`). Parametrised as base + scale * delta (scale: the tensor's
+    mean magnitude), so `lr` is relative. The step with the lowest calibration KL is kept; the weights are
+    returned in float32 (to be quantized the normal way), the norms rounded to BF16."""
+    import time
+
+    from omniq.quant import weight_search
+    from omniq.quant.weight_calibration import fake_quant
+
+    def quantize(v: torch.Tensor, fmt: str, ws2=None, block_scales=None) -> torch.Tensor:
+        if block_scales is None:
+            return fake_quant(v, fmt, ws2)
+        return weight_search.nvfp4_pack(v, block_scales, ws2).dequantize(v.shape[-1])
+
+    wnames = [f"{m}.weight" for m in quantized]
+    fmt_of = {f"{m}.weight": quantized[m] for m in quantized}
+    names = wnames + list(norm_names)
+    base = {n: weights[n].detach().float() for n in names}
+    scale = {n: base[n].abs().mean().clamp(min=1e-12 if n in fmt_of else 1e-3) for n in names}
+    delta = {n: torch.zeros_like(base[n], requires_grad=True) for n in names}
+
+    def current() -> dict:
+        return {n: base[n] + scale[n] * delta[n] for n in names}
+
+    def exported(values: dict) -> dict:
+        """What the engine runs from `values`: each weight as max exports it, norms rounded to BF16."""
+        with torch.no_grad():
+            return {n: quantize(v.detach(), *fmt_of[n]) if n in fmt_of else v.detach().to(torch.bfloat16).float()
+                    for n, v in values.items()}
+
+    def step_loss(grad: bool) -> float:
+        with torch.no_grad():
+            q = exported(current())
+
+        def make():
+            v = current()
+            return {n: v[n] + (q[n] - v[n]).detach() if n in fmt_of else v[n] for n in names}
+
+        return _model_kl(arch, weights, rows, ref_logp, quantizers, make, grad)
+
+    def snapshot() -> dict:
+        with torch.no_grad():
+            return {n: v.detach().clone() for n, v in current().items()}
+
+    before = _model_kl(arch, weights, rows, ref_logp, quantizers, lambda: exported(base), False)
+    opt = torch.optim.Adam(list(delta.values()), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    best, best_loss, best_step = snapshot(), float("inf"), 0
+    t0 = time.perf_counter()
+    for step in range(steps + 1):
+        opt.zero_grad()
+        cur = step_loss(True)
+        if cur < best_loss:
+            best, best_loss, best_step = snapshot(), cur, step
+        if log is not None and (step % 10 == 0 or step == steps):
+            log(f"  step {step}: calibration KL {cur:.4e} ({(time.perf_counter() - t0) / (step + 1):.2f} s/step)")
+        if step < steps:
+            opt.step()
+            sched.step()
+    per_step = (time.perf_counter() - t0) / (steps + 1)
+    after = _model_kl(arch, weights, rows, ref_logp, quantizers, lambda: exported(best), False)
+    kept = after < before
+    if not kept:
+        best, after = {n: base[n] for n in names}, before
+    latent = {n: best[n] for n in wnames}
+    norms = {n: best[n].to(torch.bfloat16) for n in norm_names} if kept else {}
+    return DistillResult(latent, norms, LayerFit(-1, names, before, after, kept), steps, best_step, per_step)

@@ -106,3 +106,31 @@ def test_recipe_compensation_parses_and_round_trips():
         recipes.parse({"name": "x", "default": "bf16", "compensation": "norm-tweak"}, "t")
     with pytest.raises(OmniqError, match="lr"):
         recipes.parse({"name": "x", "default": "nvfp4", "compensation": {"name": "norm-tweak", "lr": 0}}, "t")
+
+
+def test_distill_weights_starts_at_max_and_lowers_the_kl(tiny):
+    """Quantization-aware distillation of every linear of layers 0-1 (NVFP4 weights and inputs): its starting
+    KL is that of max calibration's weights; a few steps lower it and return float32 weights of the original
+    shapes that differ from the reference's; zero steps keep the reference's weights, bit for bit."""
+    from omniq.quant.weight_calibration import fake_quant
+
+    arch, w = tiny
+    lins = [lin.name for lin in arch.linears if lin.layer in (0, 1)]
+    quantized = {m: ("nvfp4", None) for m in lins}
+    quantizers = {m: (lambda x: formats.nvfp4_fake_quant(x, torch.tensor(0.01))) for m in lins}
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, arch.vocab_size, (2, 32), generator=g)]
+    with torch.no_grad():
+        ref_logp = [torch.log_softmax(forward.logits(arch, w, x), -1) for x in rows]
+    maxed = {f"{m}.weight": fake_quant(w[f"{m}.weight"], "nvfp4") for m in lins}
+    max_kl = comp._model_kl(arch, w, rows, ref_logp, quantizers, lambda: maxed, False)
+    assert max_kl > 0
+    res = comp.distill_weights(arch, w, quantized, rows, ref_logp, quantizers, steps=6, lr=3e-3)
+    assert res.fit.loss_before == pytest.approx(max_kl, rel=1e-6)
+    assert res.fit.kept and res.fit.loss_after < 0.95 * res.fit.loss_before
+    assert set(res.latent) == set(maxed) and res.norms == {}
+    assert all(t.dtype == torch.float32 and t.shape == w[n].shape for n, t in res.latent.items())
+    assert any(not torch.equal(t, w[n].float()) for n, t in res.latent.items())
+    none = comp.distill_weights(arch, w, quantized, rows, ref_logp, quantizers, steps=0, lr=3e-3)
+    assert not none.fit.kept and none.fit.loss_after == none.fit.loss_before
+    assert all(torch.equal(t, w[n].float()) for n, t in none.latent.items())
