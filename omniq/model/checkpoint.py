@@ -191,24 +191,8 @@ class TensorReader:
         meta = self._info(name)
         if meta.span is None or meta.dtype not in TORCH_DTYPES:
             return read_rows(self._safe_open(meta), meta.stored or name, rows)
-        self.prefetch_rows(name, rows)
         row_bytes = (meta.span[1] - meta.span[0]) // max(meta.shape[0], 1)
         return torch.cat([self._read(meta, name, meta.span[0] + r * row_bytes, (1, *meta.shape[1:])) for r in rows])
-
-    def prefetch_rows(self, name: str, rows: list[int]) -> None:
-        """Ask the kernel to start reading these rows now (`posix_fadvise(WILLNEED)`, which returns at once):
-        a row is a few KB scattered across the tensor, so rows read one after another wait for the disk once
-        each (the export self-check's 32 rows of each of 5,888+ weights); announced first, their reads are in
-        flight together."""
-        import os
-
-        meta = self._info(name)
-        if meta.span is None or not hasattr(os, "posix_fadvise"):
-            return
-        row_bytes = (meta.span[1] - meta.span[0]) // max(meta.shape[0], 1)
-        fd = self._fd(Path(meta.file))
-        for r in rows:
-            os.posix_fadvise(fd, meta.span[0] + r * row_bytes, row_bytes, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         import os
