@@ -227,7 +227,7 @@ def quantize(model: str, recipe, out, *, kv_cache: str | None = None, calib: str
         }
         t = time.perf_counter()
         exported = export.finish_written(stage, plan, ckpt, manifest, modelopt_qc, progress,
-                                         wcal.result.compensated if wcal is not None else None)
+                                         wcal.result.compensated if wcal is not None else None, run.checked)
         lint_counts = lint_stage(stage, out)
     seconds.update({f"export_{k}": v for k, v in exported.seconds.items()})
     seconds["export"] = seconds["export_layers"] + time.perf_counter() - t   # packing + writing, checks, lint

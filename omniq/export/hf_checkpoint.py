@@ -216,11 +216,38 @@ def _same_bits(a, b) -> bool:
         return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+def check_rows(n_rows: int) -> list[int]:
+    """The rows of a quantized weight the self-check dequantizes: CHECK_ROWS evenly spaced ones."""
+    import torch
+
+    return torch.linspace(0, n_rows - 1, min(n_rows, CHECK_ROWS)).round().long().unique().tolist()
+
+
+def weight_error(name: str, fmt: str, rows: list[int], src, rows_of, whole) -> float:
+    """Relative error of quantized weight `name` (format `fmt`) on `rows`, dequantized from the exported
+    tensors (`rows_of(name, rows)`, `whole(name)`: read from the written shards), against its source rows `src`."""
+    module = name[: -len(".weight")]
+    f = qformats.FORMATS[fmt]
+    tensors = {"weight": rows_of(name, rows)}
+    for c in f.weight_scales:                  # per-block scales: the same rows; per-tensor ones whole
+        tensors[c.suffix] = rows_of(f"{module}.{c.suffix}", rows) if c.block else whole(f"{module}.{c.suffix}")
+    return _relative_error(f.dequantize(tensors, src.shape[-1]), src)
+
+
+def weight_problem(name: str, fmt: str, err: float) -> str | None:
+    if err <= MAX_WEIGHT_ERROR[fmt]:
+        return None
+    return f"{name} ({fmt}) dequantizes to relative error {err:.3f} against its source weight"
+
+
 def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Progress | None = None,
-                   compensated: dict | None = None) -> dict:
+                   compensated: dict | None = None, checked: frozenset | set = frozenset()) -> dict:
     """Check the written tensors against the plan and the source; returns per-format counts. `compensated`
     (name -> tensor): high-precision tensors the recipe's compensation refitted, compared with those values
-    instead of the source's."""
+    instead of the source's. `checked`: quantized weights and passthrough tensors the streamed export already
+    compared, read back from the shards it had just written, against the source it still held in memory
+    (`omniq.export.streamed.WriteCheck`): not read again here; names, dtypes, shapes and scales are checked for
+    every tensor all the same."""
     import torch
     from safetensors import safe_open
 
@@ -262,7 +289,8 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
                 problems.append(f"{name} has non-finite or non-positive values")
     # Passthrough tensors: the source's, bit for bit, in the exported dtype (one at a time).
     compensated = compensated or {}
-    for name in (n for n, e in expected.items() if e.kind == "passthrough"):
+    for name in (n for n, e in expected.items() if e.kind == "passthrough"
+                 and not (n in checked and n not in compensated)):
         out = get(name)
         src = compensated[name] if name in compensated else source.get(name)
         if not _same_bits(out, src.to(out.dtype)):
@@ -274,19 +302,12 @@ def verify_tensors(final: Path, plan: LayerPlan, ckpt: Checkpoint, progress: Pro
     # enough to catch a swapped, shifted or garbled weight at a small fraction of a full dequantization).
     weights = [n for n, e in expected.items() if e.kind == "weight"]
     for k, name in enumerate(weights):
-        fmt = expected[name].fmt
-        module = name[: -len(".weight")]
-        n_rows = expected[name].shape[0]
-        rows = torch.linspace(0, n_rows - 1, min(n_rows, CHECK_ROWS)).round().long().unique().tolist()
-        src = source.rows(name, rows)
-        f = qformats.FORMATS[fmt]
-        tensors = {"weight": rows_of(name, rows)}
-        for c in f.weight_scales:                  # per-block scales: the same rows; per-tensor ones whole
-            tensors[c.suffix] = rows_of(f"{module}.{c.suffix}", rows) if c.block else get(f"{module}.{c.suffix}")
-        deq = f.dequantize(tensors, src.shape[-1])
-        err = _relative_error(deq, src)
-        if not err <= MAX_WEIGHT_ERROR[fmt]:
-            problems.append(f"{name} ({fmt}) dequantizes to relative error {err:.3f} against its source weight")
+        if name not in checked:
+            fmt = expected[name].fmt
+            rows = check_rows(expected[name].shape[0])
+            problem = weight_problem(name, fmt, weight_error(name, fmt, rows, source.rows(name, rows), rows_of, get))
+            if problem:
+                problems.append(problem)
         if progress and ((k + 1) % 64 == 0 or k + 1 == len(weights)):
             progress("verify", k + 1, len(weights))
     if problems:
@@ -361,12 +382,13 @@ class Exported:
 
 
 def finish_written(stage: Stage, plan: LayerPlan, ckpt: Checkpoint, manifest: dict, modelopt_quant_config: dict,
-                   progress: Progress | None = None, compensated: dict | None = None) -> Exported:
+                   progress: Progress | None = None, compensated: dict | None = None,
+                   checked: frozenset | set = frozenset()) -> Exported:
     """Steps 3-5 on a stage whose final directory holds the hub-layout shards (the layer-streamed export
-    writes them there directly: `omniq.export.streamed`)."""
+    writes them there directly: `omniq.export.streamed`; `checked`: what it compared as it wrote them)."""
     seconds = {}
     t = time.perf_counter()
-    counts = verify_tensors(stage.final, plan, ckpt, progress, compensated)
+    counts = verify_tensors(stage.final, plan, ckpt, progress, compensated, checked)
     seconds["verify"] = time.perf_counter() - t
     t = time.perf_counter()
     write_configs(stage.final, plan, ckpt, modelopt_quant_config)

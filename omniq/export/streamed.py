@@ -31,7 +31,8 @@ models: tests/export/test_quantize_streamed.py against tests/data/golden/quantiz
    the whole-model export's `_reconstruct_fused_moe_linear`, which stacks them again for transformers' reverse
    conversion to split, is skipped: one packed copy less), `postprocess_state_dict` (KV scales = amax / 448),
    then hub-layout names (`hf_checkpoint.hub_names`). The tensors are written at their offsets in the output
-   shards laid out from the plan up front (`ShardWriter`).
+   shards laid out from the plan up front (`ShardWriter`), each layer's quantized weights read back and
+   compared with their source rows right after (`WriteCheck`), each shard hashed once it is complete.
 
 Why not ModelOpt's own layer-by-layer tools (nvidia-modelopt 0.47, transformers 5.14, CPU):
 `LayerwiseConfig` / `layerwise_calib.LayerActivationCollector` and the streaming `export_hf_checkpoint`
@@ -60,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from omniq import checksums
 from omniq.errors import OmniqError
 from omniq.heap import give_back
 from omniq.model import names
@@ -99,9 +101,11 @@ def build_skeleton(ckpt: Checkpoint):
     return model
 
 
-def materialize(module, native_prefix: str, source: TensorReader) -> int:
+def materialize(module, native_prefix: str, source: TensorReader, keep: dict | None = None,
+                kept: dict | None = None) -> int:
     """Give `module` (part of the skeleton, named `native_prefix`) its tensors from the checkpoint, checked for
-    NaN / inf; returns the bytes loaded."""
+    NaN / inf; returns the bytes loaded. `keep` (checkpoint tensor name -> row indices): copies of those rows
+    of those tensors, as stored, go into `kept` (the export self-check's source rows, `WriteCheck`)."""
     import torch
 
     from omniq.quant.calibrate import hub_name_of
@@ -119,9 +123,14 @@ def materialize(module, native_prefix: str, source: TensorReader) -> int:
             del first
             for e in range(1, len(parts)):
                 source.get(parts[e], out=t[e])        # read straight into the stack (shape / dtype checked)
+            for e, part in enumerate(parts):
+                if keep and part in keep:
+                    kept[part] = t[e, keep[part]].clone()
         else:
             parts = [hub_name_of(full, ckpt)]
             t = source.get(parts[0])
+            if keep and parts[0] in keep:
+                kept[parts[0]] = t[keep[parts[0]]].clone()
         if tuple(t.shape) != tuple(old.shape):
             raise OmniqError(f"{ckpt.path}: tensor {parts[0]} has shape {list(t.shape)} but the config says "
                              f"{list(old.shape)}; config and weights do not match")
@@ -502,6 +511,7 @@ class _Shard:
     offsets: dict[str, tuple[int, int]]     # absolute file offsets (start, end)
     written: set = field(default_factory=set)
     fd: int = -1
+    digest: object = None                   # checksums.Soon: its sha256, read once its last tensor is written
 
 
 class ShardWriter:
@@ -514,13 +524,20 @@ class ShardWriter:
     is exported: no shard buffer in memory. Tensors go to shards in model order, at most `limit` bytes each.
     A tensor the plan does not have, or of another dtype or shape, or one missing at the end, fails the run
     (GateFailed, the coverage assertion's message). A full disk is raised as OSError(ENOSPC), which
-    `omniq.atomic.staged_dir` turns into a one-line error after removing the stage."""
+    `omniq.atomic.staged_dir` turns into a one-line error after removing the stage.
+
+    A shard whose last tensor is written is handed to `checksums.hash_soon`: its sha256 is read back (from the
+    page cache, in file order, which the tensors' arrival in model order is not) in a background thread while
+    the next layers are calibrated and packed, or, for the last shards, while the export self-check runs; the
+    manifest takes those digests (`checksums.sha256_file`) instead of reading the shards again. A run that
+    fails abandons them (`close`) before the stage is removed."""
 
     def __init__(self, final: Path, layout: dict, limit: int = SHARD_BYTES):
         """`layout`: tensor name -> (safetensors dtype name, shape), in model order."""
         import math
 
         self.final, self.layout = Path(final), layout
+        self.finished = False
         rank = _safetensors_order()
         nbytes = {n: math.prod(shape) * _itemsize(dt) for n, (dt, shape) in layout.items()}
         groups: list[list[str]] = [[]]
@@ -584,6 +601,62 @@ class ShardWriter:
             if done != end - start:
                 raise RuntimeError(f"{name}: wrote {done} bytes, the layout has {end - start}")
             shard.written.add(name)
+            if len(shard.written) == len(shard.names):
+                shard.digest = checksums.hash_soon(shard.path)
+
+    # ----- reading back what was written (the export self-check's share done while the shards are open) -----
+    def _pread(self, name: str, start: int, out):
+        import torch
+
+        shard = self.where[name]
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        done = 0
+        while done < len(view):
+            n = os.preadv(shard.fd, [view[done:]], start + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{shard.path}: short read of tensor {name} at byte {start + done}")
+            done += n
+        return out
+
+    def _dtype(self, name: str):
+        import torch
+
+        return getattr(torch, _DTYPES[self.layout[name][0]])
+
+    def read(self, name: str):
+        """Tensor `name` as written to its shard (read from the file, i.e. the page cache just filled)."""
+        import torch
+
+        return self._pread(name, self.where[name].offsets[name][0],
+                           torch.empty(self.layout[name][1], dtype=self._dtype(name)))
+
+    def read_rows(self, name: str, rows: list[int]):
+        """Rows `rows` (first dimension) of tensor `name` as written to its shard."""
+        import torch
+
+        shape = tuple(self.layout[name][1])
+        start, end = self.where[name].offsets[name]
+        row_bytes = (end - start) // max(shape[0], 1)
+        out = torch.empty((len(rows), *shape[1:]), dtype=self._dtype(name))
+        for k, r in enumerate(rows):
+            self._pread(name, start + r * row_bytes, out[k])
+        return out
+
+    def holds(self, name: str, t, chunk: int = 1 << 26) -> bool:
+        """Whether the bytes of `name` in its shard are `t`'s, bit for bit, compared `chunk` bytes at a time."""
+        import torch
+
+        want = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        start, end = self.where[name].offsets[name]
+        if want.numel() != end - start:
+            return False
+        buf = torch.empty(min(chunk, max(want.numel(), 1)), dtype=torch.uint8)
+        for a in range(0, want.numel(), chunk):
+            n = min(chunk, want.numel() - a)
+            got = self._pread(name, start + a, buf[:n])
+            if not torch.equal(got, want[a:a + n]):
+                return False
+        return True
 
     def finish(self, extra: int = 0) -> list[str]:
         """Check every planned tensor was written, close and name the shards (plus `extra` more written by the
@@ -591,6 +664,7 @@ class ShardWriter:
         from omniq.errors import GateFailed
 
         missing = [n for s in self.shards for n in s.names if n not in s.written]
+        self.finished = not missing
         self.close()
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -603,10 +677,19 @@ class ShardWriter:
         return files
 
     def close(self) -> None:
+        """Close the shards; before `finish` (a failed run) their background digests are abandoned too."""
         for s in self.shards:
             if s.fd >= 0:
                 os.close(s.fd)
                 s.fd = -1
+        if not self.finished:
+            self.abandon()
+
+    def abandon(self) -> None:
+        for s in self.shards:
+            if s.digest is not None:
+                s.digest.abandon()
+                s.digest = None
 
     def weight_map(self, files: list[str]) -> dict[str, str]:
         return {t: name for shard, name in zip(self.shards, files) for t in shard.names}
@@ -614,6 +697,65 @@ class ShardWriter:
 
 def _itemsize(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
+
+
+_NOWHERE = _Shard(Path(), [], {})
+
+
+class WriteCheck:
+    """The export self-check's costly share (`hf_checkpoint.verify_tensors`), done as each tensor is written:
+    each quantized weight's CHECK_ROWS rows are dequantized from the shard just written (read back from the
+    file) and compared with the same rows of its source weight, copied when the layer was read from the
+    source (`materialize(keep=...)`), so the source is not read a second time row by row (a real-width MoE
+    layer: 256 x 32 scattered reads of a few KB); the passthrough tensors outside the layers (embedding,
+    final norm, lm_head: 1.3 GB of the real model) are compared bit for bit, read back from the shard, with
+    the source tensor the export has just written. What was compared is `checked`, which the final
+    self-check skips (its header, dtype, shape and scale checks still cover every tensor)."""
+
+    def __init__(self, plan, writer: ShardWriter):
+        from omniq.export.hf_checkpoint import check_rows, expected_tensors
+        from omniq.quant.formats import FORMATS
+
+        self.writer = writer
+        self.checked: set[str] = set()
+        self.weights: dict[int, dict[str, tuple[str, list[int]]]] = {}
+        self.needs: dict[str, list[str]] = {}          # weight -> it and its weight scales (what is read back)
+        for name, e in expected_tensors(plan).items():
+            if e.kind == "weight":
+                layer = plan.arch.layer_index(name)
+                self.weights.setdefault(layer, {})[name] = (e.fmt, check_rows(e.shape[0]))
+                module = name[: -len(".weight")]
+                self.needs[name] = [name] + [f"{module}.{c.suffix}" for c in FORMATS[e.fmt].weight_scales]
+        self.kept: dict = {}
+
+    def keep(self, i: int) -> dict[str, list[int]]:
+        """Checkpoint tensor name -> the rows to copy of it while layer `i` is read."""
+        return {n: rows for n, (_, rows) in self.weights.get(i, {}).items()}
+
+    def layer_written(self, i: int) -> None:
+        from omniq.export.hf_checkpoint import _fail, weight_error, weight_problem
+
+        problems = []
+        for name, (fmt, rows) in self.weights.get(i, {}).items():
+            src = self.kept.pop(name, None)
+            if src is None or any(n not in self.writer.where.get(n, _NOWHERE).written for n in self.needs[name]):
+                continue            # not loaded or not written: the final self-check / `finish` name it
+            problem = weight_problem(name, fmt, weight_error(name, fmt, rows, src, self.writer.read_rows,
+                                                             self.writer.read))
+            if problem:
+                problems.append(problem)
+            self.checked.add(name)
+        self.kept.clear()
+        if problems:
+            _fail(problems)
+
+    def passthrough_written(self, tensors: dict) -> None:
+        from omniq.export.hf_checkpoint import _fail
+
+        bad = [f"{n} differs from the source checkpoint" for n, t in tensors.items() if not self.writer.holds(n, t)]
+        if bad:
+            _fail(bad)
+        self.checked.update(tensors)
 
 
 def output_layout(plan) -> dict:
@@ -644,6 +786,7 @@ class Streamed:
     bytes_read: int = 0
     bytes_written: int = 0
     peak_layer_bytes: int = 0
+    checked: frozenset = frozenset()        # what WriteCheck compared while writing (the final self-check skips it)
 
 
 def _passthrough(source: TensorReader, arch, name: str):
@@ -703,6 +846,7 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
         return counter.observing(batches[k]) if counter is not None else contextlib.nullcontext()
 
     writer = ShardWriter(final, output_layout(plan), shard_bytes)
+    check = WriteCheck(plan, writer)
     configs: list[dict] = []
     counting = coverage.installed(model) if coverage is not None else contextlib.nullcontext()
     calib_s = export_s = read_s = 0.0
@@ -712,12 +856,15 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     gc.collect()
     gc.freeze()
     try:
-        writer.add({n: _passthrough(source, arch, n) for n in [arch.embedding_weight]})
+        first = {n: _passthrough(source, arch, n) for n in [arch.embedding_weight]}
+        writer.add(first)
+        check.passthrough_written(first)
+        del first
         with counting:
             for i in range(arch.num_layers):
                 t = time.perf_counter()
                 block = model.model.layers[i]
-                n = materialize(block, names.native_layer(i), source)
+                n = materialize(block, names.native_layer(i), source, keep=check.keep(i), kept=check.kept)
                 out.bytes_read += n
                 out.peak_layer_bytes = max(out.peak_layer_bytes, n)
                 block.to(device)
@@ -736,6 +883,7 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
                     tensors = layer_tensors_hook(i, tensors)
                 writer.add(tensors)
                 del tensors
+                check.layer_written(i)
                 export_s += time.perf_counter() - t
                 if progress:
                     progress("calibrate", i + 1, arch.num_layers)
@@ -744,7 +892,10 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
                 counter.count(b)
         del hidden, kwargs
         t = time.perf_counter()
-        writer.add({n: _passthrough(source, arch, n) for n in arch.final_tensors})
+        last = {n: _passthrough(source, arch, n) for n in arch.final_tensors}
+        writer.add(last)
+        check.passthrough_written(last)
+        del last
         towers = tower_tensors(ckpt)
         files = writer.finish(extra=1 if towers else 0)
     finally:
@@ -754,7 +905,12 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     weight_map = writer.weight_map(files)
     total = writer.total
     if towers:
-        total += copy_raw_tensors(ckpt, sorted(towers), final / files[-1])
+        try:
+            total += copy_raw_tensors(ckpt, sorted(towers), final / files[-1])
+        except BaseException:
+            writer.abandon()
+            raise
+        checksums.hash_soon(final / files[-1])
         weight_map.update({name: files[-1] for name in towers})
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -762,5 +918,6 @@ def run(ckpt: Checkpoint, plan, config: dict, enabled: dict[str, str], batches: 
     out.seconds.update(calibrate=calib_s, read_layers=read_s, export_layers=export_s + time.perf_counter() - t)
     out.quant_config = _merge_quant_config(configs)
     out.files = files
+    out.checked = frozenset(check.checked)
     out.bytes_written = sum((final / n).stat().st_size for n in files)
     return out

@@ -166,7 +166,7 @@ def hook(i, tensors):
     seen.append(i)
     name = f"backbone.layers.{i}.mixer.out_proj.weight_scale"
     if name in tensors:
-        tensors[name] = tensors[name] * 2
+        tensors[name] = tensors[name] * float(sys.argv[2])
     return tensors
 final = Path(sys.argv[1])
 final.mkdir()
@@ -183,8 +183,8 @@ def test_layer_tensors_hook_sees_every_layer_and_its_tensors_are_written(tmp_pat
 
     from safetensors import safe_open
 
-    p = subprocess.run([sys.executable, "-c", HOOK_SCRIPT, str(tmp_path / "final")], capture_output=True, text=True,
-                       timeout=900)
+    p = subprocess.run([sys.executable, "-c", HOOK_SCRIPT, str(tmp_path / "final"), "1.0625"], capture_output=True,
+                       text=True, timeout=900)   # a scale still within the self-check's error bound
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads(p.stdout.strip().splitlines()[-1])
     assert doc["seen"] == list(range(10)) and doc["files"] == ["model.safetensors"]
@@ -193,12 +193,27 @@ def test_layer_tensors_hook_sees_every_layer_and_its_tensors_are_written(tmp_pat
         w = f.get_tensor("backbone.layers.0.mixer.out_proj.weight").float()
         scale = f.get_tensor("backbone.layers.0.mixer.out_proj.weight_scale")
     assert in_scale.dtype == torch.float32
-    # ModelOpt's FP8 per-tensor weight scale is amax / 448: the written one is twice that (the hook's)
+    # ModelOpt's FP8 per-tensor weight scale is amax / 448: the written one is 1.0625 x that (the hook's)
     from omniq.model.checkpoint import open_checkpoint
 
     ref = open_checkpoint("tiny").read(["backbone.layers.0.mixer.out_proj.weight"])["backbone.layers.0.mixer.out_proj.weight"]
     src = ref.float().abs().max() / 448
-    assert torch.allclose(scale, 2 * src, rtol=1e-6) and w.abs().max() <= 448
+    assert torch.allclose(scale, 1.0625 * src, rtol=1e-6) and w.abs().max() <= 448
+
+
+def test_a_weight_the_hook_garbles_fails_as_its_layer_is_written(tmp_path):
+    """The self-check of quantized weights runs as each layer is written (`streamed.WriteCheck`, rows read back
+    from the shard against the source rows copied when the layer was read): a weight scale twice ModelOpt's
+    fails the run at that layer, naming the weight."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", HOOK_SCRIPT, str(tmp_path / "final"), "2"], capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode != 0
+    assert "backbone.layers.0.mixer.out_proj.weight (fp8) dequantizes to relative error 0.99" in p.stderr or \
+        "backbone.layers.0.mixer.out_proj.weight (fp8) dequantizes to relative error 1.00" in p.stderr, p.stderr[-2000:]
+    assert "seen" not in p.stdout
 
 
 def test_shard_writer_writes_what_save_file_writes(tmp_path):
@@ -219,6 +234,11 @@ def test_shard_writer_writes_what_save_file_writes(tmp_path):
     w = ShardWriter(tmp_path, layout, limit=1 << 20)
     for name in reversed(list(tensors)):
         w.add({name: tensors[name]})
+    # read back as written: whole, by rows, compared bit for bit (a chunk smaller than the tensor too)
+    assert all(w.holds(n, t, chunk=5) for n, t in tensors.items())
+    assert not w.holds("b.weight", tensors["b.weight"].clone().view(torch.int16).add_(1).view(torch.bfloat16))
+    assert torch.equal(w.read("b.weight"), tensors["b.weight"])
+    assert torch.equal(w.read_rows("a.packed", [0, 3]), tensors["a.packed"][[0, 3]])
     assert w.finish() == ["model.safetensors"]
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     assert (tmp_path / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
@@ -235,6 +255,48 @@ def test_shard_writer_writes_what_save_file_writes(tmp_path):
         ShardWriter(d, layout).add({"c": torch.zeros(1)})
     with pytest.raises(GateFailed, match="missing"):
         ShardWriter(d, layout).finish()
+
+
+def test_shard_writer_hashes_each_shard_once_it_is_complete(tmp_path, monkeypatch):
+    """Each shard's sha256 is read in the background once its last tensor is written, so the manifest's
+    `sha256_file` of the finished shards reads none of them again; the digests are the files' own."""
+    import hashlib
+
+    from omniq import checksums
+    from omniq.export.streamed import ShardWriter
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"layers.{i}.{k}": torch.randn(16, 32, generator=g).to(torch.bfloat16)
+               for i in range(4) for k in ("a", "b")}
+    layout = {n: ("BF16", tuple(t.shape)) for n, t in tensors.items()}
+    w = ShardWriter(tmp_path, layout, limit=3 * 16 * 32 * 2)            # 3 tensors a shard: 3 shards
+    for i in range(4):
+        w.add({n: t for n, t in tensors.items() if n.startswith(f"layers.{i}.")})
+        complete = [s for s in w.shards if len(s.written) == len(s.names)]
+        assert all(s.digest is not None for s in complete) and len(complete) >= (2 * (i + 1)) // 3
+    files = w.finish()
+    assert len(files) == 3
+
+    def no_read(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(checksums, "read_digest", no_read)
+    for name in files:
+        assert checksums.sha256_file(tmp_path / name) == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+
+def test_a_failed_export_abandons_its_shards_digests(tmp_path):
+    """A run that fails before `finish` (the stage is about to be removed) leaves no background read holding
+    a shard open."""
+    from omniq.export.streamed import ShardWriter
+
+    tensors = {f"t{i}": torch.zeros(8, 8, dtype=torch.bfloat16) for i in range(4)}
+    w = ShardWriter(tmp_path, {n: ("BF16", (8, 8)) for n in tensors}, limit=128)
+    w.add({n: tensors[n] for n in ("t0", "t1", "t2")})
+    soons = [s.digest for s in w.shards if s.digest is not None]
+    assert len(soons) == 3
+    w.close()
+    assert all(s.future.done() for s in soons) and all(s.digest is None for s in w.shards)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])

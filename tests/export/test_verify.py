@@ -170,3 +170,22 @@ def test_passthrough_comparison_is_bit_for_bit():
     nan = torch.tensor([float("nan")])
     assert _same_bits(nan, nan.clone())
     assert not _same_bits(nan, (nan.view(torch.int32) | 1).view(torch.float32))
+
+
+def test_what_the_export_compared_as_it_wrote_is_not_read_again(fp8, monkeypatch):
+    """`checked` (streamed.WriteCheck's names): those weights' source rows and those passthrough tensors are not
+    read again by the final self-check; the rest of it still runs (a tampered scale is still refused)."""
+    from omniq.export.hf_checkpoint import expected_tensors
+    from omniq.model import checkpoint as ck
+
+    path, plan, ckpt = fp8
+    expected = expected_tensors(plan)
+    weights = {n for n, e in expected.items() if e.kind == "weight"}
+    outside = {ckpt.arch.embedding_weight, *ckpt.arch.final_tensors}
+    rows, whole = [], []
+    real_rows, real_get = ck.TensorReader.rows, ck.TensorReader.get
+    monkeypatch.setattr(ck.TensorReader, "rows", lambda self, n, r: rows.append(n) or real_rows(self, n, r))
+    monkeypatch.setattr(ck.TensorReader, "get", lambda self, n, out=None: whole.append(n) or real_get(self, n, out))
+    assert verify_tensors(path, plan, ckpt, checked=weights | outside)
+    assert rows == [] and not outside & set(whole) and whole      # the layers' own passthrough tensors still read
+    assert verify_tensors(path, plan, ckpt) and set(rows) == weights and outside <= set(whole)
