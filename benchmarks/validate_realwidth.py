@@ -2,7 +2,7 @@
 checkpoint against its FP8 artifact, free and inside a cgroup-v1 memory limit.
 
     python benchmarks/validate_realwidth.py WORKDIR [--reference DIR] [--pattern MEM*E] [--samples 4]
-                                            [--seq-len 128] [--cgroup-gib 6] [--keep]
+                                            [--seq-len 128] [--cgroup-gib 6] [--reference-cache] [--keep]
 
 WORKDIR (never inside the repository) receives what is missing: the reference, made by
 scripts/make_realwidth.py (the real Nemotron 3 Nano 30B-A3B widths, random weights, hub layout; `MEM*E` is
@@ -11,8 +11,10 @@ scripts/make_realwidth.py (the real Nemotron 3 Nano 30B-A3B widths, random weigh
 and once inside a fresh child of this process's cgroup-v1 memory group with `memory.limit_in_bytes` set to
 --cgroup-gib (needs root and /sys/fs/cgroup/memory; skipped with a line otherwise). Printed: wall time,
 peak RSS of the child (`ru_maxrss`), the cgroup's `memory.max_usage_in_bytes` (page cache of the mapped
-shards included), validate's own memory estimate, the report's metrics. What this script generated is
-deleted at the end unless --keep.
+shards included), validate's own memory estimate, the report's metrics. `--reference-cache`: validate
+keeps the reference's streams in WORKDIR/reference-cache; a free run fills it, a second free run and the
+limited one hit it (only the candidate's stream runs). What this script generated is deleted at the end
+unless --keep.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--cgroup-gib", type=float, default=6.0)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--only-cgroup", action="store_true", help="skip the run without a limit")
+    ap.add_argument("--reference-cache", action="store_true",
+                    help="validate with --reference-cache: a run that fills it, then runs that hit it")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     work = args.work.resolve()
@@ -111,9 +115,15 @@ def main(argv=None) -> dict:
         cmd = [py, "-m", "omniq.cli", "validate", str(ref), str(cand), "--samples", str(args.samples),
                "--seq-len", str(args.seq_len), "--report", str(report)]
         runs = {} if args.only_cgroup else {"free": None}
+        cache = work / "reference-cache"
+        if args.reference_cache:          # the first run fills the cache, the next ones hit it
+            shutil.rmtree(cache, ignore_errors=True)
+            made.append(cache)
+            cmd += ["--reference-cache", str(cache)]
+            runs = {} if args.only_cgroup else {"free, reference cache miss": None, "free, reference cache hit": None}
         cg = cgroup_child(int(args.cgroup_gib * GIB), "validate") if args.cgroup_gib else None
         if cg is not None:
-            runs[f"cgroup {args.cgroup_gib:g} GiB"] = cg
+            runs[f"cgroup {args.cgroup_gib:g} GiB" + (", reference cache" if args.reference_cache else "")] = cg
         for label, group in runs.items():
             report.unlink(missing_ok=True)
             p, s, rss = _run(cmd, group)
@@ -128,6 +138,8 @@ def main(argv=None) -> dict:
                 entry["noise_floor_kl_mean"] = (r.get("noise_floor") or {}).get("kl_mean")
                 entry["estimate_gib"] = round(r["memory"]["total_bytes"] / GIB, 2)
                 entry["largest_step_gib"] = round(r["memory"]["largest_step_bytes"] / GIB, 2)
+                if "reference_cache" in r:
+                    entry["reference_cache_hit"] = r["reference_cache"]["hit"]
             else:
                 entry["stderr"] = p.stderr.strip().splitlines()[-1:] if p.stderr else []
             result[label] = entry

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from omniq.errors import OmniqError
+from omniq.heap import give_back
 from omniq.model import names
 from omniq.model.arch import Arch
 from omniq.model.checkpoint import Checkpoint, open_checkpoint
@@ -271,6 +272,14 @@ class Artifact:
 _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
+# A unit read matrix by matrix (a real-width MoE layer) gives freed heap pages back every this many reads:
+# glibc's dynamic mmap threshold serves the experts' 20-40 MB temporaries from its heap and keeps the freed
+# pages through the layer. Without it a reference-cache hit of the 5-layer real-width checkpoint (4 x 128
+# tokens) peaked at 7.66 GiB RSS and was killed inside 6 GiB; with it the same runs peak at 5.13 GiB and pass
+# there (benchmarks/validate_realwidth.py --reference-cache, docs/validate-streamed.md).
+LAZY_TRIM_EVERY = 8
+
+
 class UnitWeights(Mapping):
     """Some of an artifact's tensors, held as stored; `w[name]` is float32, dequantized on use. A unit whose
     float32 form is smaller than `keep_float32_below` bytes keeps it after first use (the bundled model's
@@ -280,6 +289,7 @@ class UnitWeights(Mapping):
                  keep_float32_below: int = 0, device=None):
         self.artifact, self.stored, self.names = artifact, stored, names
         self.lazy_device = device                 # set: nothing held, each tensor read from its shard on use
+        self._reads = 0
         self._known = set(names)
         self._float32: dict[str, torch.Tensor] | None = None
         if keep_float32_below and 4 * sum(math.prod(artifact.logical_shape(n)) for n in names) < keep_float32_below:
@@ -289,6 +299,9 @@ class UnitWeights(Mapping):
         if self.lazy_device is not None:
             if name not in self._known or _companion(name) is not None:
                 raise KeyError(name)
+            self._reads += 1
+            if self._reads % LAZY_TRIM_EVERY == 0:
+                give_back()
             return self.artifact.dequantize(name, self.artifact.read_stored(name, self.lazy_device))
         if name not in self.stored or _companion(name) is not None:
             raise KeyError(name)
