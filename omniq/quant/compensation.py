@@ -254,7 +254,7 @@ def distill_weights(arch: Arch, weights: Mapping[str, torch.Tensor], quantized: 
     source's values, or an artifact's dequantized ones with its block scales), and optionally
     the BF16 tensors `norm_names`, fitted jointly by Adam on the whole model's KL to the reference's
     next-token distributions (`ref_logp`) over the calibration `rows`. Every step each weight is what max
-    calibration exports from it (`weight_calibration.fake_quant`: amax/6 block scales in FP8, the per-tensor
+    calibration exports from it (`formats.fake_quant_weight`: amax/6 block scales in FP8, the per-tensor
     global scale; with fixed block scales, its values rounded under those, `weight_search.nvfp4_pack`) with
     a straight-through gradient to the float weight, and each linear's input is quantized
     as the engine does (`quantizers`, `STELinear`). Parametrised as base + scale * delta (scale: the tensor's
@@ -262,8 +262,9 @@ def distill_weights(arch: Arch, weights: Mapping[str, torch.Tensor], quantized: 
     returned in float32 (to be quantized the normal way), the norms rounded to BF16."""
     import time
 
-    from omniq.quant import weight_search
-    from omniq.quant.weight_calibration import fake_quant
+    from omniq.quant import formats, weight_search
+
+    fake_quant = formats.fake_quant_weight
 
     def quantize(v: torch.Tensor, fmt: str, ws2=None, block_scales=None) -> torch.Tensor:
         if block_scales is None:

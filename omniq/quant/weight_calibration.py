@@ -357,13 +357,7 @@ class LayerWeights(Mapping):
         return len(self.names)
 
 
-def fake_quant(w: torch.Tensor, fmt: str, ws2: torch.Tensor | None = None) -> torch.Tensor:
-    """Max-calibrated weight as it will be exported (float32)."""
-    if fmt == "nvfp4":
-        return formats.nvfp4_fake_quant_weight(w, ws2)
-    if fmt == "fp8":
-        return formats.fp8_fake_quant_weight(w)
-    return w.float()
+fake_quant = formats.fake_quant_weight   # max-calibrated weight as it will be exported (float32)
 
 
 class LayerByLayer:

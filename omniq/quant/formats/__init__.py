@@ -10,7 +10,8 @@ from omniq.quant.formats.fp8 import (E4M3_MAX, FP8, KV_CACHE, FP8Format, FP8Weig
                                      fp8_dequantize, fp8_fake_quant, fp8_fake_quant_weight, fp8_quantize, fp8_scale)
 from omniq.quant.formats.mixed import (BY_QUANT_ALGO, BY_WEIGHT_DTYPE, COMPANION_SUFFIXES, FORMATS,  # noqa: F401
                                        KV_SUFFIXES, MIXED_PRECISION, SCALE_SUFFIXES, WEIGHT_COMPANIONS,
-                                       companion_of, layer_declaration, quant_algo_of)
+                                       companion_of, fake_quant_weight, layer_declaration,
+                                       quant_algo_of)
 from omniq.quant.formats.nvfp4 import (E2M1_MAGNITUDES, E2M1_MAX, E4M3_MIN_SCALE, NVFP4, NVFP4_BLOCK,  # noqa: F401
                                        NVFP4Format, NVFP4Weight, _blocks, _byte_table, _e2m1_table, e2m1_decode,
                                        e2m1_encode, e2m1_encode_pack, e2m1_round, e2m1_unpack_values,

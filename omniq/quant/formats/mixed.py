@@ -9,13 +9,23 @@ declaration is the one place that sees every format."""
 from __future__ import annotations
 
 from omniq.quant.formats.base import OTHER_COMPANIONS
-from omniq.quant.formats.fp8 import FP8, KV_CACHE
-from omniq.quant.formats.nvfp4 import NVFP4
+from omniq.quant.formats.fp8 import FP8, KV_CACHE, fp8_fake_quant_weight
+from omniq.quant.formats.nvfp4 import NVFP4, nvfp4_fake_quant_weight
 
 MIXED_PRECISION = "MIXED_PRECISION"
 FORMATS = {f.name: f for f in (FP8, NVFP4)}
 BY_QUANT_ALGO = {f.quant_algo: f for f in FORMATS.values()}
 BY_WEIGHT_DTYPE = {f.weight_dtype: f for f in FORMATS.values()}
+
+
+def fake_quant_weight(w, fmt: str, ws2=None):
+    """A max-calibrated weight of format `fmt` as it will be exported, float32 (`bf16`: the weight as it is);
+    `ws2`: NVFP4's per-tensor global scale when it is fixed (fused q / k / v)."""
+    if fmt == "nvfp4":
+        return nvfp4_fake_quant_weight(w, ws2)
+    if fmt == "fp8":
+        return fp8_fake_quant_weight(w)
+    return w.float()
 
 # What readers (validate's artifact, lint) ask of the formats' companions, every format's together:
 WEIGHT_COMPANIONS = tuple(dict.fromkeys(s for f in FORMATS.values() for s in f.companions))   # a layer's scales
