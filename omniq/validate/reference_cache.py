@@ -34,7 +34,6 @@ import torch
 from omniq import checksums
 from omniq.errors import OmniqError
 
-CACHED_STREAMS = ("reference", "noise_floor")
 FORMAT = 1
 # the code whose change changes the stored states (relative to the package)
 CODE = ("model/forward.py", "model/mamba2.py", "model/omni.py", "model/arch.py", "validate/stream.py",
